@@ -1,0 +1,122 @@
+//! Attaching the programs to an endpoint's host-side veth as TCX links, pinned
+//! so that enforcement outlives the agent: a restarted agent swaps the program
+//! inside the existing link (atomic), it never detaches and re-attaches.
+
+use std::{io, path::PathBuf};
+
+use aya::programs::{
+    LinkOrder, TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
+};
+
+use super::{Datapath, DatapathError, Hook, classifier};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("interface {0} not found")]
+    NoInterface(String),
+    #[error("{hook:?} on {interface}")]
+    Attach {
+        interface: String,
+        hook: Hook,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+impl Datapath {
+    fn link_pin(&self, ifindex: u32, hook: Hook) -> PathBuf {
+        let side = match hook {
+            Hook::FromContainer => "from",
+            Hook::ToContainer => "to",
+        };
+        self.pin_dir
+            .join("links")
+            .join(format!("if{ifindex}-{side}"))
+    }
+
+    /// Attaches both hooks to `interface` (in the caller's network namespace)
+    /// and returns its ifindex.
+    pub fn attach(&mut self, interface: &str) -> Result<u32, AttachError> {
+        let ifindex =
+            ifindex(interface).ok_or_else(|| AttachError::NoInterface(interface.into()))?;
+        let links = self.pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir {
+            path: links,
+            source,
+        })?;
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            self.attach_hook(interface, ifindex, hook)
+                .map_err(|source| AttachError::Attach {
+                    interface: interface.into(),
+                    hook,
+                    source,
+                })?;
+        }
+        Ok(ifindex)
+    }
+
+    fn attach_hook(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        hook: Hook,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let pin = self.link_pin(ifindex, hook);
+        let prog = classifier(&mut self.ebpf, hook.program())?;
+        match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin keeps the link; our handle may go.
+                        drop(prog.take_link(id)?);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // The interface behind the old link is gone (its index
+                        // reused): start over with a fresh link.
+                        tracing::debug!(interface, ?hook, error = %e, "replacing stale link pin");
+                        std::fs::remove_file(&pin)?;
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let attach_type = match hook {
+            Hook::FromContainer => TcAttachType::Ingress,
+            Hook::ToContainer => TcAttachType::Egress,
+        };
+        let id = prog.attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )?;
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        link.pin(&pin)?;
+        Ok(())
+    }
+
+    /// Removes the pinned links of an interface; the kernel detaches them.
+    pub fn detach(&mut self, ifindex: u32) -> io::Result<()> {
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            match std::fs::remove_file(self.link_pin(ifindex, hook)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The index of a network interface in the caller's network namespace.
+pub fn ifindex(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

@@ -1,0 +1,262 @@
+//! The kernel side as the agent sees it: load the eBPF object with its maps
+//! pinned, attach the programs to endpoints' host-side veths, write compiled
+//! state into the maps, and read flow events.
+
+mod attach;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use portcullis_common::{
+    EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
+};
+
+pub use attach::AttachError;
+pub use writer::WriteError;
+
+/// The eBPF object, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+
+/// Where pins live unless configured otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{0} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")]
+    NoBpffs(PathBuf),
+    #[error("creating pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Map sizes; `Default` gives the values compiled into the object.
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub flows_bytes: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            endpoints: map_sizes::ENDPOINTS,
+            ipcache: map_sizes::IPCACHE,
+            policy: map_sizes::POLICY,
+            flows_bytes: map_sizes::FLOWS,
+            conntrack: map_sizes::CT,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Directory on bpffs for pinned maps and links.
+    pub pin_dir: PathBuf,
+    pub map_sizes: MapSizes,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            map_sizes: MapSizes::default(),
+        }
+    }
+}
+
+/// Which hook of an endpoint: named for the pod's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress of the host veth: the pod's egress.
+    FromContainer,
+    /// TC egress of the host veth: the pod's ingress.
+    ToContainer,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::FromContainer => program_names::FROM_CONTAINER,
+            Hook::ToContainer => program_names::TO_CONTAINER,
+        }
+    }
+}
+
+pub(crate) struct Maps {
+    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    ipcache: LpmTrie<MapData, IpKey, u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    maps: Maps,
+    flows: Option<RingBuf<MapData>>,
+    loaded: writer::Loaded,
+}
+
+impl Datapath {
+    /// Loads the programs and opens (or creates) the pinned maps.
+    pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
+        ensure_bpffs(&config.pin_dir)?;
+        std::fs::create_dir_all(&config.pin_dir).map_err(|source| DatapathError::PinDir {
+            path: config.pin_dir.clone(),
+            source,
+        })?;
+        if !is_bpffs(&config.pin_dir) {
+            return Err(DatapathError::NoBpffs(config.pin_dir.clone()));
+        }
+        let sizes = &config.map_sizes;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&config.pin_dir)
+            .map_max_entries(map_names::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(map_names::IPCACHE, sizes.ipcache)
+            .map_max_entries(map_names::POLICY, sizes.policy)
+            .map_max_entries(map_names::FLOWS, sizes.flows_bytes)
+            .map_max_entries(map_names::CT, sizes.conntrack)
+            .load(OBJECT)?;
+        for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let maps = Maps {
+            endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
+            ipcache: take_map(&mut ebpf, map_names::IPCACHE)?,
+            policy: take_map(&mut ebpf, map_names::POLICY)?,
+        };
+        let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
+        Ok(Datapath {
+            ebpf,
+            pin_dir: config.pin_dir.clone(),
+            maps,
+            flows,
+            loaded: Default::default(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The flow event ring buffer; handed out once, to the flow reader.
+    pub fn take_flows(&mut self) -> Option<RingBuf<MapData>> {
+        self.flows.take()
+    }
+
+    /// Runs one hook's program on a crafted packet with `BPF_PROG_TEST_RUN`
+    /// and returns its TC verdict. The kernel runs it as if on the loopback
+    /// device (ifindex 1) of the caller's network namespace.
+    pub fn test_run(&self, hook: Hook, packet: &[u8]) -> Result<i32, DatapathError> {
+        let name = hook.program();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                ..Default::default()
+            })
+            .map_err(|source| DatapathError::Program { name, source })?;
+        Ok(result.return_value as i32)
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and nothing
+/// is mounted yet (fresh machines, containers without the host mount).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    // One check-and-mount at a time, or two loaders could stack two mounts.
+    static MOUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) || is_bpffs(root) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("static string");
+    let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::PinDir {
+            path: root.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}

@@ -1,0 +1,340 @@
+//! Writing compiled state into the maps as a diff against what is loaded.
+//!
+//! Per endpoint the update is atomic for packets: the new entries go in under
+//! the endpoint's other generation, one write to the endpoint table flips the
+//! generation, then the old entries are deleted. A failed write (a full map)
+//! rolls the new generation back and leaves the last good policy enforced.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use aya::maps::lpm_trie::Key;
+use ipnet::IpNet;
+use portcullis_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey,
+    PolicyKey, PolicyValue,
+};
+
+use super::{Datapath, attach::ifindex};
+use crate::compiled::{AllowEntry, CompiledState, DirectionPolicy, EndpointState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("endpoint {endpoint}: interface {interface} not found")]
+    NoInterface { endpoint: String, interface: String },
+    #[error("endpoint {endpoint}: {why}")]
+    Invalid { endpoint: String, why: String },
+    #[error("endpoint {endpoint}: attaching programs")]
+    Attach {
+        endpoint: String,
+        #[source]
+        source: super::AttachError,
+    },
+    #[error("writing map {map} (full? see its size setting)")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Policy entries of one endpoint, keyed without generation.
+type Entries = BTreeMap<(u32, PolicyKey), PolicyValue>;
+
+#[derive(Default)]
+pub(crate) struct Loaded {
+    endpoints: HashMap<u32, LoadedEndpoint>,
+    ipcache: BTreeMap<(u32, IpKey), u32>,
+}
+
+struct LoadedEndpoint {
+    info: EndpointInfo,
+    entries: Entries,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub endpoints_written: usize,
+    pub endpoints_removed: usize,
+    pub policy_entries: usize,
+    pub ipcache_entries: usize,
+    /// Endpoints left as they were (last good state), with why.
+    pub errors: Vec<String>,
+}
+
+impl Datapath {
+    /// Makes the maps hold `state`. Endpoints whose update fails keep their
+    /// previous policy and are reported; the others are applied.
+    pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
+        let mut report = ApplyReport::default();
+
+        let desired_ipcache: BTreeMap<(u32, IpKey), u32> = state
+            .ipcache
+            .iter()
+            .map(|e| (ipcache_key(&e.cidr), e.identity))
+            .collect();
+        // Addresses first, so new policy never meets an unknown peer.
+        for (&(prefix, key), &identity) in &desired_ipcache {
+            if self.loaded.ipcache.get(&(prefix, key)) == Some(&identity) {
+                continue;
+            }
+            match self
+                .maps
+                .ipcache
+                .insert(&Key::new(prefix, key), identity, 0)
+            {
+                Ok(()) => {
+                    self.loaded.ipcache.insert((prefix, key), identity);
+                }
+                Err(source) => report.errors.push(
+                    WriteError::Map {
+                        map: "ipcache",
+                        source,
+                    }
+                    .to_string(),
+                ),
+            }
+        }
+
+        let mut present = HashMap::new();
+        for ep in &state.endpoints {
+            match self.apply_endpoint(ep) {
+                Ok(Some(ifindex)) => {
+                    report.endpoints_written += 1;
+                    present.insert(ifindex, ());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "endpoint kept at its last good state");
+                    report.errors.push(format!("{e:#}"));
+                }
+            }
+            if let Some(idx) = ifindex(&ep.interface) {
+                present.insert(idx, ());
+            }
+        }
+
+        let gone: Vec<u32> = self
+            .loaded
+            .endpoints
+            .keys()
+            .copied()
+            .filter(|i| !present.contains_key(i))
+            .collect();
+        for idx in gone {
+            self.remove_endpoint(idx);
+            report.endpoints_removed += 1;
+        }
+
+        let stale: Vec<(u32, IpKey)> = self
+            .loaded
+            .ipcache
+            .keys()
+            .copied()
+            .filter(|k| !desired_ipcache.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
+            self.loaded.ipcache.remove(&k);
+        }
+
+        report.policy_entries = self
+            .loaded
+            .endpoints
+            .values()
+            .map(|e| e.entries.len())
+            .sum();
+        report.ipcache_entries = self.loaded.ipcache.len();
+        report
+    }
+
+    /// Returns the ifindex when the endpoint was (re)written, `None` when it
+    /// was already up to date.
+    fn apply_endpoint(&mut self, ep: &EndpointState) -> Result<Option<u32>, WriteError> {
+        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
+            endpoint: ep.name.clone(),
+            interface: ep.interface.clone(),
+        })?;
+        if ep.id == 0 {
+            return Err(WriteError::Invalid {
+                endpoint: ep.name.clone(),
+                why: "endpoint id 0 is reserved".into(),
+            });
+        }
+        let entries = endpoint_entries(ep)?;
+        let mut flags = 0;
+        if ep.ingress.isolated {
+            flags |= EP_ISOLATED_INGRESS;
+        }
+        if ep.egress.isolated {
+            flags |= EP_ISOLATED_EGRESS;
+        }
+
+        let previous = self.loaded.endpoints.get(&idx);
+        if let Some(prev) = previous
+            && prev.info.endpoint_id == ep.id
+            && prev.info.flags == flags
+            && prev.entries == entries
+        {
+            return Ok(None);
+        }
+        let generation = previous.map_or(0, |p| p.info.generation ^ 1);
+        let info = EndpointInfo {
+            endpoint_id: ep.id,
+            generation,
+            _pad: 0,
+            flags,
+        };
+
+        let mut written = Vec::with_capacity(entries.len());
+        for (&(prefix, key), value) in &entries {
+            let key = Key::new(
+                prefix,
+                PolicyKey {
+                    endpoint_id: ep.id,
+                    generation,
+                    ..key
+                },
+            );
+            if let Err(source) = self.maps.policy.insert(&key, value, 0) {
+                for k in &written {
+                    let _ = self.maps.policy.remove(k);
+                }
+                return Err(WriteError::Map {
+                    map: "policy",
+                    source,
+                });
+            }
+            written.push(key);
+        }
+        // The flip: from here packets see the new generation.
+        if let Err(source) = self.maps.endpoints.insert(idx, info, 0) {
+            for k in &written {
+                let _ = self.maps.policy.remove(k);
+            }
+            return Err(WriteError::Map {
+                map: "endpoints",
+                source,
+            });
+        }
+        let first_time = previous.is_none();
+        if let Some(prev) = self
+            .loaded
+            .endpoints
+            .insert(idx, LoadedEndpoint { info, entries })
+        {
+            self.remove_entries(&prev);
+        }
+        if first_time {
+            // Policy is in place before the programs see a packet.
+            self.attach(&ep.interface)
+                .map_err(|source| WriteError::Attach {
+                    endpoint: ep.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(Some(idx))
+    }
+
+    fn remove_endpoint(&mut self, idx: u32) {
+        let _ = self.maps.endpoints.remove(&idx);
+        if let Some(prev) = self.loaded.endpoints.remove(&idx) {
+            self.remove_entries(&prev);
+        }
+        if let Err(e) = self.detach(idx) {
+            tracing::warn!(ifindex = idx, error = %e, "removing link pins");
+        }
+    }
+
+    fn remove_entries(&mut self, ep: &LoadedEndpoint) {
+        for &(prefix, key) in ep.entries.keys() {
+            let key = PolicyKey {
+                endpoint_id: ep.info.endpoint_id,
+                generation: ep.info.generation,
+                ..key
+            };
+            let _ = self.maps.policy.remove(&Key::new(prefix, key));
+        }
+    }
+}
+
+fn ipcache_key(cidr: &IpNet) -> (u32, IpKey) {
+    let cidr = cidr.trunc();
+    let key = match cidr.addr() {
+        IpAddr::V4(a) => IpKey::v4(a.octets()),
+        IpAddr::V6(a) => IpKey::v6(a.octets()),
+    };
+    (IpKey::HEADER_BITS + u32::from(cidr.prefix_len()), key)
+}
+
+/// The policy trie entries (generation 0) for one endpoint.
+fn endpoint_entries(ep: &EndpointState) -> Result<Entries, WriteError> {
+    let mut out = Entries::new();
+    for (direction, policy) in [(DIR_INGRESS, &ep.ingress), (DIR_EGRESS, &ep.egress)] {
+        add_direction(&mut out, ep, direction, policy)?;
+    }
+    Ok(out)
+}
+
+fn add_direction(
+    out: &mut Entries,
+    ep: &EndpointState,
+    direction: u8,
+    policy: &DirectionPolicy,
+) -> Result<(), WriteError> {
+    for entry in &policy.allow {
+        let AllowEntry {
+            peer,
+            protocol,
+            ports,
+            rule,
+        } = *entry;
+        let base = PolicyKey {
+            endpoint_id: 0,
+            generation: 0,
+            direction,
+            identity: peer,
+            ..Default::default()
+        };
+        let value = PolicyValue { rule_cookie: rule };
+        let mut put = |prefix: u32, key: PolicyKey| {
+            out.entry((prefix, key)).or_insert(value);
+        };
+        match (protocol, ports) {
+            (None, None) => put(PolicyKey::PREFIX_ANY_PROTO, base),
+            (None, Some(_)) => {
+                return Err(WriteError::Invalid {
+                    endpoint: ep.name.clone(),
+                    why: format!("allow entry for peer {peer} has ports but no protocol"),
+                });
+            }
+            (Some(p), None) => put(
+                PolicyKey::PREFIX_ANY_PORT,
+                PolicyKey {
+                    protocol: p.number(),
+                    ..base
+                },
+            ),
+            (Some(p), Some(range)) => {
+                if range.end < range.start {
+                    return Err(WriteError::Invalid {
+                        endpoint: ep.name.clone(),
+                        why: format!("port range {}-{} is empty", range.start, range.end),
+                    });
+                }
+                for pp in range.prefixes() {
+                    let key = PolicyKey {
+                        protocol: p.number(),
+                        port: pp.port.to_be_bytes(),
+                        ..base
+                    };
+                    put(PolicyKey::port_prefix(pp.bits), key);
+                }
+            }
+        }
+    }
+    Ok(())
+}

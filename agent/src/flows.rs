@@ -1,0 +1,334 @@
+//! Flow events from the ring buffer, decoded and named, printed like
+//! `hubble observe -o compact`.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use portcullis_common::{
+    AF_INET, AF_INET6, DIR_INGRESS, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, VERDICT_DROPPED, identity, reason,
+};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+use crate::compiled::CompiledState;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Flow {
+    pub time: SystemTime,
+    pub endpoint_id: u16,
+    pub endpoint: Option<String>,
+    /// `INGRESS` or `EGRESS`, seen from the endpoint.
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub protocol: Option<u8>,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_flags: u8,
+    pub remote_identity: u32,
+    pub src_name: Option<String>,
+    pub dst_name: Option<String>,
+    pub src_identity: Option<u32>,
+    pub dst_identity: Option<u32>,
+}
+
+/// Names for addresses, identities and endpoints, from the compiled state.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    pods: HashMap<IpAddr, String>,
+    endpoints: HashMap<u16, (String, u32)>,
+}
+
+impl Names {
+    pub fn from_state(state: &CompiledState) -> Self {
+        let pods = state
+            .ipcache
+            .iter()
+            .filter_map(|e| Some((e.cidr.addr(), e.name.clone()?)))
+            .collect();
+        let endpoints = state
+            .endpoints
+            .iter()
+            .map(|e| (e.id, (e.name.clone(), e.identity)))
+            .collect();
+        Names { pods, endpoints }
+    }
+}
+
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::POLICY_ALLOWED => "Policy allowed",
+        reason::POLICY_DENIED => "Policy denied",
+        reason::MALFORMED => "Malformed packet",
+        reason::UNSUPPORTED_L3 => "Unsupported L3 protocol",
+        _ => "Unknown reason",
+    }
+}
+
+fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        _ => None,
+    }
+}
+
+impl Flow {
+    pub fn decode(ev: &FlowEvent, names: &Names, boot_offset: Duration) -> Flow {
+        let src = addr(ev.family, &ev.src_addr);
+        let dst = addr(ev.family, &ev.dst_addr);
+        let ingress = ev.direction == DIR_INGRESS;
+        let endpoint = names.endpoints.get(&ev.endpoint_id);
+        let local_identity = endpoint.map(|e| e.1);
+        let (src_identity, dst_identity) = if ingress {
+            (Some(ev.remote_identity), local_identity)
+        } else {
+            (local_identity, Some(ev.remote_identity))
+        };
+        let name = |a: Option<IpAddr>| a.and_then(|a| names.pods.get(&a).cloned());
+        Flow {
+            time: SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(ev.timestamp_ns),
+            endpoint_id: ev.endpoint_id,
+            endpoint: endpoint.map(|e| e.0.clone()),
+            direction: if ingress { "INGRESS" } else { "EGRESS" },
+            verdict: if ev.verdict == VERDICT_DROPPED {
+                "DROPPED"
+            } else {
+                "FORWARDED"
+            },
+            reason: reason_name(ev.reason),
+            protocol: (ev.family != 0).then_some(ev.protocol),
+            src,
+            dst,
+            src_port: ev.src_port,
+            dst_port: ev.dst_port,
+            tcp_flags: ev.tcp_flags,
+            remote_identity: ev.remote_identity,
+            src_name: name(src),
+            dst_name: name(dst),
+            src_identity,
+            dst_identity,
+        }
+    }
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "TCP".into(),
+        IPPROTO_UDP => "UDP".into(),
+        IPPROTO_SCTP => "SCTP".into(),
+        IPPROTO_ICMP => "ICMPv4".into(),
+        IPPROTO_ICMPV6 => "ICMPv6".into(),
+        other => format!("proto {other}"),
+    }
+}
+
+fn tcp_flag_names(flags: u8) -> String {
+    const NAMES: [(u8, &str); 6] = [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn identity_label(id: Option<u32>) -> String {
+    match id {
+        Some(identity::HOST) => "host".into(),
+        Some(identity::WORLD) => "world".into(),
+        Some(n) => format!("ID:{n}"),
+        None => "ID:?".into(),
+    }
+}
+
+fn endpoint_text(
+    addr: Option<IpAddr>,
+    port: u16,
+    name: &Option<String>,
+    protocol: Option<u8>,
+) -> String {
+    let with_port = matches!(protocol, Some(IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP));
+    let host = match (name, addr) {
+        (Some(n), _) => n.clone(),
+        (None, Some(IpAddr::V6(a))) if with_port => format!("[{a}]"),
+        (None, Some(a)) => a.to_string(),
+        (None, None) => "?".into(),
+    };
+    if with_port {
+        format!("{host}:{port}")
+    } else {
+        host
+    }
+}
+
+impl fmt::Display for Flow {
+    /// `Nov 23 18:29:17.123: default/frontend:41234 (ID:256) -> default/backend:80 (ID:257)
+    /// Policy denied DROPPED (TCP Flags: SYN)`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let time = format_time(self.time);
+        let src = endpoint_text(self.src, self.src_port, &self.src_name, self.protocol);
+        let dst = endpoint_text(self.dst, self.dst_port, &self.dst_name, self.protocol);
+        write!(
+            f,
+            "{time}: {src} ({}) -> {dst} ({}) {} {} {}",
+            identity_label(self.src_identity),
+            identity_label(self.dst_identity),
+            self.direction,
+            self.reason,
+            self.verdict,
+        )?;
+        match self.protocol {
+            Some(IPPROTO_TCP) => write!(f, " (TCP Flags: {})", tcp_flag_names(self.tcp_flags)),
+            Some(p) => write!(f, " ({})", protocol_name(p)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `Mon DD HH:MM:SS.mmm` in UTC, as hubble prints it.
+fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let (_, month, day) = civil_from_days(days);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{} {:>2} {:02}:{:02}:{:02}.{:03}",
+        MONTHS[(month - 1) as usize],
+        day,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Wall-clock time of the monotonic clock's zero: event timestamps are
+/// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+pub fn monotonic_epoch() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(mono)
+}
+
+/// Reads flow events as they arrive.
+pub struct FlowReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl FlowReader {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its fd, which stays open as long as the
+        // AsyncFd holds it.
+        Ok(FlowReader {
+            ring: unsafe { AsyncFd::register(ring)? },
+        })
+    }
+
+    /// Waits for events and returns all that are ready.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<FlowEvent>> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let out = drain_ring(guard.get_inner_mut());
+            guard.clear_ready();
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// The events already in the ring, without waiting.
+pub fn drain_ring(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            // SAFETY: the program writes whole FlowEvents; read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        // 2026-11-23
+        assert_eq!(civil_from_days(20780), (2026, 11, 23));
+    }
+
+    #[test]
+    fn compact_line_names_both_sides() {
+        let mut ev = FlowEvent {
+            timestamp_ns: 0,
+            endpoint_id: 7,
+            direction: DIR_INGRESS,
+            verdict: VERDICT_DROPPED,
+            reason: reason::POLICY_DENIED,
+            family: AF_INET,
+            protocol: IPPROTO_TCP,
+            tcp_flags: 0x02,
+            src_port: 41234,
+            dst_port: 80,
+            remote_identity: 300,
+            ..Default::default()
+        };
+        ev.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.dst_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let mut names = Names::default();
+        names
+            .pods
+            .insert("10.0.0.1".parse().unwrap(), "default/frontend".into());
+        names.endpoints.insert(7, ("default/backend".into(), 301));
+        let flow = Flow::decode(&ev, &names, Duration::from_secs(20415 * 86400 + 3600));
+        assert_eq!(
+            flow.to_string(),
+            "Nov 23 01:00:00.000: default/frontend:41234 (ID:300) -> 10.0.0.2:80 (ID:301) \
+             INGRESS Policy denied DROPPED (TCP Flags: SYN)"
+        );
+    }
+}

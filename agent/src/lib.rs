@@ -1,0 +1,7 @@
+//! Portcullis agent: Kubernetes NetworkPolicy enforcement with an eBPF
+//! datapath. Data flows one way: compiled endpoint state -> BPF maps ->
+//! packets -> flow events.
+
+pub mod compiled;
+pub mod datapath;
+pub mod flows;

@@ -1,0 +1,232 @@
+//! Layouts both sides of the datapath agree on: map keys and values, flow
+//! events, constants. `no_std` and `#[repr(C)]`; the only place they are defined.
+#![no_std]
+
+/// Names of the maps in the eBPF object; also their pin file names.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "PC_ENDPOINTS";
+    pub const IPCACHE: &str = "PC_IPCACHE";
+    pub const POLICY: &str = "PC_POLICY";
+    pub const FLOWS: &str = "PC_FLOWS";
+    pub const CT: &str = "PC_CT";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// TC ingress of the host-side veth: packets leaving the pod (its egress).
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// TC egress of the host-side veth: packets entering the pod (its ingress).
+    pub const TO_CONTAINER: &str = "to_container";
+}
+
+/// Default map sizes; the agent may override them at load time.
+pub mod map_sizes {
+    pub const ENDPOINTS: u32 = 1024;
+    pub const IPCACHE: u32 = 65536;
+    pub const POLICY: u32 = 262144;
+    /// Bytes; a power of two and a multiple of the page size.
+    pub const FLOWS: u32 = 1 << 20;
+    pub const CT: u32 = 262144;
+}
+
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+
+/// Traffic direction, seen from the endpoint (the pod).
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Reserved identities. Identity 0 in a policy key means "any peer".
+pub mod identity {
+    pub const ANY: u32 = 0;
+    /// The node's own addresses.
+    pub const HOST: u32 = 1;
+    /// Every address the ipcache does not know.
+    pub const WORLD: u32 = 2;
+    /// First identity the agent allocates for label sets.
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Endpoint flags (`EndpointInfo::flags`).
+pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
+pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
+
+/// The endpoint table: host-side ifindex -> endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub endpoint_id: u16,
+    /// Which generation of this endpoint's policy entries is live; the agent
+    /// writes the other one, then flips this in one map write.
+    pub generation: u8,
+    pub _pad: u8,
+    pub flags: u32,
+}
+
+/// ipcache LPM key data: `{family, addr}`; the prefix length counts the 32 bits
+/// of `family` and padding first, so one trie holds both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    /// Bits of the key before the address.
+    pub const HEADER_BITS: u32 = 32;
+
+    pub const fn v4(addr: [u8; 4]) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr[0];
+        a[1] = addr[1];
+        a[2] = addr[2];
+        a[3] = addr[3];
+        IpKey {
+            family: AF_INET,
+            _pad: [0; 3],
+            addr: a,
+        }
+    }
+
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        IpKey {
+            family: AF_INET6,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
+/// Policy LPM key data. Exact on `{endpoint, generation, direction, identity}`,
+/// then optionally protocol, then a prefix of the destination port (network
+/// byte order) — so an `endPort` range is a handful of aligned prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub endpoint_id: u16,
+    pub generation: u8,
+    pub direction: u8,
+    pub identity: u32,
+    pub protocol: u8,
+    pub port: [u8; 2],
+    /// Never part of a prefix.
+    pub _pad: u8,
+}
+
+impl PolicyKey {
+    /// Prefix length (in bits) that matches the peer and any protocol or port.
+    pub const PREFIX_ANY_PROTO: u32 = 64;
+    /// Peer and protocol, any port.
+    pub const PREFIX_ANY_PORT: u32 = 72;
+    /// Peer, protocol and the full 16-bit port.
+    pub const PREFIX_FULL: u32 = 88;
+
+    pub const fn port_prefix(port_bits: u8) -> u32 {
+        Self::PREFIX_ANY_PORT + port_bits as u32
+    }
+}
+
+/// What an allow entry carries: the rule that put it there, echoed in flow
+/// events so a forward can name its reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyValue {
+    pub rule_cookie: u32,
+}
+
+/// Conntrack key: a flow as one endpoint saw it first, in one direction.
+/// A packet passes without a policy lookup when its own tuple is known in its
+/// direction, or its reversed tuple in the other (a reply).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// For ICMP echo both ports hold the identifier, so replies match.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub endpoint_id: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    /// The rule that allowed the flow (0: the direction was not isolated).
+    pub rule_cookie: u32,
+    pub _pad: u32,
+}
+
+/// Verdicts in flow events.
+pub const VERDICT_FORWARDED: u8 = 1;
+pub const VERDICT_DROPPED: u8 = 2;
+
+/// Why a packet was dropped (or forwarded).
+pub mod reason {
+    pub const POLICY_ALLOWED: u8 = 0;
+    pub const POLICY_DENIED: u8 = 1;
+    pub const MALFORMED: u8 = 2;
+    pub const UNSUPPORTED_L3: u8 = 3;
+}
+
+/// A flow event on the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    /// Identity of the remote side as the ipcache resolved it.
+    pub remote_identity: u32,
+    pub rule_cookie: u32,
+    pub packet_len: u32,
+    pub endpoint_id: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub family: u8,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub _pad: [u8; 4],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are `#[repr(C)]`, `Copy`, and every bit pattern is valid; the
+    // explicit padding fields leave no uninitialised bytes.
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}
+
+// Layouts are ABI: fail the build if one changes size by accident.
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);

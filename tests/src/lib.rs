@@ -1,0 +1,421 @@
+//! Pods as network namespaces: the test bed for datapath tests and the lab.
+//!
+//! A [`Bed`] is one node: a network namespace holding the host-side veth of
+//! every pod, routed like kindnet or Calico (each pod a /32 and /128 behind its
+//! own veth, whose host side owns the gateway `169.254.1.1` and `fe80::1`). Because
+//! every bed has its own node namespace, beds never collide with the machine's
+//! networks or with each other, and they all use the same addresses.
+//! Everything is removed on drop, also when a test panics.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub mod packets;
+
+/// The node's own addresses (on the node namespace's loopback).
+pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 244, 255, 254);
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0xfffe);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: String) -> Result<Netns> {
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace; sockets and
+    /// netlink calls made there belong to it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+    }
+
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<T>> {
+        let file = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: valid fd; this thread never returns to a pool.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            let ok = rc == 0;
+            let _ = tx.send(if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            });
+            if !ok {
+                // Never run `f` in the wrong namespace.
+                std::process::abort();
+            }
+            f()
+        });
+        rx.recv().context("setns thread")?.context("setns")?;
+        Ok(handle)
+    }
+
+    /// A command line that runs `program` inside this network namespace.
+    /// Unlike `ip netns exec` it keeps the mount namespace, so bpffs pins
+    /// made there are the machine's.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A pod: its namespace, the host-side veth in the node, its addresses.
+pub struct Pod {
+    pub name: String,
+    pub netns: Netns,
+    /// Host-side interface name, in the node namespace.
+    pub host_if: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+/// One node and its pods.
+pub struct Bed {
+    /// Unique prefix of this bed's namespace names.
+    pub id: String,
+    // Fields drop in order: servers stop, pods go (with their veths), then the node.
+    servers: Vec<Server>,
+    pub pods: Vec<Pod>,
+    pub node: Netns,
+}
+
+impl Bed {
+    pub fn new() -> Result<Bed> {
+        let id = format!(
+            "pc{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let node = Netns::create(format!("{id}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // The node's addresses live on its loopback (no dummy driver needed).
+        node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IPV6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
+        Ok(Bed {
+            id,
+            servers: Vec::new(),
+            pods: Vec::new(),
+            node,
+        })
+    }
+
+    /// Adds a pod with the next free addresses (10.244.0.N, fd00:10::N).
+    pub fn add_pod(&mut self, name: &str) -> Result<&Pod> {
+        let n = self.pods.len() + 1;
+        let ipv4 = Ipv4Addr::new(10, 244, 0, n as u8);
+        let ipv6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, n as u16);
+        let netns = Netns::create(format!("{}-{name}", self.id))?;
+        let host_if = format!("lxc{n}");
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"])?;
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ipv6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+
+        self.node.ip(&["link", "set", &host_if, "up"])?;
+        // Every host-side veth answers for the pods' gateway (as Calico's
+        // 169.254.1.1); the node talks to pods from its own address.
+        self.node
+            .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if])?;
+        self.node
+            .ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+        let (src4, src6) = (NODE_IPV4.to_string(), NODE_IPV6.to_string());
+        self.node.ip(&[
+            "route",
+            "add",
+            &format!("{ipv4}/32"),
+            "dev",
+            &host_if,
+            "src",
+            &src4,
+        ])?;
+        self.node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{ipv6}/128"),
+            "dev",
+            &host_if,
+            "src",
+            &src6,
+        ])?;
+        // The pod routes IPv6 through fe80::1 on its eth0.
+        netns.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
+
+        self.pods.push(Pod {
+            name: name.to_string(),
+            netns,
+            host_if,
+            ipv4,
+            ipv6,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Starts TCP and UDP echo servers on `port` (both families) in a pod.
+    pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
+        let server = Server::start(&self.pod(pod).netns, pod.to_string(), port)?;
+        self.servers.push(server);
+        Ok(())
+    }
+}
+
+/// A TCP and UDP server in a pod that answers with the pod's name.
+struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(netns: &Netns, reply: String, port: u16) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        // Bind in the namespace, serve on threads that live there too.
+        let (tcp, udp) = netns.run(move || -> std::io::Result<_> {
+            Ok((TcpListener::bind(any)?, UdpSocket::bind(any)?))
+        })??;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+
+        let (s1, r1) = (stop.clone(), reply.clone());
+        let t1 = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                        let _ = conn.write_all(r1.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(reply.as_bytes(), from);
+                }
+            }
+        });
+        Ok(Server {
+            stop,
+            threads: vec![t1, t2],
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Transport of a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// Connects from `from` to `addr:port` and returns the server's reply, or
+/// `None` when nothing answered within `timeout`.
+pub fn probe(
+    from: &Netns,
+    transport: Transport,
+    addr: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Option<String>> {
+    from.run(move || {
+        let target = SocketAddr::new(addr, port);
+        let mut buf = [0u8; 512];
+        match transport {
+            Transport::Tcp => {
+                let Ok(mut s) = TcpStream::connect_timeout(&target, timeout) else {
+                    return None;
+                };
+                s.set_read_timeout(Some(timeout)).ok()?;
+                let n = s.read(&mut buf).ok()?;
+                Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+            }
+            Transport::Udp => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = UdpSocket::bind(bind).ok()?;
+                s.set_read_timeout(Some(timeout)).ok()?;
+                s.send_to(b"ping", target).ok()?;
+                let (n, _) = s.recv_from(&mut buf).ok()?;
+                Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+            }
+        }
+    })
+}
+
+/// A bpffs directory for one test's pins, removed on drop.
+pub struct PinDir {
+    pub path: std::path::PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        let path = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-test-{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        PinDir { path }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
