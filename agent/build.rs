@@ -4,15 +4,11 @@ use std::{env, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("agent crate has no parent directory"))?;
+    let workspace =
+        manifest.parent().ok_or_else(|| anyhow::anyhow!("agent crate has no parent directory"))?;
     let ebpf = workspace.join("ebpf");
     // The eBPF crate compiles `common` into the object too.
-    println!(
-        "cargo:rerun-if-changed={}",
-        workspace.join("common").display()
-    );
+    println!("cargo:rerun-if-changed={}", workspace.join("common").display());
 
     // setup.sh installs bpf-linker under the user's cache; rustc finds the
     // linker for the bpf target on PATH.
@@ -31,21 +27,18 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("bpf-linker not found: run scripts/setup.sh first");
     }
 
-    let ebpf_dir = ebpf
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf.display()))?;
+    // aya-build relays every line the nested cargo prints as a warning; keep
+    // it to real diagnostics.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
+
+    let ebpf_dir = ebpf.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf.display()))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "portcullis-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "portcullis-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::Custom("/usr"),
     )
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
+    env::split_paths(&env::var_os("PATH")?).map(|d| d.join(bin)).find(|p| p.is_file())
 }

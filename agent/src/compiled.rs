@@ -111,21 +111,14 @@ pub struct PortPrefix {
 
 impl PortPrefix {
     pub fn contains(self, port: u16) -> bool {
-        let mask = if self.bits == 0 {
-            0
-        } else {
-            u16::MAX << (16 - self.bits)
-        };
+        let mask = if self.bits == 0 { 0 } else { u16::MAX << (16 - self.bits) };
         port & mask == self.port
     }
 }
 
 impl PortRange {
     pub const fn single(port: u16) -> Self {
-        PortRange {
-            start: port,
-            end: port,
-        }
+        PortRange { start: port, end: port }
     }
 
     /// The minimal set of aligned prefixes that covers exactly this range,
@@ -135,19 +128,12 @@ impl PortRange {
         let (mut lo, hi) = (u32::from(self.start), u32::from(self.end));
         while lo <= hi {
             // The largest aligned block starting at `lo` that stays within `hi`.
-            let mut size_log = if lo == 0 {
-                16
-            } else {
-                lo.trailing_zeros().min(16)
-            };
+            let mut size_log = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
             while lo + (1 << size_log) - 1 > hi {
                 size_log -= 1;
             }
             // `lo` fits 16 bits since `lo <= hi <= 65535`.
-            out.push(PortPrefix {
-                port: lo as u16,
-                bits: (16 - size_log) as u8,
-            });
+            out.push(PortPrefix { port: lo as u16, bits: (16 - size_log) as u8 });
             lo += 1 << size_log;
         }
         out
@@ -161,18 +147,12 @@ mod tests {
 
     #[test]
     fn single_port_is_one_full_prefix() {
-        assert_eq!(
-            PortRange::single(80).prefixes(),
-            vec![PortPrefix { port: 80, bits: 16 }]
-        );
+        assert_eq!(PortRange::single(80).prefixes(), vec![PortPrefix { port: 80, bits: 16 }]);
     }
 
     #[test]
     fn whole_range_is_one_empty_prefix() {
-        let all = PortRange {
-            start: 0,
-            end: u16::MAX,
-        };
+        let all = PortRange { start: 0, end: u16::MAX };
         assert_eq!(all.prefixes(), vec![PortPrefix { port: 0, bits: 0 }]);
     }
 
@@ -180,41 +160,16 @@ mod tests {
     fn range_splits_into_aligned_blocks() {
         // 1000..=1999: 1000-1007 (8), 1008-1023 (16), 1024-1535 (512),
         // 1536-1791 (256), 1792-1919 (128), 1920-1983 (64), 1984-1999 (16).
-        let got = PortRange {
-            start: 1000,
-            end: 1999,
-        }
-        .prefixes();
-        let want = [
-            (1000, 13),
-            (1008, 12),
-            (1024, 7),
-            (1536, 8),
-            (1792, 9),
-            (1920, 10),
-            (1984, 12),
-        ];
-        let want: Vec<_> = want
-            .iter()
-            .map(|&(port, bits)| PortPrefix { port, bits })
-            .collect();
+        let got = PortRange { start: 1000, end: 1999 }.prefixes();
+        let want = [(1000, 13), (1008, 12), (1024, 7), (1536, 8), (1792, 9), (1920, 10), (1984, 12)];
+        let want: Vec<_> = want.iter().map(|&(port, bits)| PortPrefix { port, bits }).collect();
         assert_eq!(got, want);
     }
 
     #[test]
     fn top_of_range_does_not_overflow() {
-        let got = PortRange {
-            start: 65534,
-            end: 65535,
-        }
-        .prefixes();
-        assert_eq!(
-            got,
-            vec![PortPrefix {
-                port: 65534,
-                bits: 15
-            }]
-        );
+        let got = PortRange { start: 65534, end: 65535 }.prefixes();
+        assert_eq!(got, vec![PortPrefix { port: 65534, bits: 15 }]);
     }
 
     proptest! {

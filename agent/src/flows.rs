@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    AF_INET, AF_INET6, DIR_INGRESS, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, VERDICT_DROPPED, identity, reason,
+    AF_INET, AF_INET6, DIR_INGRESS, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, VERDICT_DROPPED, identity, reason,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -49,16 +49,8 @@ pub struct Names {
 
 impl Names {
     pub fn from_state(state: &CompiledState) -> Self {
-        let pods = state
-            .ipcache
-            .iter()
-            .filter_map(|e| Some((e.cidr.addr(), e.name.clone()?)))
-            .collect();
-        let endpoints = state
-            .endpoints
-            .iter()
-            .map(|e| (e.id, (e.name.clone(), e.identity)))
-            .collect();
+        let pods = state.ipcache.iter().filter_map(|e| Some((e.cidr.addr(), e.name.clone()?))).collect();
+        let endpoints = state.endpoints.iter().map(|e| (e.id, (e.name.clone(), e.identity))).collect();
         Names { pods, endpoints }
     }
 }
@@ -99,11 +91,7 @@ impl Flow {
             endpoint_id: ev.endpoint_id,
             endpoint: endpoint.map(|e| e.0.clone()),
             direction: if ingress { "INGRESS" } else { "EGRESS" },
-            verdict: if ev.verdict == VERDICT_DROPPED {
-                "DROPPED"
-            } else {
-                "FORWARDED"
-            },
+            verdict: if ev.verdict == VERDICT_DROPPED { "DROPPED" } else { "FORWARDED" },
             reason: reason_name(ev.reason),
             protocol: (ev.family != 0).then_some(ev.protocol),
             src,
@@ -132,20 +120,9 @@ fn protocol_name(p: u8) -> String {
 }
 
 fn tcp_flag_names(flags: u8) -> String {
-    const NAMES: [(u8, &str); 6] = [
-        (0x02, "SYN"),
-        (0x10, "ACK"),
-        (0x01, "FIN"),
-        (0x04, "RST"),
-        (0x08, "PSH"),
-        (0x20, "URG"),
-    ];
-    NAMES
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    const NAMES: [(u8, &str); 6] =
+        [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
+    NAMES.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
 }
 
 fn identity_label(id: Option<u32>) -> String {
@@ -157,12 +134,7 @@ fn identity_label(id: Option<u32>) -> String {
     }
 }
 
-fn endpoint_text(
-    addr: Option<IpAddr>,
-    port: u16,
-    name: &Option<String>,
-    protocol: Option<u8>,
-) -> String {
+fn endpoint_text(addr: Option<IpAddr>, port: u16, name: &Option<String>, protocol: Option<u8>) -> String {
     let with_port = matches!(protocol, Some(IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP));
     let host = match (name, addr) {
         (Some(n), _) => n.clone(),
@@ -170,11 +142,7 @@ fn endpoint_text(
         (None, Some(a)) => a.to_string(),
         (None, None) => "?".into(),
     };
-    if with_port {
-        format!("{host}:{port}")
-    } else {
-        host
-    }
+    if with_port { format!("{host}:{port}") } else { host }
 }
 
 impl fmt::Display for Flow {
@@ -208,9 +176,8 @@ fn format_time(t: SystemTime) -> String {
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);
     let (_, month, day) = civil_from_days(days);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     format!(
         "{} {:>2} {:02}:{:02}:{:02}.{:03}",
         MONTHS[(month - 1) as usize],
@@ -238,16 +205,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Wall-clock time of the monotonic clock's zero: event timestamps are
 /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
 pub fn monotonic_epoch() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     now.saturating_sub(mono)
 }
 
@@ -260,9 +222,7 @@ impl FlowReader {
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
         // SAFETY: the ring buffer owns its fd, which stays open as long as the
         // AsyncFd holds it.
-        Ok(FlowReader {
-            ring: unsafe { AsyncFd::register(ring)? },
-        })
+        Ok(FlowReader { ring: unsafe { AsyncFd::register(ring)? } })
     }
 
     /// Waits for events and returns all that are ready.
@@ -320,9 +280,7 @@ mod tests {
         ev.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
         ev.dst_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
         let mut names = Names::default();
-        names
-            .pods
-            .insert("10.0.0.1".parse().unwrap(), "default/frontend".into());
+        names.pods.insert("10.0.0.1".parse().unwrap(), "default/frontend".into());
         names.endpoints.insert(7, ("default/backend".into(), 301));
         let flow = Flow::decode(&ev, &names, Duration::from_secs(20415 * 86400 + 3600));
         assert_eq!(

@@ -15,11 +15,7 @@ use portcullis_agent::{
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(
-    name = "agent",
-    version,
-    about = "Portcullis: NetworkPolicy enforcement with eBPF"
-)]
+#[command(name = "agent", version, about = "Portcullis: NetworkPolicy enforcement with eBPF")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,6 +47,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Run { state, pin_dir } => run(&state, pin_dir).await,
@@ -59,11 +56,8 @@ async fn main() -> Result<()> {
 }
 
 async fn run(state_path: &Path, pin_dir: PathBuf) -> Result<()> {
-    let mut dp = Datapath::load(&DatapathConfig {
-        pin_dir,
-        ..Default::default()
-    })
-    .context("loading the datapath")?;
+    let mut dp =
+        Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).context("loading the datapath")?;
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
     let (names_tx, names_rx) = watch::channel(Names::default());
 

@@ -8,15 +8,12 @@ use std::net::IpAddr;
 
 use portcullis_agent::{
     compiled::{
-        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange,
-        Protocol,
+        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
     },
     datapath::{Datapath, DatapathConfig, Hook},
     flows::drain_ring,
 };
-use portcullis_common::{
-    DIR_INGRESS, FlowEvent, TC_ACT_OK, TC_ACT_SHOT, VERDICT_DROPPED, identity, reason,
-};
+use portcullis_common::{DIR_INGRESS, FlowEvent, TC_ACT_OK, TC_ACT_SHOT, VERDICT_DROPPED, identity, reason};
 use portcullis_testbed::{
     Netns, PinDir,
     packets::{self, Frame, arp},
@@ -30,18 +27,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-fn allow(
-    peer: u32,
-    protocol: Option<Protocol>,
-    ports: Option<(u16, u16)>,
-    rule: u32,
-) -> AllowEntry {
-    AllowEntry {
-        peer,
-        protocol,
-        ports: ports.map(|(start, end)| PortRange { start, end }),
-        rule,
-    }
+fn allow(peer: u32, protocol: Option<Protocol>, ports: Option<(u16, u16)>, rule: u32) -> AllowEntry {
+    AllowEntry { peer, protocol, ports: ports.map(|(start, end)| PortRange { start, end }), rule }
 }
 
 /// `lo` is the endpoint `default/backend`, isolated for ingress.
@@ -66,10 +53,7 @@ fn backend_state(ingress: Vec<AllowEntry>) -> CompiledState {
             name: "default/backend".into(),
             interface: "lo".into(),
             identity: 400,
-            ingress: DirectionPolicy {
-                isolated: true,
-                allow: ingress,
-            },
+            ingress: DirectionPolicy { isolated: true, allow: ingress },
             egress: DirectionPolicy::default(),
         }],
     }
@@ -89,16 +73,12 @@ fn with_datapath(
     state: CompiledState,
     body: impl FnOnce(&mut Datapath, &mut dyn FnMut() -> Vec<FlowEvent>) + Send + 'static,
 ) {
-    let ns =
-        Netns::create(format!("pc{}-testrun-{}", std::process::id(), unique())).expect("netns");
+    let ns = Netns::create(format!("pc{}-testrun-{}", std::process::id(), unique())).expect("netns");
     let pins = PinDir::new();
     let pin_dir = pins.path.clone();
     ns.run(move || {
-        let mut dp = Datapath::load(&DatapathConfig {
-            pin_dir,
-            ..Default::default()
-        })
-        .expect("load datapath");
+        let mut dp =
+            Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).expect("load datapath");
         let report = dp.apply(&state);
         assert!(report.errors.is_empty(), "apply: {:?}", report.errors);
         let mut ring = dp.take_flows().expect("flow ring");
@@ -126,56 +106,25 @@ fn ingress(dp: &Datapath, frame: Frame) -> i32 {
 fn identity_protocol_and_port_decide_ingress() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let (fe, backend, world) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("192.0.2.9"));
-        assert_eq!(
-            ingress(dp, Frame::tcp(fe, backend, 80)),
-            TC_ACT_OK,
-            "frontend TCP/80 is allowed"
-        );
-        assert_eq!(
-            ingress(dp, Frame::tcp(fe, backend, 81)),
-            TC_ACT_SHOT,
-            "only port 80"
-        );
-        assert_eq!(
-            ingress(dp, Frame::tcp(world, backend, 80)),
-            TC_ACT_SHOT,
-            "world is not frontend"
-        );
-        assert_eq!(
-            ingress(dp, Frame::udp(fe, backend, 80)),
-            TC_ACT_SHOT,
-            "a TCP rule never allows UDP"
-        );
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK, "frontend TCP/80 is allowed");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT, "only port 80");
+        assert_eq!(ingress(dp, Frame::tcp(world, backend, 80)), TC_ACT_SHOT, "world is not frontend");
+        assert_eq!(ingress(dp, Frame::udp(fe, backend, 80)), TC_ACT_SHOT, "a TCP rule never allows UDP");
         assert_eq!(
             ingress(dp, Frame::new(fe, backend, packets::SCTP, 80)),
             TC_ACT_SHOT,
             "a TCP rule never allows SCTP"
         );
-        assert_eq!(
-            ingress(dp, Frame::udp(world, backend, 53)),
-            TC_ACT_OK,
-            "UDP/53 from any peer"
-        );
-        assert_eq!(
-            ingress(dp, Frame::tcp(world, backend, 53)),
-            TC_ACT_SHOT,
-            "but not TCP/53"
-        );
-        assert_eq!(
-            ingress(dp, Frame::icmp(fe, backend, 8)),
-            TC_ACT_SHOT,
-            "port rules never allow ICMP"
-        );
+        assert_eq!(ingress(dp, Frame::udp(world, backend, 53)), TC_ACT_OK, "UDP/53 from any peer");
+        assert_eq!(ingress(dp, Frame::tcp(world, backend, 53)), TC_ACT_SHOT, "but not TCP/53");
+        assert_eq!(ingress(dp, Frame::icmp(fe, backend, 8)), TC_ACT_SHOT, "port rules never allow ICMP");
         let monitor = ip("10.0.0.4");
         assert_eq!(
             ingress(dp, Frame::icmp(monitor, backend, 8)),
             TC_ACT_OK,
             "a rule without ports allows ICMP"
         );
-        assert_eq!(
-            ingress(dp, Frame::new(monitor, backend, packets::SCTP, 9)),
-            TC_ACT_OK
-        );
+        assert_eq!(ingress(dp, Frame::new(monitor, backend, packets::SCTP, 9)), TC_ACT_OK);
     });
 }
 
@@ -190,11 +139,7 @@ fn port_ranges_match_exactly_their_bounds() {
             (8999, TC_ACT_OK),
             (9000, TC_ACT_SHOT),
         ] {
-            assert_eq!(
-                ingress(dp, Frame::tcp(admin, backend, port)),
-                want,
-                "admin TCP/{port}"
-            );
+            assert_eq!(ingress(dp, Frame::tcp(admin, backend, port)), want, "admin TCP/{port}");
         }
     });
 }
@@ -205,20 +150,11 @@ fn ipv6_is_judged_like_ipv4() {
         let (fe, backend) = (ip("fd00::1"), ip("fd00::2"));
         assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK);
         assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT);
-        assert_eq!(
-            ingress(dp, Frame::tcp(ip("fd00::99"), backend, 80)),
-            TC_ACT_SHOT
-        );
+        assert_eq!(ingress(dp, Frame::tcp(ip("fd00::99"), backend, 80)), TC_ACT_SHOT);
         // Extension headers before TCP: the port is still found.
-        let with_ext = Frame {
-            v6_ext: vec![0, 60],
-            ..Frame::tcp(fe, backend, 80)
-        };
+        let with_ext = Frame { v6_ext: vec![0, 60], ..Frame::tcp(fe, backend, 80) };
         assert_eq!(ingress(dp, with_ext), TC_ACT_OK);
-        let with_ext = Frame {
-            v6_ext: vec![0, 60],
-            ..Frame::tcp(fe, backend, 81)
-        };
+        let with_ext = Frame { v6_ext: vec![0, 60], ..Frame::tcp(fe, backend, 81) };
         assert_eq!(ingress(dp, with_ext), TC_ACT_SHOT);
     });
 }
@@ -227,26 +163,14 @@ fn ipv6_is_judged_like_ipv4() {
 fn neighbour_discovery_arp_and_node_always_pass() {
     with_datapath(backend_state(vec![]), |dp, events| {
         let frame = arp();
-        assert_eq!(
-            dp.test_run(Hook::ToContainer, &frame).expect("run"),
-            TC_ACT_OK,
-            "ARP"
-        );
+        assert_eq!(dp.test_run(Hook::ToContainer, &frame).expect("run"), TC_ACT_OK, "ARP");
         for ty in 133..=137 {
             let nd = Frame::icmp(ip("fe80::1"), ip("fd00::2"), ty);
             assert_eq!(ingress(dp, nd), TC_ACT_OK, "ICMPv6 type {ty}");
         }
         let echo = Frame::icmp(ip("fe80::1"), ip("fd00::2"), 128);
-        assert_eq!(
-            ingress(dp, echo),
-            TC_ACT_SHOT,
-            "echo is not neighbour discovery"
-        );
-        assert_eq!(
-            ingress(dp, Frame::tcp(ip("10.0.0.254"), ip("10.0.0.2"), 10250)),
-            TC_ACT_OK,
-            "node"
-        );
+        assert_eq!(ingress(dp, echo), TC_ACT_SHOT, "echo is not neighbour discovery");
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.254"), ip("10.0.0.2"), 10250)), TC_ACT_OK, "node");
         let drops = events();
         assert_eq!(drops.len(), 1, "one drop event: {drops:?}");
     });
@@ -255,16 +179,10 @@ fn neighbour_discovery_arp_and_node_always_pass() {
 #[test]
 fn truncated_headers_are_dropped_as_malformed() {
     with_datapath(backend_state(default_rules()), |dp, events| {
-        let short = Frame {
-            truncate: Some(14 + 20 + 2),
-            ..Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80)
-        };
+        let short = Frame { truncate: Some(14 + 20 + 2), ..Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80) };
         assert_eq!(ingress(dp, short), TC_ACT_SHOT);
         // The kernel refuses to run on an incomplete IPv6 header; cut in TCP.
-        let short6 = Frame {
-            truncate: Some(14 + 40 + 4),
-            ..Frame::tcp(ip("fd00::1"), ip("fd00::2"), 80)
-        };
+        let short6 = Frame { truncate: Some(14 + 40 + 4), ..Frame::tcp(ip("fd00::1"), ip("fd00::2"), 80) };
         assert_eq!(ingress(dp, short6), TC_ACT_SHOT);
         let ev = events();
         assert_eq!(ev.len(), 2, "{ev:?}");
@@ -275,20 +193,9 @@ fn truncated_headers_are_dropped_as_malformed() {
 #[test]
 fn later_fragments_match_only_rules_without_ports() {
     with_datapath(backend_state(default_rules()), |dp, _| {
-        let frag = |src: &str| Frame {
-            frag_offset: 185,
-            ..Frame::tcp(ip(src), ip("10.0.0.2"), 80)
-        };
-        assert_eq!(
-            ingress(dp, frag("10.0.0.1")),
-            TC_ACT_SHOT,
-            "port rule, no ports to match"
-        );
-        assert_eq!(
-            ingress(dp, frag("10.0.0.4")),
-            TC_ACT_OK,
-            "rule without ports"
-        );
+        let frag = |src: &str| Frame { frag_offset: 185, ..Frame::tcp(ip(src), ip("10.0.0.2"), 80) };
+        assert_eq!(ingress(dp, frag("10.0.0.1")), TC_ACT_SHOT, "port rule, no ports to match");
+        assert_eq!(ingress(dp, frag("10.0.0.4")), TC_ACT_OK, "rule without ports");
     });
 }
 
@@ -296,41 +203,25 @@ fn later_fragments_match_only_rules_without_ports() {
 fn unisolated_direction_and_unknown_interfaces_pass() {
     with_datapath(backend_state(vec![]), |dp, _| {
         let out = Frame::tcp(ip("10.0.0.2"), ip("192.0.2.1"), 443);
-        assert_eq!(
-            verdict(dp, Hook::FromContainer, &out),
-            TC_ACT_OK,
-            "egress is not isolated"
-        );
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_ACT_OK, "egress is not isolated");
     });
     // No endpoint for lo at all: not ours to judge.
     let mut state = backend_state(vec![]);
     state.endpoints.clear();
     with_datapath(state, |dp, _| {
-        assert_eq!(
-            ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)),
-            TC_ACT_OK
-        );
+        assert_eq!(ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)), TC_ACT_OK);
     });
 }
 
 #[test]
 fn drop_events_carry_the_tuple_and_reason() {
     with_datapath(backend_state(default_rules()), |dp, events| {
-        assert_eq!(
-            ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 81)),
-            TC_ACT_SHOT
-        );
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 81)), TC_ACT_SHOT);
         let ev = events();
         assert_eq!(ev.len(), 1, "{ev:?}");
         let e = ev[0];
-        assert_eq!(
-            (e.verdict, e.reason, e.direction),
-            (VERDICT_DROPPED, reason::POLICY_DENIED, DIR_INGRESS)
-        );
-        assert_eq!(
-            (e.endpoint_id, e.remote_identity, e.protocol),
-            (1, FRONTEND, packets::TCP)
-        );
+        assert_eq!((e.verdict, e.reason, e.direction), (VERDICT_DROPPED, reason::POLICY_DENIED, DIR_INGRESS));
+        assert_eq!((e.endpoint_id, e.remote_identity, e.protocol), (1, FRONTEND, packets::TCP));
         assert_eq!((e.src_port, e.dst_port, e.tcp_flags), (40000, 81, 0x02));
         assert_eq!(&e.src_addr[..4], &[10, 0, 0, 1]);
         assert_eq!(&e.dst_addr[..4], &[10, 0, 0, 2]);
@@ -345,22 +236,13 @@ fn a_new_state_replaces_the_old_one_whole() {
         assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK);
         // Revoke frontend, open admin on 22 only. New flows (new source
         // ports): cutting tracked flows on revocation is conntrack's job.
-        let new_flow = |f: Frame| Frame {
-            src_port: 50000,
-            ..f
-        };
+        let new_flow = |f: Frame| Frame { src_port: 50000, ..f };
         let mut next = backend_state(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)]);
         next.revision = 2;
         let report = dp.apply(&next);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert_eq!(
-            report.policy_entries, 1,
-            "the old generation's entries are gone"
-        );
-        assert_eq!(
-            ingress(dp, new_flow(Frame::tcp(fe, backend, 80))),
-            TC_ACT_SHOT
-        );
+        assert_eq!(report.policy_entries, 1, "the old generation's entries are gone");
+        assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 8000)), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 22)), TC_ACT_OK);
         // Dropping the endpoint from the state stops enforcement on it.
@@ -369,10 +251,7 @@ fn a_new_state_replaces_the_old_one_whole() {
         gone.revision = 3;
         let report = dp.apply(&gone);
         assert_eq!(report.endpoints_removed, 1);
-        assert_eq!(
-            ingress(dp, new_flow(Frame::tcp(fe, backend, 80))),
-            TC_ACT_OK
-        );
+        assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_ACT_OK);
     });
 }
 
@@ -383,20 +262,10 @@ fn an_endpoint_whose_update_fails_keeps_its_last_good_policy() {
         bad.revision = 2;
         let report = dp.apply(&bad);
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
-        assert!(
-            report.errors[0].contains("default/backend"),
-            "names the endpoint: {}",
-            report.errors[0]
-        );
-        let fresh = Frame {
-            src_port: 50001,
-            ..Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80)
-        };
+        assert!(report.errors[0].contains("default/backend"), "names the endpoint: {}", report.errors[0]);
+        let fresh = Frame { src_port: 50001, ..Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80) };
         assert_eq!(ingress(dp, fresh), TC_ACT_OK, "old rules hold");
-        assert_eq!(
-            ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 81)),
-            TC_ACT_SHOT
-        );
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 81)), TC_ACT_SHOT);
     });
 }
 
@@ -406,53 +275,20 @@ fn replies_of_tracked_flows_pass_without_policy() {
     // still get their replies.
     with_datapath(backend_state(vec![]), |dp, _| {
         let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
-        let out = Frame {
-            src_port: 43000,
-            ..Frame::tcp(me, peer, 443)
-        };
-        assert_eq!(
-            verdict(dp, Hook::FromContainer, &out),
-            TC_ACT_OK,
-            "egress is open"
-        );
-        let reply = Frame {
-            src_port: 443,
-            ..Frame::tcp(peer, me, 43000)
-        };
-        assert_eq!(
-            ingress(dp, reply.clone()),
-            TC_ACT_OK,
-            "reply of a tracked flow"
-        );
-        let stranger = Frame {
-            src_port: 443,
-            ..Frame::tcp(peer, me, 43001)
-        };
-        assert_eq!(
-            ingress(dp, stranger),
-            TC_ACT_SHOT,
-            "same peer, untracked port"
-        );
+        let out = Frame { src_port: 43000, ..Frame::tcp(me, peer, 443) };
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_ACT_OK, "egress is open");
+        let reply = Frame { src_port: 443, ..Frame::tcp(peer, me, 43000) };
+        assert_eq!(ingress(dp, reply.clone()), TC_ACT_OK, "reply of a tracked flow");
+        let stranger = Frame { src_port: 443, ..Frame::tcp(peer, me, 43001) };
+        assert_eq!(ingress(dp, stranger), TC_ACT_SHOT, "same peer, untracked port");
         // ICMP echo: the identifier ties the reply to the request.
         let mut ping = Frame::icmp(me, peer, 8);
         ping.src_port = 7;
         ping.dst_port = 7;
         assert_eq!(verdict(dp, Hook::FromContainer, &ping), TC_ACT_OK);
-        let pong = Frame {
-            src_port: 7,
-            dst_port: 7,
-            ..Frame::icmp(peer, me, 0)
-        };
+        let pong = Frame { src_port: 7, dst_port: 7, ..Frame::icmp(peer, me, 0) };
         assert_eq!(ingress(dp, pong), TC_ACT_OK, "echo reply");
-        let other_pong = Frame {
-            src_port: 8,
-            dst_port: 8,
-            ..Frame::icmp(peer, me, 0)
-        };
-        assert_eq!(
-            ingress(dp, other_pong),
-            TC_ACT_SHOT,
-            "reply to nothing we sent"
-        );
+        let other_pong = Frame { src_port: 8, dst_port: 8, ..Frame::icmp(peer, me, 0) };
+        assert_eq!(ingress(dp, other_pong), TC_ACT_SHOT, "reply to nothing we sent");
     });
 }

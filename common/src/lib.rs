@@ -93,19 +93,11 @@ impl IpKey {
         a[1] = addr[1];
         a[2] = addr[2];
         a[3] = addr[3];
-        IpKey {
-            family: AF_INET,
-            _pad: [0; 3],
-            addr: a,
-        }
+        IpKey { family: AF_INET, _pad: [0; 3], addr: a }
     }
 
     pub const fn v6(addr: [u8; 16]) -> Self {
-        IpKey {
-            family: AF_INET6,
-            _pad: [0; 3],
-            addr,
-        }
+        IpKey { family: AF_INET6, _pad: [0; 3], addr }
     }
 }
 

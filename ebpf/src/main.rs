@@ -19,9 +19,9 @@ mod datapath {
         programs::TcContext,
     };
     use portcullis_common::{
-        CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
-        EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_OK,
-        TC_ACT_SHOT, VERDICT_DROPPED, identity, map_sizes, reason,
+        CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo,
+        FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_OK, TC_ACT_SHOT, VERDICT_DROPPED,
+        identity, map_sizes, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse};
@@ -67,11 +67,7 @@ mod datapath {
             return TC_ACT_OK;
         };
         let ep = *ep;
-        let isolation = if direction == DIR_INGRESS {
-            EP_ISOLATED_INGRESS
-        } else {
-            EP_ISOLATED_EGRESS
-        };
+        let isolation = if direction == DIR_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
         let isolated = ep.flags & isolation != 0;
 
         let pkt = match parse(ctx) {
@@ -100,11 +96,7 @@ mod datapath {
 
         let mut rule_cookie = 0;
         if isolated {
-            let remote = if direction == DIR_INGRESS {
-                &pkt.src
-            } else {
-                &pkt.dst
-            };
+            let remote = if direction == DIR_INGRESS { &pkt.src } else { &pkt.dst };
             let remote_identity = lookup_identity(pkt.family, remote);
             // The node may always reach its pods (kubelet probes).
             if !(direction == DIR_INGRESS && remote_identity == identity::HOST) {
@@ -172,17 +164,8 @@ mod datapath {
     #[inline(always)]
     fn lookup_identity(family: u8, addr: &[u8; 16]) -> u32 {
         let key = Key::new(
-            IpKey::HEADER_BITS
-                + if family == portcullis_common::AF_INET {
-                    32
-                } else {
-                    128
-                },
-            IpKey {
-                family,
-                _pad: [0; 3],
-                addr: *addr,
-            },
+            IpKey::HEADER_BITS + if family == portcullis_common::AF_INET { 32 } else { 128 },
+            IpKey { family, _pad: [0; 3], addr: *addr },
         );
         PC_IPCACHE.get(&key).copied().unwrap_or(identity::WORLD)
     }
@@ -216,13 +199,7 @@ mod datapath {
     }
 
     #[inline(always)]
-    fn drop_unparsed(
-        ctx: &TcContext,
-        ep: &EndpointInfo,
-        ifindex: u32,
-        direction: u8,
-        why: u8,
-    ) -> i32 {
+    fn drop_unparsed(ctx: &TcContext, ep: &EndpointInfo, ifindex: u32, direction: u8, why: u8) -> i32 {
         emit_drop(ctx, ep, ifindex, direction, identity::WORLD, why, None);
         TC_ACT_SHOT
     }

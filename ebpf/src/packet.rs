@@ -113,11 +113,8 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
                     return Parsed::Malformed;
                 };
                 next = hdr[0];
-                off += if next == NEXTHDR_AUTH {
-                    (hdr[1] as usize + 2) * 4
-                } else {
-                    (hdr[1] as usize + 1) * 8
-                };
+                off +=
+                    if next == NEXTHDR_AUTH { (hdr[1] as usize + 2) * 4 } else { (hdr[1] as usize + 1) * 8 };
             }
             NEXTHDR_FRAGMENT => {
                 let Some(hdr) = load::<[u8; 4]>(ctx, off) else {
@@ -132,10 +129,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
             _ => break,
         }
     }
-    if matches!(
-        next,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
-    ) {
+    if matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT) {
         // More extension headers than we walk: cannot find the ports.
         return Parsed::Malformed;
     }

@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod agent;
 pub mod packets;
 
 /// The node's own addresses (on the node namespace's loopback).
@@ -33,16 +34,9 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -72,32 +66,17 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        )?;
+        sh("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")])?;
         Ok(())
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace; sockets and
     /// netlink calls made there belong to it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        self.spawn(f)?
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
     }
 
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<JoinHandle<T>> {
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>> {
         let file = File::open(format!("/run/netns/{}", self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -105,11 +84,7 @@ impl Netns {
             // SAFETY: valid fd; this thread never returns to a pool.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             let ok = rc == 0;
-            let _ = tx.send(if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            });
+            let _ = tx.send(if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) });
             if !ok {
                 // Never run `f` in the wrong namespace.
                 std::process::abort();
@@ -125,9 +100,7 @@ impl Netns {
     /// made there are the machine's.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name))
-            .arg("--")
-            .arg(program);
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
         c
     }
 }
@@ -160,31 +133,14 @@ pub struct Bed {
 
 impl Bed {
     pub fn new() -> Result<Bed> {
-        let id = format!(
-            "pc{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("pc{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let node = Netns::create(format!("{id}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         // The node's addresses live on its loopback (no dummy driver needed).
         node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
-        node.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{NODE_IPV6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])?;
-        Ok(Bed {
-            id,
-            servers: Vec::new(),
-            pods: Vec::new(),
-            node,
-        })
+        node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo", "nodad"])?;
+        Ok(Bed { id, servers: Vec::new(), pods: Vec::new(), node })
     }
 
     /// Adds a pod with the next free addresses (10.244.0.N, fd00:10::N).
@@ -209,81 +165,27 @@ impl Bed {
 
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"])?;
-        netns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{ipv6}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        netns.ip(&[
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        netns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ])?;
+        netns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+        netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
 
         self.node.ip(&["link", "set", &host_if, "up"])?;
         // Every host-side veth answers for the pods' gateway (as Calico's
         // 169.254.1.1); the node talks to pods from its own address.
-        self.node
-            .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if])?;
-        self.node
-            .ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+        self.node.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if])?;
+        self.node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
         let (src4, src6) = (NODE_IPV4.to_string(), NODE_IPV6.to_string());
-        self.node.ip(&[
-            "route",
-            "add",
-            &format!("{ipv4}/32"),
-            "dev",
-            &host_if,
-            "src",
-            &src4,
-        ])?;
-        self.node.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{ipv6}/128"),
-            "dev",
-            &host_if,
-            "src",
-            &src6,
-        ])?;
+        self.node.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &host_if, "src", &src4])?;
+        self.node.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_if, "src", &src6])?;
         // The pod routes IPv6 through fe80::1 on its eth0.
-        netns.ip(&[
-            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ])?;
+        netns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
 
-        self.pods.push(Pod {
-            name: name.to_string(),
-            netns,
-            host_if,
-            ipv4,
-            ipv6,
-        });
+        self.pods.push(Pod { name: name.to_string(), netns, host_if, ipv4, ipv6 });
         Ok(self.pods.last().expect("just pushed"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Starts TCP and UDP echo servers on `port` (both families) in a pod.
@@ -305,9 +207,8 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
         // Bind in the namespace, serve on threads that live there too.
-        let (tcp, udp) = netns.run(move || -> std::io::Result<_> {
-            Ok((TcpListener::bind(any)?, UdpSocket::bind(any)?))
-        })??;
+        let (tcp, udp) = netns
+            .run(move || -> std::io::Result<_> { Ok((TcpListener::bind(any)?, UdpSocket::bind(any)?)) })??;
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
 
@@ -332,10 +233,7 @@ impl Server {
                 }
             }
         });
-        Ok(Server {
-            stop,
-            threads: vec![t1, t2],
-        })
+        Ok(Server { stop, threads: vec![t1, t2] })
     }
 }
 

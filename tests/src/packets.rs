@@ -54,10 +54,7 @@ impl Frame {
 
     pub fn icmp(src: IpAddr, dst: IpAddr, icmp_type: u8) -> Frame {
         let protocol = if src.is_ipv4() { ICMP } else { ICMPV6 };
-        Frame {
-            icmp_type,
-            ..Frame::new(src, dst, protocol, 0)
-        }
+        Frame { icmp_type, ..Frame::new(src, dst, protocol, 0) }
     }
 
     fn l4(&self) -> Vec<u8> {

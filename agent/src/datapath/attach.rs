@@ -33,28 +33,21 @@ impl Datapath {
             Hook::FromContainer => "from",
             Hook::ToContainer => "to",
         };
-        self.pin_dir
-            .join("links")
-            .join(format!("if{ifindex}-{side}"))
+        self.pin_dir.join("links").join(format!("if{ifindex}-{side}"))
     }
 
     /// Attaches both hooks to `interface` (in the caller's network namespace)
     /// and returns its ifindex.
     pub fn attach(&mut self, interface: &str) -> Result<u32, AttachError> {
-        let ifindex =
-            ifindex(interface).ok_or_else(|| AttachError::NoInterface(interface.into()))?;
+        let ifindex = ifindex(interface).ok_or_else(|| AttachError::NoInterface(interface.into()))?;
         let links = self.pin_dir.join("links");
-        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir {
-            path: links,
-            source,
-        })?;
+        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
         for hook in [Hook::FromContainer, Hook::ToContainer] {
-            self.attach_hook(interface, ifindex, hook)
-                .map_err(|source| AttachError::Attach {
-                    interface: interface.into(),
-                    hook,
-                    source,
-                })?;
+            self.attach_hook(interface, ifindex, hook).map_err(|source| AttachError::Attach {
+                interface: interface.into(),
+                hook,
+                source,
+            })?;
         }
         Ok(ifindex)
     }

@@ -12,9 +12,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use portcullis_common::{
-    EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
-};
+use portcullis_common::{EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names};
 
 pub use attach::AttachError;
 pub use writer::WriteError;
@@ -84,10 +82,7 @@ pub struct DatapathConfig {
 
 impl Default for DatapathConfig {
     fn default() -> Self {
-        DatapathConfig {
-            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
-            map_sizes: MapSizes::default(),
-        }
+        DatapathConfig { pin_dir: PathBuf::from(DEFAULT_PIN_DIR), map_sizes: MapSizes::default() }
     }
 }
 
@@ -127,10 +122,8 @@ impl Datapath {
     /// Loads the programs and opens (or creates) the pinned maps.
     pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
         ensure_bpffs(&config.pin_dir)?;
-        std::fs::create_dir_all(&config.pin_dir).map_err(|source| DatapathError::PinDir {
-            path: config.pin_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&config.pin_dir)
+            .map_err(|source| DatapathError::PinDir { path: config.pin_dir.clone(), source })?;
         if !is_bpffs(&config.pin_dir) {
             return Err(DatapathError::NoBpffs(config.pin_dir.clone()));
         }
@@ -144,9 +137,7 @@ impl Datapath {
             .map_max_entries(map_names::CT, sizes.conntrack)
             .load(OBJECT)?;
         for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         let maps = Maps {
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
@@ -154,13 +145,7 @@ impl Datapath {
             policy: take_map(&mut ebpf, map_names::POLICY)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
-        Ok(Datapath {
-            ebpf,
-            pin_dir: config.pin_dir.clone(),
-            maps,
-            flows,
-            loaded: Default::default(),
-        })
+        Ok(Datapath { ebpf, pin_dir: config.pin_dir.clone(), maps, flows, loaded: Default::default() })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -180,31 +165,19 @@ impl Datapath {
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
+            .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
         let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                ..Default::default()
-            })
+            .test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })
             .map_err(|source| DatapathError::Program { name, source })?;
         Ok(result.return_value as i32)
     }
 }
 
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, DatapathError> {
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
+        .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }
@@ -230,15 +203,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     let c = |s: &str| std::ffi::CString::new(s).expect("static string");
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(DatapathError::PinDir {
             path: root.to_path_buf(),

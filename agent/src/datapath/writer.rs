@@ -6,15 +6,15 @@
 //! rolls the new generation back and leaves the last good policy enforced.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
 };
 
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use portcullis_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey,
-    PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey, PolicyKey,
+    PolicyValue,
 };
 
 use super::{Datapath, attach::ifindex};
@@ -30,7 +30,7 @@ pub enum WriteError {
     Attach {
         endpoint: String,
         #[source]
-        source: super::AttachError,
+        source: Box<super::AttachError>,
     },
     #[error("writing map {map} (full? see its size setting)")]
     Map {
@@ -71,40 +71,27 @@ impl Datapath {
     pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
         let mut report = ApplyReport::default();
 
-        let desired_ipcache: BTreeMap<(u32, IpKey), u32> = state
-            .ipcache
-            .iter()
-            .map(|e| (ipcache_key(&e.cidr), e.identity))
-            .collect();
+        let desired_ipcache: BTreeMap<(u32, IpKey), u32> =
+            state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
         // Addresses first, so new policy never meets an unknown peer.
         for (&(prefix, key), &identity) in &desired_ipcache {
             if self.loaded.ipcache.get(&(prefix, key)) == Some(&identity) {
                 continue;
             }
-            match self
-                .maps
-                .ipcache
-                .insert(&Key::new(prefix, key), identity, 0)
-            {
+            match self.maps.ipcache.insert(&Key::new(prefix, key), identity, 0) {
                 Ok(()) => {
                     self.loaded.ipcache.insert((prefix, key), identity);
                 }
-                Err(source) => report.errors.push(
-                    WriteError::Map {
-                        map: "ipcache",
-                        source,
-                    }
-                    .to_string(),
-                ),
+                Err(source) => report.errors.push(WriteError::Map { map: "ipcache", source }.to_string()),
             }
         }
 
-        let mut present = HashMap::new();
+        let mut present = HashSet::new();
         for ep in &state.endpoints {
             match self.apply_endpoint(ep) {
                 Ok(Some(ifindex)) => {
                     report.endpoints_written += 1;
-                    present.insert(ifindex, ());
+                    present.insert(ifindex);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -113,40 +100,24 @@ impl Datapath {
                 }
             }
             if let Some(idx) = ifindex(&ep.interface) {
-                present.insert(idx, ());
+                present.insert(idx);
             }
         }
 
-        let gone: Vec<u32> = self
-            .loaded
-            .endpoints
-            .keys()
-            .copied()
-            .filter(|i| !present.contains_key(i))
-            .collect();
+        let gone: Vec<u32> = self.loaded.endpoints.keys().copied().filter(|i| !present.contains(i)).collect();
         for idx in gone {
             self.remove_endpoint(idx);
             report.endpoints_removed += 1;
         }
 
-        let stale: Vec<(u32, IpKey)> = self
-            .loaded
-            .ipcache
-            .keys()
-            .copied()
-            .filter(|k| !desired_ipcache.contains_key(k))
-            .collect();
+        let stale: Vec<(u32, IpKey)> =
+            self.loaded.ipcache.keys().copied().filter(|k| !desired_ipcache.contains_key(k)).collect();
         for k in stale {
             let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
             self.loaded.ipcache.remove(&k);
         }
 
-        report.policy_entries = self
-            .loaded
-            .endpoints
-            .values()
-            .map(|e| e.entries.len())
-            .sum();
+        report.policy_entries = self.loaded.endpoints.values().map(|e| e.entries.len()).sum();
         report.ipcache_entries = self.loaded.ipcache.len();
         report
     }
@@ -182,31 +153,16 @@ impl Datapath {
             return Ok(None);
         }
         let generation = previous.map_or(0, |p| p.info.generation ^ 1);
-        let info = EndpointInfo {
-            endpoint_id: ep.id,
-            generation,
-            _pad: 0,
-            flags,
-        };
+        let info = EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags };
 
         let mut written = Vec::with_capacity(entries.len());
         for (&(prefix, key), value) in &entries {
-            let key = Key::new(
-                prefix,
-                PolicyKey {
-                    endpoint_id: ep.id,
-                    generation,
-                    ..key
-                },
-            );
+            let key = Key::new(prefix, PolicyKey { endpoint_id: ep.id, generation, ..key });
             if let Err(source) = self.maps.policy.insert(&key, value, 0) {
                 for k in &written {
                     let _ = self.maps.policy.remove(k);
                 }
-                return Err(WriteError::Map {
-                    map: "policy",
-                    source,
-                });
+                return Err(WriteError::Map { map: "policy", source });
             }
             written.push(key);
         }
@@ -215,26 +171,18 @@ impl Datapath {
             for k in &written {
                 let _ = self.maps.policy.remove(k);
             }
-            return Err(WriteError::Map {
-                map: "endpoints",
-                source,
-            });
+            return Err(WriteError::Map { map: "endpoints", source });
         }
         let first_time = previous.is_none();
-        if let Some(prev) = self
-            .loaded
-            .endpoints
-            .insert(idx, LoadedEndpoint { info, entries })
-        {
+        if let Some(prev) = self.loaded.endpoints.insert(idx, LoadedEndpoint { info, entries }) {
             self.remove_entries(&prev);
         }
         if first_time {
             // Policy is in place before the programs see a packet.
-            self.attach(&ep.interface)
-                .map_err(|source| WriteError::Attach {
-                    endpoint: ep.name.clone(),
-                    source,
-                })?;
+            self.attach(&ep.interface).map_err(|source| WriteError::Attach {
+                endpoint: ep.name.clone(),
+                source: Box::new(source),
+            })?;
         }
         Ok(Some(idx))
     }
@@ -251,11 +199,7 @@ impl Datapath {
 
     fn remove_entries(&mut self, ep: &LoadedEndpoint) {
         for &(prefix, key) in ep.entries.keys() {
-            let key = PolicyKey {
-                endpoint_id: ep.info.endpoint_id,
-                generation: ep.info.generation,
-                ..key
-            };
+            let key = PolicyKey { endpoint_id: ep.info.endpoint_id, generation: ep.info.generation, ..key };
             let _ = self.maps.policy.remove(&Key::new(prefix, key));
         }
     }
@@ -286,19 +230,9 @@ fn add_direction(
     policy: &DirectionPolicy,
 ) -> Result<(), WriteError> {
     for entry in &policy.allow {
-        let AllowEntry {
-            peer,
-            protocol,
-            ports,
-            rule,
-        } = *entry;
-        let base = PolicyKey {
-            endpoint_id: 0,
-            generation: 0,
-            direction,
-            identity: peer,
-            ..Default::default()
-        };
+        let AllowEntry { peer, protocol, ports, rule } = *entry;
+        let base =
+            PolicyKey { endpoint_id: 0, generation: 0, direction, identity: peer, ..Default::default() };
         let value = PolicyValue { rule_cookie: rule };
         let mut put = |prefix: u32, key: PolicyKey| {
             out.entry((prefix, key)).or_insert(value);
@@ -311,13 +245,7 @@ fn add_direction(
                     why: format!("allow entry for peer {peer} has ports but no protocol"),
                 });
             }
-            (Some(p), None) => put(
-                PolicyKey::PREFIX_ANY_PORT,
-                PolicyKey {
-                    protocol: p.number(),
-                    ..base
-                },
-            ),
+            (Some(p), None) => put(PolicyKey::PREFIX_ANY_PORT, PolicyKey { protocol: p.number(), ..base }),
             (Some(p), Some(range)) => {
                 if range.end < range.start {
                     return Err(WriteError::Invalid {
@@ -326,11 +254,7 @@ fn add_direction(
                     });
                 }
                 for pp in range.prefixes() {
-                    let key = PolicyKey {
-                        protocol: p.number(),
-                        port: pp.port.to_be_bytes(),
-                        ..base
-                    };
+                    let key = PolicyKey { protocol: p.number(), port: pp.port.to_be_bytes(), ..base };
                     put(PolicyKey::port_prefix(pp.bits), key);
                 }
             }
