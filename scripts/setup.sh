@@ -6,8 +6,9 @@ set -euo pipefail
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/portcullis"
 bpf_linker_version=0.13.0
-apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 iptables
-  netcat-openbsd socat ethtool)
+# rustc-web ships the prebuilt core for bpfel-unknown-none; iproute2, procps and
+# util-linux (nsenter) make the lab's and tests' network namespaces.
+apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 procps util-linux)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -16,23 +17,22 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+apt_updated=
+apt_install() {
+  log "apt: installing $*"
+  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 missing=()
-for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+for p in "${apt_packages[@]}"; do installed "$p" || missing+=("$p"); done
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # The eBPF crate is compiled by Debian's rustc; bpf-linker must use its LLVM.
 llvm_major=$(/usr/bin/rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm_major" ] || { log "cannot read the LLVM version of /usr/bin/rustc"; exit 1; }
-if ! dpkg-query -W -f='${Status}' "llvm-${llvm_major}-dev" 2>/dev/null | grep -q 'install ok installed'; then
-  log "apt: installing llvm-${llvm_major}-dev"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "llvm-${llvm_major}-dev" >/dev/null
-fi
+installed "llvm-${llvm_major}-dev" || apt_install "llvm-${llvm_major}-dev"
 
 linker_root="$cache/bpf-linker-${bpf_linker_version}-llvm${llvm_major}"
 if [ ! -x "$linker_root/bin/bpf-linker" ]; then
