@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use portcullis_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Serialize};
+
+pub use crate::model::{PortRange, Protocol};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,9 +53,25 @@ pub struct EndpointState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectionPolicy {
-    /// Some policy of this direction selects the endpoint: only `allow` passes.
+    /// Some policy of this direction selects the endpoint: only what `allow`
+    /// or `prefixes` admit passes.
     #[serde(default)]
     pub isolated: bool,
+    /// By the remote's identity.
+    #[serde(default)]
+    pub allow: Vec<AllowEntry>,
+    /// By the remote's address: the longest prefix containing it decides
+    /// (ipBlocks with their excepts, and per-address named-port entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<PrefixEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixEntry {
+    pub cidr: IpNet,
+    /// What addresses under this prefix (and no longer one) may use; `peer`
+    /// is 0 in each. Empty: nothing (an `except` hole).
     #[serde(default)]
     pub allow: Vec<AllowEntry>,
 }
@@ -76,32 +93,6 @@ pub struct AllowEntry {
     pub rule: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub const fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => IPPROTO_TCP,
-            Protocol::Udp => IPPROTO_UDP,
-            Protocol::Sctp => IPPROTO_SCTP,
-        }
-    }
-}
-
-/// An inclusive port range (`port` .. `endPort`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-}
-
 /// A port prefix: the top `bits` bits of `port` (the rest are zero).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortPrefix {
@@ -116,14 +107,15 @@ impl PortPrefix {
     }
 }
 
-impl PortRange {
-    pub const fn single(port: u16) -> Self {
-        PortRange { start: port, end: port }
-    }
+/// The minimal set of aligned port prefixes that covers exactly `range`.
+pub trait PortPrefixes {
+    fn prefixes(self) -> Vec<PortPrefix>;
+}
 
+impl PortPrefixes for PortRange {
     /// The minimal set of aligned prefixes that covers exactly this range,
     /// ascending. Empty when `end < start`.
-    pub fn prefixes(self) -> Vec<PortPrefix> {
+    fn prefixes(self) -> Vec<PortPrefix> {
         let mut out = Vec::new();
         let (mut lo, hi) = (u32::from(self.start), u32::from(self.end));
         while lo <= hi {

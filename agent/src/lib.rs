@@ -5,3 +5,5 @@
 pub mod compiled;
 pub mod datapath;
 pub mod flows;
+pub mod model;
+pub mod policy;

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use portcullis_agent::{
     compiled::{
-        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
+        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, PrefixEntry,
+        Protocol,
     },
     datapath::{Datapath, DatapathConfig, Hook},
     flows::drain_ring,
@@ -53,7 +54,7 @@ fn backend_state(ingress: Vec<AllowEntry>) -> CompiledState {
             name: "default/backend".into(),
             interface: "lo".into(),
             identity: 400,
-            ingress: DirectionPolicy { isolated: true, allow: ingress },
+            ingress: DirectionPolicy { isolated: true, allow: ingress, ..Default::default() },
             egress: DirectionPolicy::default(),
         }],
     }
@@ -290,5 +291,42 @@ fn replies_of_tracked_flows_pass_without_policy() {
         assert_eq!(ingress(dp, pong), TC_ACT_OK, "echo reply");
         let other_pong = Frame { src_port: 8, dst_port: 8, ..Frame::icmp(peer, me, 0) };
         assert_eq!(ingress(dp, other_pong), TC_ACT_SHOT, "reply to nothing we sent");
+    });
+}
+
+#[test]
+fn prefixes_decide_by_longest_match_with_except_holes() {
+    // As compiled from: ipBlock 10.0.0.0/8 except 10.1.0.0/16 on TCP/80, and a
+    // second peer 10.1.2.0/24 on UDP/53; fd00::/64 on TCP/443.
+    let tcp80 = allow(0, Some(Protocol::Tcp), Some((80, 80)), 5);
+    let udp53 = allow(0, Some(Protocol::Udp), Some((53, 53)), 6);
+    let tcp443 = allow(0, Some(Protocol::Tcp), Some((443, 443)), 7);
+    let prefix =
+        |cidr: &str, allow: Vec<AllowEntry>| PrefixEntry { cidr: cidr.parse().expect("cidr"), allow };
+    let mut state = backend_state(vec![]);
+    state.endpoints[0].ingress.prefixes = vec![
+        prefix("10.0.0.0/8", vec![tcp80]),
+        prefix("10.1.0.0/16", vec![]),
+        prefix("10.1.2.0/24", vec![udp53]),
+        prefix("fd00::/64", vec![tcp443]),
+    ];
+    with_datapath(state, |dp, _| {
+        let me = ip("10.9.9.9");
+        let from = |src: &str, proto: u8, port: u16| Frame::new(ip(src), me, proto, port);
+        assert_eq!(ingress(dp, from("10.200.0.1", packets::TCP, 80)), TC_ACT_OK, "in the /8");
+        assert_eq!(ingress(dp, from("10.200.0.1", packets::TCP, 81)), TC_ACT_SHOT, "wrong port");
+        assert_eq!(ingress(dp, from("10.1.0.1", packets::TCP, 80)), TC_ACT_SHOT, "in the except");
+        assert_eq!(
+            ingress(dp, from("10.1.2.3", packets::TCP, 80)),
+            TC_ACT_SHOT,
+            "the except holds inside the /24"
+        );
+        assert_eq!(ingress(dp, from("10.1.2.3", packets::UDP, 53)), TC_ACT_OK, "the other peer's /24");
+        assert_eq!(ingress(dp, from("11.0.0.1", packets::TCP, 80)), TC_ACT_SHOT, "outside every prefix");
+        // Pod addresses are matched by prefix too: 10.0.0.1 is frontend's.
+        assert_eq!(ingress(dp, from("10.0.0.1", packets::TCP, 80)), TC_ACT_OK, "a pod in the block");
+        let v6 = Frame::tcp(ip("fd00::77"), ip("fd00:1::1"), 443);
+        assert_eq!(ingress(dp, v6), TC_ACT_OK, "IPv6 prefix");
+        assert_eq!(ingress(dp, Frame::tcp(ip("fd01::77"), ip("fd00:1::1"), 443)), TC_ACT_SHOT);
     });
 }

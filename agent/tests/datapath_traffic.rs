@@ -43,7 +43,12 @@ fn state(bed: &Bed, revision: u64, backend_ingress: Vec<AllowEntry>) -> Compiled
         endpoints: vec![
             endpoint(1, "frontend", FRONTEND, DirectionPolicy::default()),
             endpoint(2, "other", OTHER, DirectionPolicy::default()),
-            endpoint(3, "backend", BACKEND, DirectionPolicy { isolated: true, allow: backend_ingress }),
+            endpoint(
+                3,
+                "backend",
+                BACKEND,
+                DirectionPolicy { isolated: true, allow: backend_ingress, ..Default::default() },
+            ),
         ],
     }
 }

@@ -9,6 +9,7 @@ pub mod map_names {
     pub const POLICY: &str = "PC_POLICY";
     pub const FLOWS: &str = "PC_FLOWS";
     pub const CT: &str = "PC_CT";
+    pub const CIDR: &str = "PC_CIDR";
 }
 
 /// Names of the programs in the eBPF object.
@@ -27,6 +28,7 @@ pub mod map_sizes {
     /// Bytes; a power of two and a multiple of the page size.
     pub const FLOWS: u32 = 1 << 20;
     pub const CT: u32 = 262144;
+    pub const CIDR: u32 = 65536;
 }
 
 pub const TC_ACT_OK: i32 = 0;
@@ -45,6 +47,9 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     /// First identity the agent allocates for label sets.
     pub const FIRST_ALLOCATED: u32 = 256;
+    /// Prefix classes (an endpoint's CIDR trie values) live above this; they
+    /// key policy entries like identities do.
+    pub const CLASS_BASE: u32 = 0x8000_0000;
 }
 
 pub const AF_INET: u8 = 4;
@@ -130,6 +135,27 @@ impl PolicyKey {
     }
 }
 
+/// Per-endpoint CIDR trie key data: exact on `{endpoint, generation,
+/// direction, family}` (64 bits), then a prefix of the remote address. The
+/// value is a prefix class (`identity::CLASS_BASE + n`) looked up in the
+/// policy trie like an identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CidrKey {
+    pub endpoint_id: u16,
+    pub generation: u8,
+    pub direction: u8,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+impl CidrKey {
+    /// Bits of the key before the address.
+    pub const HEADER_BITS: u32 = 64;
+}
+
 /// What an allow entry carries: the rule that put it there, echoed in flow
 /// events so a forward can name its reason.
 #[repr(C)]
@@ -212,6 +238,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::CtValue {}
 }
 
@@ -222,3 +249,4 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);

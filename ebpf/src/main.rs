@@ -19,9 +19,9 @@ mod datapath {
         programs::TcContext,
     };
     use portcullis_common::{
-        CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo,
-        FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_OK, TC_ACT_SHOT, VERDICT_DROPPED,
-        identity, map_sizes, reason,
+        CidrKey, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_OK, TC_ACT_SHOT,
+        VERDICT_DROPPED, identity, map_sizes, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse};
@@ -40,6 +40,9 @@ mod datapath {
 
     #[map]
     static PC_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CT, 0);
+
+    #[map]
+    static PC_CIDR: LpmTrie<CidrKey, u32> = LpmTrie::pinned(map_sizes::CIDR, 0);
 
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
@@ -100,7 +103,7 @@ mod datapath {
             let remote_identity = lookup_identity(pkt.family, remote);
             // The node may always reach its pods (kubelet probes).
             if !(direction == DIR_INGRESS && remote_identity == identity::HOST) {
-                match policy_lookup(&ep, direction, remote_identity, &pkt) {
+                match policy_lookup(&ep, direction, remote_identity, remote, &pkt) {
                     Some(cookie) => rule_cookie = cookie,
                     None => {
                         emit_drop(
@@ -170,9 +173,17 @@ mod datapath {
         PC_IPCACHE.get(&key).copied().unwrap_or(identity::WORLD)
     }
 
-    /// The cookie of the rule allowing this packet, if any.
+    /// The cookie of the rule allowing this packet, if any: by the remote's
+    /// identity, by any peer, or by the class of the longest prefix of the
+    /// remote's address in the endpoint's CIDR trie.
     #[inline(always)]
-    fn policy_lookup(ep: &EndpointInfo, direction: u8, remote: u32, pkt: &Packet) -> Option<u32> {
+    fn policy_lookup(
+        ep: &EndpointInfo,
+        direction: u8,
+        remote: u32,
+        remote_addr: &[u8; 16],
+        pkt: &Packet,
+    ) -> Option<u32> {
         // A non-first fragment has no ports: only rules without ports match it.
         let (protocol, port, prefix) = if pkt.has_l4 {
             (pkt.protocol, pkt.dst_port, PolicyKey::PREFIX_FULL)
@@ -195,6 +206,22 @@ mod datapath {
             return Some(v.rule_cookie);
         }
         key.data.identity = identity::ANY;
+        if let Some(v) = PC_POLICY.get(&key) {
+            return Some(v.rule_cookie);
+        }
+        let bits = if pkt.family == portcullis_common::AF_INET { 32 } else { 128 };
+        let cidr = Key::new(
+            CidrKey::HEADER_BITS + bits,
+            CidrKey {
+                endpoint_id: ep.endpoint_id,
+                generation: ep.generation,
+                direction,
+                family: pkt.family,
+                _pad: [0; 3],
+                addr: *remote_addr,
+            },
+        );
+        key.data.identity = *PC_CIDR.get(&cidr)?;
         PC_POLICY.get(&key).map(|v| v.rule_cookie)
     }
 

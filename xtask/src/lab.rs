@@ -129,7 +129,9 @@ fn state_for(bed: &Bed, revision: u64, step: &Step) -> CompiledState {
             ipcache.push(IpcacheEntry { cidr: ip.into(), identity: *identity, name: Some(name.clone()) });
         }
         let ingress = match (*pod, &step.backend_ingress) {
-            ("backend", Some(allow)) => DirectionPolicy { isolated: true, allow: allow.clone() },
+            ("backend", Some(allow)) => {
+                DirectionPolicy { isolated: true, allow: allow.clone(), ..Default::default() }
+            }
             _ => DirectionPolicy::default(),
         };
         endpoints.push(EndpointState {

@@ -3,6 +3,7 @@
 //! state into the maps, and read flow events.
 
 mod attach;
+pub mod keys;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use portcullis_common::{EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names};
+use portcullis_common::{
+    CidrKey, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
+};
 
 pub use attach::AttachError;
 pub use writer::WriteError;
@@ -59,6 +62,7 @@ pub struct MapSizes {
     pub policy: u32,
     pub flows_bytes: u32,
     pub conntrack: u32,
+    pub cidr: u32,
 }
 
 impl Default for MapSizes {
@@ -69,6 +73,7 @@ impl Default for MapSizes {
             policy: map_sizes::POLICY,
             flows_bytes: map_sizes::FLOWS,
             conntrack: map_sizes::CT,
+            cidr: map_sizes::CIDR,
         }
     }
 }
@@ -108,6 +113,7 @@ pub(crate) struct Maps {
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     ipcache: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    cidr: LpmTrie<MapData, CidrKey, u32>,
 }
 
 pub struct Datapath {
@@ -135,6 +141,7 @@ impl Datapath {
             .map_max_entries(map_names::POLICY, sizes.policy)
             .map_max_entries(map_names::FLOWS, sizes.flows_bytes)
             .map_max_entries(map_names::CT, sizes.conntrack)
+            .map_max_entries(map_names::CIDR, sizes.cidr)
             .load(OBJECT)?;
         for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER] {
             classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
@@ -143,6 +150,7 @@ impl Datapath {
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
             ipcache: take_map(&mut ebpf, map_names::IPCACHE)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
+            cidr: take_map(&mut ebpf, map_names::CIDR)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
         Ok(Datapath { ebpf, pin_dir: config.pin_dir.clone(), maps, flows, loaded: Default::default() })

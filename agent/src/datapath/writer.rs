@@ -12,13 +12,14 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
-use portcullis_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey, PolicyKey,
-    PolicyValue,
-};
+use portcullis_common::{CidrKey, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey, PolicyKey};
 
-use super::{Datapath, attach::ifindex};
-use crate::compiled::{AllowEntry, CompiledState, DirectionPolicy, EndpointState};
+use super::{
+    Datapath,
+    attach::ifindex,
+    keys::{EndpointKeys, endpoint_keys},
+};
+use crate::compiled::{CompiledState, EndpointState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -40,9 +41,6 @@ pub enum WriteError {
     },
 }
 
-/// Policy entries of one endpoint, keyed without generation.
-type Entries = BTreeMap<(u32, PolicyKey), PolicyValue>;
-
 #[derive(Default)]
 pub(crate) struct Loaded {
     endpoints: HashMap<u32, LoadedEndpoint>,
@@ -51,7 +49,7 @@ pub(crate) struct Loaded {
 
 struct LoadedEndpoint {
     info: EndpointInfo,
-    entries: Entries,
+    keys: EndpointKeys,
 }
 
 /// What one `apply` did.
@@ -117,7 +115,7 @@ impl Datapath {
             self.loaded.ipcache.remove(&k);
         }
 
-        report.policy_entries = self.loaded.endpoints.values().map(|e| e.entries.len()).sum();
+        report.policy_entries = self.loaded.endpoints.values().map(|e| e.keys.len()).sum();
         report.ipcache_entries = self.loaded.ipcache.len();
         report
     }
@@ -135,7 +133,7 @@ impl Datapath {
                 why: "endpoint id 0 is reserved".into(),
             });
         }
-        let entries = endpoint_entries(ep)?;
+        let keys = endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
         let mut flags = 0;
         if ep.ingress.isolated {
             flags |= EP_ISOLATED_INGRESS;
@@ -148,34 +146,25 @@ impl Datapath {
         if let Some(prev) = previous
             && prev.info.endpoint_id == ep.id
             && prev.info.flags == flags
-            && prev.entries == entries
+            && prev.keys == keys
         {
             return Ok(None);
         }
         let generation = previous.map_or(0, |p| p.info.generation ^ 1);
+        let first_time = previous.is_none();
         let info = EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags };
 
-        let mut written = Vec::with_capacity(entries.len());
-        for (&(prefix, key), value) in &entries {
-            let key = Key::new(prefix, PolicyKey { endpoint_id: ep.id, generation, ..key });
-            if let Err(source) = self.maps.policy.insert(&key, value, 0) {
-                for k in &written {
-                    let _ = self.maps.policy.remove(k);
-                }
-                return Err(WriteError::Map { map: "policy", source });
-            }
-            written.push(key);
+        if let Err(e) = self.write_keys(&keys, ep.id, generation) {
+            self.remove_keys(&keys, ep.id, generation);
+            return Err(e);
         }
         // The flip: from here packets see the new generation.
         if let Err(source) = self.maps.endpoints.insert(idx, info, 0) {
-            for k in &written {
-                let _ = self.maps.policy.remove(k);
-            }
+            self.remove_keys(&keys, ep.id, generation);
             return Err(WriteError::Map { map: "endpoints", source });
         }
-        let first_time = previous.is_none();
-        if let Some(prev) = self.loaded.endpoints.insert(idx, LoadedEndpoint { info, entries }) {
-            self.remove_entries(&prev);
+        if let Some(prev) = self.loaded.endpoints.insert(idx, LoadedEndpoint { info, keys }) {
+            self.remove_keys(&prev.keys, prev.info.endpoint_id, prev.info.generation);
         }
         if first_time {
             // Policy is in place before the programs see a packet.
@@ -190,17 +179,39 @@ impl Datapath {
     fn remove_endpoint(&mut self, idx: u32) {
         let _ = self.maps.endpoints.remove(&idx);
         if let Some(prev) = self.loaded.endpoints.remove(&idx) {
-            self.remove_entries(&prev);
+            self.remove_keys(&prev.keys, prev.info.endpoint_id, prev.info.generation);
         }
         if let Err(e) = self.detach(idx) {
             tracing::warn!(ifindex = idx, error = %e, "removing link pins");
         }
     }
 
-    fn remove_entries(&mut self, ep: &LoadedEndpoint) {
-        for &(prefix, key) in ep.entries.keys() {
-            let key = PolicyKey { endpoint_id: ep.info.endpoint_id, generation: ep.info.generation, ..key };
-            let _ = self.maps.policy.remove(&Key::new(prefix, key));
+    fn write_keys(&mut self, keys: &EndpointKeys, ep: u16, generation: u8) -> Result<(), WriteError> {
+        for (&(prefix, key), value) in &keys.policy {
+            let key = Key::new(prefix, PolicyKey { endpoint_id: ep, generation, ..key });
+            self.maps
+                .policy
+                .insert(&key, value, 0)
+                .map_err(|source| WriteError::Map { map: "policy", source })?;
+        }
+        for (&(prefix, key), class) in &keys.cidr {
+            let key = Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key });
+            self.maps
+                .cidr
+                .insert(&key, class, 0)
+                .map_err(|source| WriteError::Map { map: "cidr", source })?;
+        }
+        Ok(())
+    }
+
+    /// Removes one generation of an endpoint's entries (missing ones are fine).
+    fn remove_keys(&mut self, keys: &EndpointKeys, ep: u16, generation: u8) {
+        for &(prefix, key) in keys.policy.keys() {
+            let _ =
+                self.maps.policy.remove(&Key::new(prefix, PolicyKey { endpoint_id: ep, generation, ..key }));
+        }
+        for &(prefix, key) in keys.cidr.keys() {
+            let _ = self.maps.cidr.remove(&Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key }));
         }
     }
 }
@@ -212,53 +223,4 @@ fn ipcache_key(cidr: &IpNet) -> (u32, IpKey) {
         IpAddr::V6(a) => IpKey::v6(a.octets()),
     };
     (IpKey::HEADER_BITS + u32::from(cidr.prefix_len()), key)
-}
-
-/// The policy trie entries (generation 0) for one endpoint.
-fn endpoint_entries(ep: &EndpointState) -> Result<Entries, WriteError> {
-    let mut out = Entries::new();
-    for (direction, policy) in [(DIR_INGRESS, &ep.ingress), (DIR_EGRESS, &ep.egress)] {
-        add_direction(&mut out, ep, direction, policy)?;
-    }
-    Ok(out)
-}
-
-fn add_direction(
-    out: &mut Entries,
-    ep: &EndpointState,
-    direction: u8,
-    policy: &DirectionPolicy,
-) -> Result<(), WriteError> {
-    for entry in &policy.allow {
-        let AllowEntry { peer, protocol, ports, rule } = *entry;
-        let base =
-            PolicyKey { endpoint_id: 0, generation: 0, direction, identity: peer, ..Default::default() };
-        let value = PolicyValue { rule_cookie: rule };
-        let mut put = |prefix: u32, key: PolicyKey| {
-            out.entry((prefix, key)).or_insert(value);
-        };
-        match (protocol, ports) {
-            (None, None) => put(PolicyKey::PREFIX_ANY_PROTO, base),
-            (None, Some(_)) => {
-                return Err(WriteError::Invalid {
-                    endpoint: ep.name.clone(),
-                    why: format!("allow entry for peer {peer} has ports but no protocol"),
-                });
-            }
-            (Some(p), None) => put(PolicyKey::PREFIX_ANY_PORT, PolicyKey { protocol: p.number(), ..base }),
-            (Some(p), Some(range)) => {
-                if range.end < range.start {
-                    return Err(WriteError::Invalid {
-                        endpoint: ep.name.clone(),
-                        why: format!("port range {}-{} is empty", range.start, range.end),
-                    });
-                }
-                for pp in range.prefixes() {
-                    let key = PolicyKey { protocol: p.number(), port: pp.port.to_be_bytes(), ..base };
-                    put(PolicyKey::port_prefix(pp.bits), key);
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,188 @@
+//! Compiled endpoint state as BPF map entries (pure: no kernel), and a
+//! userspace model of the programs' lookups over them. The writer loads these
+//! entries; the policy tests look verdicts up in them exactly as the programs
+//! do, so compiler and key layout are checked together against the oracle.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use portcullis_common::{
+    AF_INET, AF_INET6, CidrKey, DIR_EGRESS, DIR_INGRESS, PolicyKey, PolicyValue, identity::CLASS_BASE,
+};
+
+use crate::compiled::{AllowEntry, DirectionPolicy, EndpointState, PortPrefixes as _};
+
+/// Policy trie entries of one endpoint, keyed `(prefix length, key)` with
+/// generation 0 (the writer sets the live one).
+pub type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
+/// CIDR trie entries of one endpoint: `(prefix length, key) -> class`.
+pub type CidrEntries = BTreeMap<(u32, CidrKey), u32>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointKeys {
+    pub policy: PolicyEntries,
+    pub cidr: CidrEntries,
+}
+
+impl EndpointKeys {
+    pub fn len(&self) -> usize {
+        self.policy.len() + self.cidr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policy.is_empty() && self.cidr.is_empty()
+    }
+}
+
+pub fn endpoint_keys(ep: &EndpointState) -> Result<EndpointKeys, String> {
+    let mut out = EndpointKeys::default();
+    for (direction, policy) in [(DIR_INGRESS, &ep.ingress), (DIR_EGRESS, &ep.egress)] {
+        add_direction(&mut out, ep.id, direction, policy)?;
+    }
+    Ok(out)
+}
+
+fn add_direction(
+    out: &mut EndpointKeys,
+    ep: u16,
+    direction: u8,
+    policy: &DirectionPolicy,
+) -> Result<(), String> {
+    for entry in &policy.allow {
+        add_allow(&mut out.policy, ep, direction, entry.peer, entry)?;
+    }
+    if policy.prefixes.len() >= (u32::MAX - CLASS_BASE) as usize {
+        return Err("too many prefixes".into());
+    }
+    for (n, prefix) in policy.prefixes.iter().enumerate() {
+        let class = CLASS_BASE + n as u32;
+        out.cidr.insert(cidr_key(ep, direction, &prefix.cidr), class);
+        for entry in &prefix.allow {
+            add_allow(&mut out.policy, ep, direction, class, entry)?;
+        }
+    }
+    Ok(())
+}
+
+fn add_allow(
+    out: &mut PolicyEntries,
+    ep: u16,
+    direction: u8,
+    peer: u32,
+    entry: &AllowEntry,
+) -> Result<(), String> {
+    let base = PolicyKey { endpoint_id: ep, generation: 0, direction, identity: peer, ..Default::default() };
+    let value = PolicyValue { rule_cookie: entry.rule };
+    let mut put = |prefix: u32, key: PolicyKey| {
+        out.entry((prefix, key)).or_insert(value);
+    };
+    match (entry.protocol, entry.ports) {
+        (None, None) => put(PolicyKey::PREFIX_ANY_PROTO, base),
+        (None, Some(_)) => return Err(format!("allow entry for peer {peer} has ports but no protocol")),
+        (Some(p), None) => put(PolicyKey::PREFIX_ANY_PORT, PolicyKey { protocol: p.number(), ..base }),
+        (Some(p), Some(range)) => {
+            if range.end < range.start {
+                return Err(format!("port range {}-{} is empty", range.start, range.end));
+            }
+            for pp in range.prefixes() {
+                let key = PolicyKey { protocol: p.number(), port: pp.port.to_be_bytes(), ..base };
+                put(PolicyKey::port_prefix(pp.bits), key);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn family_and_addr(ip: IpAddr) -> (u8, [u8; 16]) {
+    let mut addr = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => {
+            addr[..4].copy_from_slice(&a.octets());
+            (AF_INET, addr)
+        }
+        IpAddr::V6(a) => (AF_INET6, a.octets()),
+    }
+}
+
+pub fn cidr_key(ep: u16, direction: u8, cidr: &IpNet) -> (u32, CidrKey) {
+    let (family, addr) = family_and_addr(cidr.trunc().addr());
+    let key = CidrKey { endpoint_id: ep, generation: 0, direction, family, _pad: [0; 3], addr };
+    (CidrKey::HEADER_BITS + u32::from(cidr.prefix_len()), key)
+}
+
+fn policy_bytes(k: &PolicyKey) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..2].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    b[2] = k.generation;
+    b[3] = k.direction;
+    b[4..8].copy_from_slice(&k.identity.to_ne_bytes());
+    b[8] = k.protocol;
+    b[9..11].copy_from_slice(&k.port);
+    b
+}
+
+fn cidr_bytes(k: &CidrKey) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..2].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    b[2] = k.generation;
+    b[3] = k.direction;
+    b[4] = k.family;
+    b[8..].copy_from_slice(&k.addr);
+    b
+}
+
+/// Do the first `bits` bits of `a` and `b` agree?
+fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+    let full = (bits / 8) as usize;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
+}
+
+/// The kernel's LPM semantics: the longest stored prefix (up to `query_bits`)
+/// that matches.
+fn lpm<'a, K, V, const N: usize>(
+    map: &'a BTreeMap<(u32, K), V>,
+    key: &K,
+    query_bits: u32,
+    bytes: fn(&K) -> [u8; N],
+) -> Option<&'a V> {
+    let want = bytes(key);
+    map.iter()
+        .filter(|((bits, k), _)| *bits <= query_bits && prefix_eq(&bytes(k), &want, *bits))
+        .max_by_key(|((bits, _), _)| *bits)
+        .map(|(_, v)| v)
+}
+
+/// A packet as the programs see it for the verdict.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub direction: u8,
+    pub remote_identity: u32,
+    pub remote_ip: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// What the programs decide for a new flow of an isolated endpoint: the rule
+/// cookie that allows it, or `None` (drop). Mirrors `ebpf/src/main.rs`.
+pub fn lookup(keys: &EndpointKeys, ep: u16, probe: Probe) -> Option<u32> {
+    let key = |identity: u32| PolicyKey {
+        endpoint_id: ep,
+        generation: 0,
+        direction: probe.direction,
+        identity,
+        protocol: probe.protocol,
+        port: probe.port.to_be_bytes(),
+        _pad: 0,
+    };
+    let find = |identity: u32| lpm(&keys.policy, &key(identity), PolicyKey::PREFIX_FULL, policy_bytes);
+    if let Some(v) = find(probe.remote_identity).or_else(|| find(0)) {
+        return Some(v.rule_cookie);
+    }
+    let (bits, ck) = cidr_key(ep, probe.direction, &IpNet::from(probe.remote_ip));
+    let class = lpm(&keys.cidr, &ck, bits, cidr_bytes)?;
+    find(*class).map(|v| v.rule_cookie)
+}

@@ -1,0 +1,332 @@
+//! The compiler: for an endpoint (a local pod) and each direction, whether it
+//! is isolated and the allow entries the datapath needs. Pure and
+//! deterministic: the same cluster gives the same entries, in the same order.
+//!
+//! Peers become identities (pod selectors are evaluated once per identity,
+//! not per pod) or prefixes (ipBlocks). Prefixes carry DESIGN §2's except
+//! semantics: every `cidr` and `except` is a prefix whose allowance is the
+//! union of the peers that contain it and do not except it, so the longest
+//! matching prefix answers exactly. Named ports resolve against the server:
+//! the endpoint itself for ingress; each destination pod for egress, by
+//! identity where all its pods agree and by address where they do not.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    rc::Rc,
+};
+
+use ipnet::IpNet;
+
+use super::identity::{Identities, IdentityLabels};
+use crate::{
+    compiled::{AllowEntry, DirectionPolicy, PrefixEntry},
+    model::{
+        Cluster, Direction, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRange, PortRef, PortSpec,
+        Protocol,
+    },
+};
+
+/// Both directions of one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub ingress: DirectionPolicy,
+    pub egress: DirectionPolicy,
+}
+
+impl EndpointPolicy {
+    pub fn direction(&self, direction: Direction) -> &DirectionPolicy {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// A stable, non-zero number naming one rule of one policy in flow events.
+pub fn rule_cookie(namespace: &str, name: &str, direction: Direction, index: usize) -> u32 {
+    // FNV-1a: deterministic across runs and machines.
+    let mut h: u32 = 0x811c_9dc5;
+    for part in [namespace.as_bytes(), b"/", name.as_bytes(), b"/", direction.to_string().as_bytes()] {
+        for &b in part {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h = (h ^ index as u32).wrapping_mul(0x0100_0193);
+    h.max(1)
+}
+
+/// Does a pod peer of a policy in `policy_ns` select pods with these labels?
+pub fn pod_peer_matches(policy_ns: &str, peer: &Peer, who: &IdentityLabels) -> bool {
+    let Peer::Pods { namespaces, pods } = peer else { return false };
+    let ns_ok = match namespaces {
+        None => who.namespace == policy_ns,
+        Some(sel) => sel.matches(&who.namespace_labels),
+    };
+    ns_ok && pods.as_ref().is_none_or(|s| s.matches(&who.pod_labels))
+}
+
+/// A rule with its peers resolved; shared by every endpoint the policy selects.
+struct RulePlan {
+    cookie: u32,
+    any_peer: bool,
+    identities: Vec<u32>,
+    blocks: Vec<(IpNet, Vec<IpNet>)>,
+    ports: Vec<PortSpec>,
+    /// Egress named ports, resolved against the destination pods.
+    named: Vec<NamedTarget>,
+}
+
+enum NamedTarget {
+    Identity(u32, Protocol, u16),
+    Address(IpAddr, Protocol, u16),
+}
+
+struct PolicyPlan {
+    ingress: Vec<RulePlan>,
+    egress: Vec<RulePlan>,
+}
+
+pub struct Compiler<'a> {
+    cluster: &'a Cluster,
+    identities: &'a Identities,
+    pods_by_identity: HashMap<u32, Vec<&'a Pod>>,
+    identities_by_namespace: HashMap<&'a str, Vec<u32>>,
+    plans: RefCell<HashMap<ObjectKey, Rc<PolicyPlan>>>,
+}
+
+impl<'a> Compiler<'a> {
+    /// `pod_identity` gives every pod with addresses its identity.
+    pub fn new(
+        cluster: &'a Cluster,
+        identities: &'a Identities,
+        pod_identity: &'a BTreeMap<PodKey, u32>,
+    ) -> Self {
+        let mut pods_by_identity: HashMap<u32, Vec<&Pod>> = HashMap::new();
+        for (key, id) in pod_identity {
+            if let Some(pod) = cluster.pods.get(key) {
+                pods_by_identity.entry(*id).or_default().push(pod);
+            }
+        }
+        let mut identities_by_namespace: HashMap<&str, Vec<u32>> = HashMap::new();
+        for (id, labels) in identities.iter() {
+            identities_by_namespace.entry(labels.namespace.as_str()).or_default().push(id);
+        }
+        Compiler { cluster, identities, pods_by_identity, identities_by_namespace, plans: RefCell::default() }
+    }
+
+    pub fn endpoint(&self, pod: &Pod) -> EndpointPolicy {
+        EndpointPolicy {
+            ingress: self.direction(pod, Direction::Ingress),
+            egress: self.direction(pod, Direction::Egress),
+        }
+    }
+
+    fn direction(&self, pod: &Pod, direction: Direction) -> DirectionPolicy {
+        let mut out = DirectionPolicy::default();
+        let mut prefix_peers: Vec<(IpNet, Vec<IpNet>, Vec<AllowEntry>)> = Vec::new();
+        for policy in self.cluster.policies_in(&pod.namespace) {
+            if !policy.affects(direction) || !policy.pod_selector.matches(&pod.labels) {
+                continue;
+            }
+            out.isolated = true;
+            let plan = self.plan(policy);
+            let rules = match direction {
+                Direction::Ingress => &plan.ingress,
+                Direction::Egress => &plan.egress,
+            };
+            for rule in rules {
+                let l4 = rule_l4(rule, direction, pod);
+                let entries = |peer: u32| {
+                    l4.iter().map(move |&(protocol, ports)| AllowEntry {
+                        peer,
+                        protocol,
+                        ports,
+                        rule: rule.cookie,
+                    })
+                };
+                if rule.any_peer {
+                    out.allow.extend(entries(0));
+                }
+                for &id in &rule.identities {
+                    out.allow.extend(entries(id));
+                }
+                if !l4.is_empty() {
+                    for (cidr, except) in &rule.blocks {
+                        prefix_peers.push((*cidr, except.clone(), entries(0).collect()));
+                    }
+                }
+                for target in &rule.named {
+                    let entry = |protocol: Protocol, port: u16, peer: u32| AllowEntry {
+                        peer,
+                        protocol: Some(protocol),
+                        ports: Some(PortRange::single(port)),
+                        rule: rule.cookie,
+                    };
+                    match *target {
+                        NamedTarget::Identity(id, protocol, port) => {
+                            out.allow.push(entry(protocol, port, id))
+                        }
+                        NamedTarget::Address(ip, protocol, port) => {
+                            prefix_peers.push((IpNet::from(ip), Vec::new(), vec![entry(protocol, port, 0)]));
+                        }
+                    }
+                }
+            }
+        }
+        out.allow.sort();
+        out.allow.dedup_by(|a, b| (a.peer, a.protocol, a.ports) == (b.peer, b.protocol, b.ports));
+        out.prefixes = prefix_union(&prefix_peers);
+        out
+    }
+
+    fn plan(&self, policy: &NetworkPolicy) -> Rc<PolicyPlan> {
+        let key = (policy.namespace.clone(), policy.name.clone());
+        if let Some(plan) = self.plans.borrow().get(&key) {
+            return plan.clone();
+        }
+        let rules = |direction: Direction| {
+            policy
+                .rules(direction)
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| {
+                    let cookie = rule_cookie(&policy.namespace, &policy.name, direction, i);
+                    self.rule_plan(policy, direction, rule, cookie)
+                })
+                .collect()
+        };
+        let plan =
+            Rc::new(PolicyPlan { ingress: rules(Direction::Ingress), egress: rules(Direction::Egress) });
+        self.plans.borrow_mut().insert(key, plan.clone());
+        plan
+    }
+
+    fn rule_plan(
+        &self,
+        policy: &NetworkPolicy,
+        direction: Direction,
+        rule: &crate::model::Rule,
+        cookie: u32,
+    ) -> RulePlan {
+        let any_peer = rule.peers.is_empty();
+        let mut identities = BTreeSet::new();
+        let mut blocks = Vec::new();
+        for peer in &rule.peers {
+            match peer {
+                Peer::IpBlock { cidr, except } => blocks.push((*cidr, except.clone())),
+                Peer::Pods { namespaces, .. } => {
+                    let namespaces: Vec<&str> = match namespaces {
+                        None => vec![policy.namespace.as_str()],
+                        Some(sel) => self
+                            .identities_by_namespace
+                            .keys()
+                            .copied()
+                            .filter(|ns| sel.matches(self.cluster.namespace_labels(ns)))
+                            .collect(),
+                    };
+                    for ns in namespaces {
+                        for &id in self.identities_by_namespace.get(ns).into_iter().flatten() {
+                            let Some(labels) = self.identities.labels(id) else { continue };
+                            if pod_peer_matches(&policy.namespace, peer, labels) {
+                                identities.insert(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let identities: Vec<u32> = identities.into_iter().collect();
+        let mut named = Vec::new();
+        if direction == Direction::Egress {
+            for spec in &rule.ports {
+                let Some(PortRef::Named(name)) = &spec.port else { continue };
+                let targets: Vec<u32> = if any_peer {
+                    let mut all: Vec<u32> = self.pods_by_identity.keys().copied().collect();
+                    all.sort_unstable();
+                    all
+                } else {
+                    identities.clone()
+                };
+                for id in targets {
+                    self.resolve_for_identity(id, name, spec.protocol, &mut named);
+                }
+                for (cidr, except) in &blocks {
+                    for pod in self.cluster.pods.values().filter(|p| !p.host_network) {
+                        let Some(port) = pod.named_port(name, spec.protocol) else { continue };
+                        for &ip in &pod.ips {
+                            if cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)) {
+                                named.push(NamedTarget::Address(ip, spec.protocol, port));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        RulePlan { cookie, any_peer, identities, blocks, ports: rule.ports.clone(), named }
+    }
+
+    /// Resolves a named port on every pod of an identity: one entry for the
+    /// identity when they agree, one per address when they do not.
+    fn resolve_for_identity(&self, id: u32, name: &str, protocol: Protocol, out: &mut Vec<NamedTarget>) {
+        let pods = self.pods_by_identity.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let ports: Vec<Option<u16>> = pods.iter().map(|p| p.named_port(name, protocol)).collect();
+        match ports.first() {
+            Some(Some(first)) if ports.iter().all(|p| *p == Some(*first)) => {
+                out.push(NamedTarget::Identity(id, protocol, *first));
+            }
+            _ => {
+                for (pod, port) in pods.iter().zip(ports) {
+                    if let Some(port) = port {
+                        out.extend(pod.ips.iter().map(|&ip| NamedTarget::Address(ip, protocol, port)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The protocol/port pairs a rule allows on this endpoint, except egress named
+/// ports (those depend on the destination). Empty: the rule allows nothing.
+fn rule_l4(rule: &RulePlan, direction: Direction, pod: &Pod) -> Vec<(Option<Protocol>, Option<PortRange>)> {
+    if rule.ports.is_empty() {
+        return vec![(None, None)];
+    }
+    let mut out = Vec::new();
+    for spec in &rule.ports {
+        match &spec.port {
+            None => out.push((Some(spec.protocol), None)),
+            Some(PortRef::Numbers(range)) => out.push((Some(spec.protocol), Some(*range))),
+            Some(PortRef::Named(name)) if direction == Direction::Ingress => {
+                if let Some(port) = pod.named_port(name, spec.protocol) {
+                    out.push((Some(spec.protocol), Some(PortRange::single(port))));
+                }
+            }
+            Some(PortRef::Named(_)) => {}
+        }
+    }
+    out
+}
+
+/// DESIGN §2: every cidr and except is a prefix; each prefix allows the union
+/// of what the peers containing it (and not excepting it) allow.
+fn prefix_union(peers: &[(IpNet, Vec<IpNet>, Vec<AllowEntry>)]) -> Vec<PrefixEntry> {
+    let bounds: BTreeSet<IpNet> =
+        peers.iter().flat_map(|(c, ex, _)| std::iter::once(*c).chain(ex.iter().copied())).collect();
+    bounds
+        .into_iter()
+        .map(|prefix| {
+            let mut allow: Vec<AllowEntry> = peers
+                .iter()
+                .filter(|(cidr, except, _)| {
+                    cidr.contains(&prefix) && !except.iter().any(|e| e.contains(&prefix))
+                })
+                .flat_map(|(_, _, a)| a.iter().cloned())
+                .collect();
+            allow.sort();
+            allow.dedup_by(|a, b| (a.protocol, a.ports) == (b.protocol, b.ports));
+            PrefixEntry { cidr: prefix, allow }
+        })
+        .collect()
+}

@@ -1,0 +1,130 @@
+//! Identities: node-local numbers for distinct security-relevant label sets.
+//!
+//! A pod's identity is its namespace's name and labels plus its own labels —
+//! everything a selector can see. Every label counts: excluding churning ones
+//! (`pod-template-hash`, ...) would save identities during rollouts but make a
+//! selector on them wrong, and policy must be exactly Kubernetes'. Numbers are
+//! never handed out twice in an agent's life, so a flow event or a conntrack
+//! entry can never be read as another label set's.
+
+use std::collections::{BTreeMap, HashMap};
+
+use portcullis_common::identity::FIRST_ALLOCATED;
+
+use crate::model::{Cluster, Labels, Pod};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityLabels {
+    pub namespace: String,
+    pub namespace_labels: Labels,
+    pub pod_labels: Labels,
+}
+
+impl IdentityLabels {
+    pub fn of(cluster: &Cluster, pod: &Pod) -> Self {
+        IdentityLabels {
+            namespace: pod.namespace.clone(),
+            namespace_labels: cluster.namespace_labels(&pod.namespace).clone(),
+            pod_labels: pod.labels.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ns={}", self.namespace)?;
+        for (k, v) in &self.pod_labels {
+            write!(f, " {k}={v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct Identities {
+    by_labels: HashMap<IdentityLabels, (u32, usize)>,
+    by_id: BTreeMap<u32, IdentityLabels>,
+    next: u32,
+}
+
+impl Default for Identities {
+    fn default() -> Self {
+        Identities { by_labels: HashMap::new(), by_id: BTreeMap::new(), next: FIRST_ALLOCATED }
+    }
+}
+
+impl Identities {
+    /// The identity of `labels`, allocated if new; counts one more holder.
+    pub fn acquire(&mut self, labels: IdentityLabels) -> u32 {
+        if let Some((id, refs)) = self.by_labels.get_mut(&labels) {
+            *refs += 1;
+            return *id;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.by_id.insert(id, labels.clone());
+        self.by_labels.insert(labels, (id, 1));
+        id
+    }
+
+    /// One holder fewer; returns true when the identity is gone.
+    pub fn release(&mut self, id: u32) -> bool {
+        let Some(labels) = self.by_id.get(&id) else { return false };
+        let Some((_, refs)) = self.by_labels.get_mut(labels) else { return false };
+        *refs -= 1;
+        if *refs > 0 {
+            return false;
+        }
+        if let Some(labels) = self.by_id.remove(&id) {
+            self.by_labels.remove(&labels);
+        }
+        true
+    }
+
+    pub fn get(&self, labels: &IdentityLabels) -> Option<u32> {
+        self.by_labels.get(labels).map(|(id, _)| *id)
+    }
+
+    pub fn labels(&self, id: u32) -> Option<&IdentityLabels> {
+        self.by_id.get(&id)
+    }
+
+    /// Live identities in number order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &IdentityLabels)> {
+        self.by_id.iter().map(|(id, l)| (*id, l))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(ns: &str, app: &str) -> IdentityLabels {
+        IdentityLabels {
+            namespace: ns.into(),
+            namespace_labels: Labels::new(),
+            pod_labels: [("app".to_string(), app.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn same_labels_same_identity_while_held() {
+        let mut ids = Identities::default();
+        let a = ids.acquire(labels("x", "a"));
+        assert_eq!(ids.acquire(labels("x", "a")), a);
+        assert_ne!(ids.acquire(labels("y", "a")), a, "the namespace is part of the identity");
+        assert!(!ids.release(a), "one holder left");
+        assert_eq!(ids.get(&labels("x", "a")), Some(a));
+        assert!(ids.release(a));
+        assert_eq!(ids.get(&labels("x", "a")), None);
+        assert_ne!(ids.acquire(labels("x", "a")), a, "numbers are not reused");
+    }
+}

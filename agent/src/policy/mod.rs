@@ -1,0 +1,8 @@
+//! Policy: identities, the compiler (pure), and the oracle that judges it.
+
+pub mod compile;
+pub mod identity;
+pub mod oracle;
+
+pub use compile::{Compiler, EndpointPolicy, rule_cookie};
+pub use identity::{Identities, IdentityLabels};
