@@ -1,0 +1,422 @@
+//! The incremental engine: holds the cluster and the compiled policy of every
+//! local endpoint, and turns each change (a pod, namespace or policy added,
+//! changed or deleted) into the endpoints it can affect, recompiled, and the
+//! ipcache updates.
+//!
+//! Compiled entries name peers by identity, so most changes touch few
+//! endpoints: a pod joining an existing identity changes only the ipcache.
+//! What can change an endpoint's entries:
+//! - a policy in its namespace that selects it (before or after the change);
+//! - an identity appearing or disappearing that a peer of such a policy
+//!   matches (or every identity, for rules without peers);
+//! - for egress named ports, a change in how the destination pods resolve them;
+//! - its own labels (which policies select it).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use super::{
+    compile::{Compiler, EndpointPolicy, pod_peer_matches},
+    identity::{Identities, IdentityLabels},
+};
+use crate::model::{Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef};
+
+#[derive(Clone, Debug)]
+pub enum Change {
+    UpsertNamespace(Namespace),
+    DeleteNamespace(String),
+    UpsertPod(Pod),
+    DeletePod(PodKey),
+    UpsertPolicy(NetworkPolicy),
+    DeletePolicy(ObjectKey),
+}
+
+/// What a change did to the compiled state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Local endpoints whose policy changed: the new policy, or `None` when
+    /// the endpoint is gone.
+    pub endpoints: BTreeMap<PodKey, Option<EndpointPolicy>>,
+    /// Addresses whose identity changed: the new one, or `None` when gone.
+    pub ipcache: BTreeMap<IpAddr, Option<u32>>,
+    /// Endpoints recompiled (changed or not): the cost of the change.
+    pub recompiled: usize,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.ipcache.is_empty()
+    }
+}
+
+/// What the changes of one batch leave to do.
+#[derive(Default)]
+struct Pending {
+    /// Local endpoints to recompile.
+    affected: BTreeSet<PodKey>,
+    ipcache: BTreeMap<IpAddr, Option<u32>>,
+    /// Identities that appeared, and the labels of those that went.
+    born: BTreeSet<u32>,
+    dead: Vec<IdentityLabels>,
+    /// Identities on which egress named ports may resolve differently now.
+    named_churn: Vec<IdentityLabels>,
+}
+
+pub struct Engine {
+    node: String,
+    cluster: Cluster,
+    identities: Identities,
+    pod_identity: BTreeMap<PodKey, u32>,
+    /// Pods claiming an address, the newest last: the newest holds it (a
+    /// reused address follows its new pod), and when it goes the address
+    /// falls back to the one before.
+    ip_owner: HashMap<IpAddr, Vec<PodKey>>,
+    endpoints: BTreeMap<PodKey, EndpointPolicy>,
+}
+
+impl Engine {
+    /// An engine for the endpoints of `node` (pods with `spec.nodeName` = it).
+    pub fn new(node: impl Into<String>) -> Self {
+        Engine {
+            node: node.into(),
+            cluster: Cluster::default(),
+            identities: Identities::default(),
+            pod_identity: BTreeMap::new(),
+            ip_owner: HashMap::new(),
+            endpoints: BTreeMap::new(),
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    pub fn identity_of(&self, pod: &PodKey) -> Option<u32> {
+        self.pod_identity.get(pod).copied()
+    }
+
+    /// Compiled policy of every local endpoint.
+    pub fn endpoints(&self) -> &BTreeMap<PodKey, EndpointPolicy> {
+        &self.endpoints
+    }
+
+    fn is_local(&self, pod: &Pod) -> bool {
+        pod.node.as_deref() == Some(self.node.as_str()) && !pod.host_network && !pod.ips.is_empty()
+    }
+
+    /// Applies a batch of changes and recompiles what they affect, once.
+    pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> Diff {
+        let mut pending = Pending::default();
+        for change in changes {
+            self.apply_one(change, &mut pending);
+        }
+        let Pending { mut affected, ipcache, born, dead, named_churn } = pending;
+
+        // Identities that came or went change the peer sets of the policies
+        // whose peers match them.
+        let mut churn: Vec<IdentityLabels> = dead;
+        churn.extend(born.iter().filter_map(|id| self.identities.labels(*id).cloned()));
+        if !churn.is_empty() || !named_churn.is_empty() {
+            let policies: Vec<ObjectKey> = self
+                .cluster
+                .policies
+                .iter()
+                .filter(|(_, p)| {
+                    Direction::ALL.into_iter().any(|d| {
+                        p.affects(d)
+                            && p.rules(d).iter().any(|r| {
+                                let named = d == Direction::Egress
+                                    && r.ports.iter().any(|s| matches!(s.port, Some(PortRef::Named(_))));
+                                let any_peer_or_block = r.peers.is_empty()
+                                    || r.peers.iter().any(|x| matches!(x, Peer::IpBlock { .. }));
+                                let matches = |who: &IdentityLabels| {
+                                    r.peers.is_empty()
+                                        || r.peers.iter().any(|x| pod_peer_matches(&p.namespace, x, who))
+                                };
+                                churn.iter().any(&matches)
+                                    || (named
+                                        && named_churn.iter().any(|who| any_peer_or_block || matches(who)))
+                            })
+                    })
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in policies {
+                affected.extend(self.selected_local(&key));
+            }
+        }
+
+        let mut diff = Diff { ipcache, ..Diff::default() };
+        let compiler = Compiler::new(&self.cluster, &self.identities, &self.pod_identity);
+        for key in affected {
+            let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
+            let new = pod.map(|p| compiler.endpoint(p));
+            diff.recompiled += usize::from(new.is_some());
+            let old = self.endpoints.get(&key);
+            if old != new.as_ref() {
+                diff.endpoints.insert(key.clone(), new.clone());
+            }
+        }
+        drop(compiler);
+        for (key, new) in &diff.endpoints {
+            match new {
+                Some(p) => self.endpoints.insert(key.clone(), p.clone()),
+                None => self.endpoints.remove(key),
+            };
+        }
+        diff
+    }
+
+    /// Local endpoints a policy selects (in its namespace).
+    fn selected_local(&self, key: &ObjectKey) -> Vec<PodKey> {
+        let Some(policy) = self.cluster.policies.get(key) else { return vec![] };
+        self.local_in(&policy.namespace)
+            .filter(|p| policy.pod_selector.matches(&p.labels))
+            .map(Pod::key)
+            .collect()
+    }
+
+    fn local_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let start = PodKey { namespace: namespace.to_string(), name: String::new() };
+        self.cluster
+            .pods
+            .range(start..)
+            .map(|(_, p)| p)
+            .take_while(move |p| p.namespace == namespace)
+            .filter(|p| self.is_local(p))
+    }
+
+    fn apply_one(&mut self, change: Change, pending: &mut Pending) {
+        match change {
+            Change::UpsertPolicy(policy) => {
+                let key = (policy.namespace.clone(), policy.name.clone());
+                pending.affected.extend(self.selected_local(&key));
+                self.cluster.add_policy(policy);
+                pending.affected.extend(self.selected_local(&key));
+            }
+            Change::DeletePolicy(key) => {
+                pending.affected.extend(self.selected_local(&key));
+                self.cluster.policies.remove(&key);
+            }
+            Change::UpsertNamespace(ns) => {
+                let name = ns.name.clone();
+                self.cluster.add_namespace(ns);
+                self.refresh_namespace(&name, pending);
+            }
+            Change::DeleteNamespace(name) => {
+                self.cluster.namespaces.remove(&name);
+                self.refresh_namespace(&name, pending);
+            }
+            Change::UpsertPod(pod) => {
+                let key = pod.key();
+                let old = self.cluster.pods.insert(key.clone(), pod);
+                self.refresh_pod(&key, old, pending);
+            }
+            Change::DeletePod(key) => {
+                let old = self.cluster.pods.remove(&key);
+                self.refresh_pod(&key, old, pending);
+            }
+        }
+    }
+
+    /// Namespace labels are part of every identity in it.
+    fn refresh_namespace(&mut self, name: &str, pending: &mut Pending) {
+        let start = PodKey { namespace: name.to_string(), name: String::new() };
+        let keys: Vec<PodKey> = self
+            .cluster
+            .pods
+            .range(start..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.namespace == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            let old = self.cluster.pods.get(&key).cloned();
+            self.refresh_pod(&key, old, pending);
+        }
+    }
+
+    /// Re-derives a pod's identity and addresses after it changed (`old` is
+    /// how it was, the cluster holds how it is).
+    fn refresh_pod(&mut self, key: &PodKey, old: Option<Pod>, pending: &mut Pending) {
+        let new = self.cluster.pods.get(key);
+        let new_labels = new.filter(|p| !p.ips.is_empty()).map(|p| IdentityLabels::of(&self.cluster, p));
+        let old_id = self.pod_identity.get(key).copied();
+        let old_labels = old_id.and_then(|id| self.identities.labels(id).cloned());
+
+        if old_labels != new_labels {
+            if let Some(id) = old_id {
+                self.pod_identity.remove(key);
+                if self.identities.release(id) {
+                    pending.born.remove(&id);
+                    if let Some(l) = &old_labels {
+                        pending.dead.push(l.clone());
+                    }
+                }
+            }
+            if let Some(labels) = &new_labels {
+                let known = self.identities.get(labels).is_some();
+                let id = self.identities.acquire(labels.clone());
+                self.pod_identity.insert(key.clone(), id);
+                if !known {
+                    pending.born.insert(id);
+                }
+            }
+        }
+        let new_id = self.pod_identity.get(key).copied();
+
+        let old_ips: Vec<IpAddr> = old.as_ref().map(|p| p.ips.clone()).unwrap_or_default();
+        let new_ips: Vec<IpAddr> = new.map(|p| p.ips.clone()).unwrap_or_default();
+        let holds = |engine: &Self, ip: &IpAddr| engine.ip_owner.get(ip).and_then(|c| c.last()) == Some(key);
+        for ip in &old_ips {
+            if new_ips.contains(ip) && new_id.is_some() {
+                continue;
+            }
+            let was_holder = holds(self, ip);
+            let Some(claims) = self.ip_owner.get_mut(ip) else { continue };
+            claims.retain(|k| k != key);
+            let next = claims.last().cloned();
+            if claims.is_empty() {
+                self.ip_owner.remove(ip);
+            }
+            if was_holder {
+                pending.ipcache.insert(*ip, next.and_then(|k| self.pod_identity.get(&k).copied()));
+            }
+        }
+        if let Some(id) = new_id {
+            for ip in &new_ips {
+                if !holds(self, ip) {
+                    let claims = self.ip_owner.entry(*ip).or_default();
+                    claims.retain(|k| k != key);
+                    claims.push(key.clone());
+                    pending.ipcache.insert(*ip, Some(id));
+                } else if old_id != new_id {
+                    pending.ipcache.insert(*ip, Some(id));
+                }
+            }
+        }
+
+        // Egress named ports resolve on this pod: a change in its identity,
+        // addresses or ports can change what they resolve to.
+        let ports_changed = old.as_ref().map(|p| (&p.ports, &p.ips)) != new.map(|p| (&p.ports, &p.ips));
+        if ports_changed || old_labels != new_labels {
+            pending.named_churn.extend(old_labels.iter().cloned());
+            pending.named_churn.extend(new_labels.iter().cloned());
+        }
+
+        // Its own labels decide which policies select it.
+        let was_local = old.as_ref().is_some_and(|p| self.is_local(p));
+        let is_local = new.is_some_and(|p| self.is_local(p));
+        let relabelled = old.as_ref().map(|p| &p.labels) != new.map(|p| &p.labels);
+        if (was_local || is_local)
+            && (relabelled || was_local != is_local || old_labels != new_labels || ports_changed)
+        {
+            pending.affected.insert(key.clone());
+        }
+    }
+}
+
+impl Engine {
+    /// Address -> identity for every pod the engine knows.
+    pub fn ipcache(&self) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
+        self.ip_owner.iter().filter_map(|(ip, claims)| Some((*ip, *self.pod_identity.get(claims.last()?)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LabelSelector, Labels, Rule};
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn pod(ns: &str, name: &str, app: &str, n: u8, node: &str) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels(&[("app", app)]),
+            ips: vec![IpAddr::from([10, 0, 0, n])],
+            node: Some(node.into()),
+            host_network: false,
+            ports: vec![],
+        }
+    }
+
+    fn allow_from(ns: &str, name: &str, app: &str, from_app: &str) -> NetworkPolicy {
+        NetworkPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            pod_selector: LabelSelector { match_labels: labels(&[("app", app)]), expressions: vec![] },
+            affects_ingress: true,
+            affects_egress: false,
+            ingress: vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespaces: None,
+                    pods: Some(LabelSelector {
+                        match_labels: labels(&[("app", from_app)]),
+                        expressions: vec![],
+                    }),
+                }],
+                ports: vec![],
+            }],
+            egress: vec![],
+        }
+    }
+
+    #[test]
+    fn a_pod_joining_an_existing_identity_only_touches_the_ipcache() {
+        let mut e = Engine::new("n1");
+        e.apply([
+            Change::UpsertNamespace(Namespace { name: "x".into(), labels: Labels::new() }),
+            Change::UpsertPod(pod("x", "web", "web", 1, "n1")),
+            Change::UpsertPod(pod("x", "fe1", "fe", 2, "n2")),
+            Change::UpsertPolicy(allow_from("x", "p", "web", "fe")),
+        ]);
+        let diff = e.apply([Change::UpsertPod(pod("x", "fe2", "fe", 3, "n2"))]);
+        assert!(diff.endpoints.is_empty(), "{diff:?}");
+        assert_eq!(diff.recompiled, 0);
+        assert_eq!(diff.ipcache.len(), 1);
+    }
+
+    #[test]
+    fn a_new_identity_recompiles_the_endpoints_whose_peers_match_it() {
+        let mut e = Engine::new("n1");
+        e.apply([
+            Change::UpsertNamespace(Namespace { name: "x".into(), labels: Labels::new() }),
+            Change::UpsertPod(pod("x", "web", "web", 1, "n1")),
+            Change::UpsertPod(pod("x", "db", "db", 4, "n1")),
+            Change::UpsertPolicy(allow_from("x", "p", "web", "fe")),
+        ]);
+        let diff = e.apply([Change::UpsertPod(pod("x", "fe1", "fe", 2, "n2"))]);
+        let web = PodKey { namespace: "x".into(), name: "web".into() };
+        assert_eq!(diff.endpoints.keys().collect::<Vec<_>>(), vec![&web], "db is untouched");
+        let fe = e.identity_of(&PodKey { namespace: "x".into(), name: "fe1".into() }).unwrap();
+        let allow = &diff.endpoints[&web].as_ref().unwrap().ingress.allow;
+        assert_eq!(allow.iter().map(|a| a.peer).collect::<Vec<_>>(), vec![fe]);
+    }
+
+    #[test]
+    fn deleting_a_policy_releases_its_endpoints_and_deleting_a_pod_drops_its_endpoint() {
+        let mut e = Engine::new("n1");
+        e.apply([
+            Change::UpsertNamespace(Namespace { name: "x".into(), labels: Labels::new() }),
+            Change::UpsertPod(pod("x", "web", "web", 1, "n1")),
+            Change::UpsertPolicy(allow_from("x", "p", "web", "fe")),
+        ]);
+        let web = PodKey { namespace: "x".into(), name: "web".into() };
+        assert!(e.endpoints()[&web].ingress.isolated);
+        let diff = e.apply([Change::DeletePolicy(("x".into(), "p".into()))]);
+        assert!(!diff.endpoints[&web].as_ref().unwrap().ingress.isolated);
+        let diff = e.apply([Change::DeletePod(web.clone())]);
+        assert_eq!(diff.endpoints[&web], None);
+        assert_eq!(diff.ipcache[&IpAddr::from([10, 0, 0, 1])], None);
+    }
+}
