@@ -14,7 +14,7 @@ use portcullis_agent::{
     datapath::{Datapath, DatapathConfig, Hook},
     flows::drain_ring,
 };
-use portcullis_common::{DIR_INGRESS, FlowEvent, TC_ACT_OK, TC_ACT_SHOT, VERDICT_DROPPED, identity, reason};
+use portcullis_common::{DIR_INGRESS, FlowEvent, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, identity, reason};
 use portcullis_testbed::{
     Netns, PinDir,
     packets::{self, Frame, arp},
@@ -107,7 +107,7 @@ fn ingress(dp: &Datapath, frame: Frame) -> i32 {
 fn identity_protocol_and_port_decide_ingress() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let (fe, backend, world) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("192.0.2.9"));
-        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK, "frontend TCP/80 is allowed");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS, "frontend TCP/80 is allowed");
         assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT, "only port 80");
         assert_eq!(ingress(dp, Frame::tcp(world, backend, 80)), TC_ACT_SHOT, "world is not frontend");
         assert_eq!(ingress(dp, Frame::udp(fe, backend, 80)), TC_ACT_SHOT, "a TCP rule never allows UDP");
@@ -116,16 +116,16 @@ fn identity_protocol_and_port_decide_ingress() {
             TC_ACT_SHOT,
             "a TCP rule never allows SCTP"
         );
-        assert_eq!(ingress(dp, Frame::udp(world, backend, 53)), TC_ACT_OK, "UDP/53 from any peer");
+        assert_eq!(ingress(dp, Frame::udp(world, backend, 53)), TC_PASS, "UDP/53 from any peer");
         assert_eq!(ingress(dp, Frame::tcp(world, backend, 53)), TC_ACT_SHOT, "but not TCP/53");
         assert_eq!(ingress(dp, Frame::icmp(fe, backend, 8)), TC_ACT_SHOT, "port rules never allow ICMP");
         let monitor = ip("10.0.0.4");
         assert_eq!(
             ingress(dp, Frame::icmp(monitor, backend, 8)),
-            TC_ACT_OK,
+            TC_PASS,
             "a rule without ports allows ICMP"
         );
-        assert_eq!(ingress(dp, Frame::new(monitor, backend, packets::SCTP, 9)), TC_ACT_OK);
+        assert_eq!(ingress(dp, Frame::new(monitor, backend, packets::SCTP, 9)), TC_PASS);
     });
 }
 
@@ -133,13 +133,9 @@ fn identity_protocol_and_port_decide_ingress() {
 fn port_ranges_match_exactly_their_bounds() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let (admin, backend) = (ip("10.0.0.3"), ip("10.0.0.2"));
-        for (port, want) in [
-            (7999, TC_ACT_SHOT),
-            (8000, TC_ACT_OK),
-            (8500, TC_ACT_OK),
-            (8999, TC_ACT_OK),
-            (9000, TC_ACT_SHOT),
-        ] {
+        for (port, want) in
+            [(7999, TC_ACT_SHOT), (8000, TC_PASS), (8500, TC_PASS), (8999, TC_PASS), (9000, TC_ACT_SHOT)]
+        {
             assert_eq!(ingress(dp, Frame::tcp(admin, backend, port)), want, "admin TCP/{port}");
         }
     });
@@ -149,14 +145,19 @@ fn port_ranges_match_exactly_their_bounds() {
 fn ipv6_is_judged_like_ipv4() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let (fe, backend) = (ip("fd00::1"), ip("fd00::2"));
-        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK);
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS);
         assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(ip("fd00::99"), backend, 80)), TC_ACT_SHOT);
         // Extension headers before TCP: the port is still found.
         let with_ext = Frame { v6_ext: vec![0, 60], ..Frame::tcp(fe, backend, 80) };
-        assert_eq!(ingress(dp, with_ext), TC_ACT_OK);
+        assert_eq!(ingress(dp, with_ext), TC_PASS);
         let with_ext = Frame { v6_ext: vec![0, 60], ..Frame::tcp(fe, backend, 81) };
         assert_eq!(ingress(dp, with_ext), TC_ACT_SHOT);
+        // AH is sized in 4-byte units: the ports after it are still found.
+        let with_ah = Frame { v6_ext: vec![0, packets::AH], ..Frame::tcp(fe, backend, 81) };
+        assert_eq!(ingress(dp, with_ah), TC_ACT_SHOT);
+        let with_ah = Frame { v6_ext: vec![packets::AH, 60], ..Frame::tcp(fe, backend, 80) };
+        assert_eq!(ingress(dp, with_ah), TC_PASS);
     });
 }
 
@@ -164,16 +165,19 @@ fn ipv6_is_judged_like_ipv4() {
 fn neighbour_discovery_arp_and_node_always_pass() {
     with_datapath(backend_state(vec![]), |dp, events| {
         let frame = arp();
-        assert_eq!(dp.test_run(Hook::ToContainer, &frame).expect("run"), TC_ACT_OK, "ARP");
+        assert_eq!(dp.test_run(Hook::ToContainer, &frame).expect("run"), TC_PASS, "ARP");
         for ty in 133..=137 {
-            let nd = Frame::icmp(ip("fe80::1"), ip("fd00::2"), ty);
-            assert_eq!(ingress(dp, nd), TC_ACT_OK, "ICMPv6 type {ty}");
+            let nd = Frame { hop_limit: 255, ..Frame::icmp(ip("fe80::1"), ip("fd00::2"), ty) };
+            assert_eq!(ingress(dp, nd), TC_PASS, "ICMPv6 type {ty}");
         }
+        // Not from the link (hop limit below 255): not neighbour discovery.
+        let routed = Frame { hop_limit: 64, ..Frame::icmp(ip("fe80::1"), ip("fd00::2"), 135) };
+        assert_eq!(ingress(dp, routed), TC_ACT_SHOT, "routed ND-looking packet");
         let echo = Frame::icmp(ip("fe80::1"), ip("fd00::2"), 128);
         assert_eq!(ingress(dp, echo), TC_ACT_SHOT, "echo is not neighbour discovery");
-        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.254"), ip("10.0.0.2"), 10250)), TC_ACT_OK, "node");
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.254"), ip("10.0.0.2"), 10250)), TC_PASS, "node");
         let drops = events();
-        assert_eq!(drops.len(), 1, "one drop event: {drops:?}");
+        assert_eq!(drops.len(), 2, "two drop events: {drops:?}");
     });
 }
 
@@ -196,7 +200,18 @@ fn later_fragments_match_only_rules_without_ports() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let frag = |src: &str| Frame { frag_offset: 185, ..Frame::tcp(ip(src), ip("10.0.0.2"), 80) };
         assert_eq!(ingress(dp, frag("10.0.0.1")), TC_ACT_SHOT, "port rule, no ports to match");
-        assert_eq!(ingress(dp, frag("10.0.0.4")), TC_ACT_OK, "rule without ports");
+        assert_eq!(ingress(dp, frag("10.0.0.4")), TC_PASS, "rule without ports");
+        // UDP/53 from anyone is a port rule: a later UDP fragment has no port.
+        let udp = Frame { frag_offset: 185, ..Frame::udp(ip("192.0.2.7"), ip("10.0.0.2"), 53) };
+        assert_eq!(ingress(dp, udp), TC_ACT_SHOT);
+    });
+    // A rule for a protocol without ports admits that protocol's later fragments.
+    let udp_any = vec![allow(identity::ANY, Some(Protocol::Udp), None, 8)];
+    with_datapath(backend_state(udp_any), |dp, _| {
+        let udp = Frame { frag_offset: 185, ..Frame::udp(ip("192.0.2.7"), ip("10.0.0.2"), 9999) };
+        assert_eq!(ingress(dp, udp), TC_PASS);
+        let tcp = Frame { frag_offset: 185, ..Frame::tcp(ip("192.0.2.7"), ip("10.0.0.2"), 9999) };
+        assert_eq!(ingress(dp, tcp), TC_ACT_SHOT);
     });
 }
 
@@ -204,13 +219,13 @@ fn later_fragments_match_only_rules_without_ports() {
 fn unisolated_direction_and_unknown_interfaces_pass() {
     with_datapath(backend_state(vec![]), |dp, _| {
         let out = Frame::tcp(ip("10.0.0.2"), ip("192.0.2.1"), 443);
-        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_ACT_OK, "egress is not isolated");
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_PASS, "egress is not isolated");
     });
     // No endpoint for lo at all: not ours to judge.
     let mut state = backend_state(vec![]);
     state.endpoints.clear();
     with_datapath(state, |dp, _| {
-        assert_eq!(ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)), TC_ACT_OK);
+        assert_eq!(ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)), TC_PASS);
     });
 }
 
@@ -234,7 +249,7 @@ fn drop_events_carry_the_tuple_and_reason() {
 fn a_new_state_replaces_the_old_one_whole() {
     with_datapath(backend_state(default_rules()), |dp, _| {
         let (fe, admin, backend) = (ip("10.0.0.1"), ip("10.0.0.3"), ip("10.0.0.2"));
-        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_OK);
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS);
         // Revoke frontend, open admin on 22 only. New flows (new source
         // ports): cutting tracked flows on revocation is conntrack's job.
         let new_flow = |f: Frame| Frame { src_port: 50000, ..f };
@@ -245,14 +260,14 @@ fn a_new_state_replaces_the_old_one_whole() {
         assert_eq!(report.policy_entries, 1, "the old generation's entries are gone");
         assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 8000)), TC_ACT_SHOT);
-        assert_eq!(ingress(dp, Frame::tcp(admin, backend, 22)), TC_ACT_OK);
+        assert_eq!(ingress(dp, Frame::tcp(admin, backend, 22)), TC_PASS);
         // Dropping the endpoint from the state stops enforcement on it.
         let mut gone = next.clone();
         gone.endpoints.clear();
         gone.revision = 3;
         let report = dp.apply(&gone);
         assert_eq!(report.endpoints_removed, 1);
-        assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_ACT_OK);
+        assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_PASS);
     });
 }
 
@@ -265,7 +280,7 @@ fn an_endpoint_whose_update_fails_keeps_its_last_good_policy() {
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         assert!(report.errors[0].contains("default/backend"), "names the endpoint: {}", report.errors[0]);
         let fresh = Frame { src_port: 50001, ..Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80) };
-        assert_eq!(ingress(dp, fresh), TC_ACT_OK, "old rules hold");
+        assert_eq!(ingress(dp, fresh), TC_PASS, "old rules hold");
         assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 81)), TC_ACT_SHOT);
     });
 }
@@ -277,18 +292,18 @@ fn replies_of_tracked_flows_pass_without_policy() {
     with_datapath(backend_state(vec![]), |dp, _| {
         let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
         let out = Frame { src_port: 43000, ..Frame::tcp(me, peer, 443) };
-        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_ACT_OK, "egress is open");
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_PASS, "egress is open");
         let reply = Frame { src_port: 443, ..Frame::tcp(peer, me, 43000) };
-        assert_eq!(ingress(dp, reply.clone()), TC_ACT_OK, "reply of a tracked flow");
+        assert_eq!(ingress(dp, reply.clone()), TC_PASS, "reply of a tracked flow");
         let stranger = Frame { src_port: 443, ..Frame::tcp(peer, me, 43001) };
         assert_eq!(ingress(dp, stranger), TC_ACT_SHOT, "same peer, untracked port");
         // ICMP echo: the identifier ties the reply to the request.
         let mut ping = Frame::icmp(me, peer, 8);
         ping.src_port = 7;
         ping.dst_port = 7;
-        assert_eq!(verdict(dp, Hook::FromContainer, &ping), TC_ACT_OK);
+        assert_eq!(verdict(dp, Hook::FromContainer, &ping), TC_PASS);
         let pong = Frame { src_port: 7, dst_port: 7, ..Frame::icmp(peer, me, 0) };
-        assert_eq!(ingress(dp, pong), TC_ACT_OK, "echo reply");
+        assert_eq!(ingress(dp, pong), TC_PASS, "echo reply");
         let other_pong = Frame { src_port: 8, dst_port: 8, ..Frame::icmp(peer, me, 0) };
         assert_eq!(ingress(dp, other_pong), TC_ACT_SHOT, "reply to nothing we sent");
     });
@@ -313,7 +328,7 @@ fn prefixes_decide_by_longest_match_with_except_holes() {
     with_datapath(state, |dp, _| {
         let me = ip("10.9.9.9");
         let from = |src: &str, proto: u8, port: u16| Frame::new(ip(src), me, proto, port);
-        assert_eq!(ingress(dp, from("10.200.0.1", packets::TCP, 80)), TC_ACT_OK, "in the /8");
+        assert_eq!(ingress(dp, from("10.200.0.1", packets::TCP, 80)), TC_PASS, "in the /8");
         assert_eq!(ingress(dp, from("10.200.0.1", packets::TCP, 81)), TC_ACT_SHOT, "wrong port");
         assert_eq!(ingress(dp, from("10.1.0.1", packets::TCP, 80)), TC_ACT_SHOT, "in the except");
         assert_eq!(
@@ -321,12 +336,58 @@ fn prefixes_decide_by_longest_match_with_except_holes() {
             TC_ACT_SHOT,
             "the except holds inside the /24"
         );
-        assert_eq!(ingress(dp, from("10.1.2.3", packets::UDP, 53)), TC_ACT_OK, "the other peer's /24");
+        assert_eq!(ingress(dp, from("10.1.2.3", packets::UDP, 53)), TC_PASS, "the other peer's /24");
         assert_eq!(ingress(dp, from("11.0.0.1", packets::TCP, 80)), TC_ACT_SHOT, "outside every prefix");
         // Pod addresses are matched by prefix too: 10.0.0.1 is frontend's.
-        assert_eq!(ingress(dp, from("10.0.0.1", packets::TCP, 80)), TC_ACT_OK, "a pod in the block");
+        assert_eq!(ingress(dp, from("10.0.0.1", packets::TCP, 80)), TC_PASS, "a pod in the block");
         let v6 = Frame::tcp(ip("fd00::77"), ip("fd00:1::1"), 443);
-        assert_eq!(ingress(dp, v6), TC_ACT_OK, "IPv6 prefix");
+        assert_eq!(ingress(dp, v6), TC_PASS, "IPv6 prefix");
         assert_eq!(ingress(dp, Frame::tcp(ip("fd01::77"), ip("fd00:1::1"), 443)), TC_ACT_SHOT);
     });
+}
+
+/// A restarted agent continues from what the pinned maps enforce: applying a
+/// new state after a restart leaves nothing of the old one behind, whichever
+/// generation was live.
+#[test]
+fn a_restarted_agent_replaces_the_state_it_finds() {
+    for flips in [0u64, 1] {
+        let ns = Netns::create(format!("pc{}-restart-{}", std::process::id(), unique())).expect("netns");
+        let pins = PinDir::new();
+        let pin_dir = pins.path.clone();
+        ns.run(move || {
+            let config = DatapathConfig { pin_dir, ..Default::default() };
+            let (fe, admin, backend) = (ip("10.0.0.1"), ip("10.0.0.3"), ip("10.0.0.2"));
+            {
+                let mut dp = Datapath::load(&config).expect("load");
+                for n in 0..=flips {
+                    let mut rules = default_rules();
+                    rules.truncate(4 - n as usize);
+                    let report = dp.apply(&backend_state(rules));
+                    assert!(report.errors.is_empty(), "{:?}", report.errors);
+                }
+                assert_eq!(ingress(&dp, Frame::tcp(fe, backend, 80)), TC_PASS);
+            } // the agent exits; pins stay
+
+            let mut dp = Datapath::load(&config).expect("reload");
+            // Enforcement went on while no agent ran.
+            let fresh = |f: Frame, port: u16| Frame { src_port: port, ..f };
+            assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, backend, 81), 50100)), TC_ACT_SHOT);
+            let report = dp.apply(&backend_state(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)]));
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(report.policy_entries, 1, "only the new state's entry is loaded");
+            assert_eq!(
+                ingress(&dp, fresh(Frame::tcp(fe, backend, 80), 50101)),
+                TC_ACT_SHOT,
+                "revoked (flips: {flips})"
+            );
+            assert_eq!(ingress(&dp, fresh(Frame::tcp(admin, backend, 22), 50102)), TC_PASS);
+            assert_eq!(ingress(&dp, fresh(Frame::tcp(admin, backend, 8000), 50103)), TC_ACT_SHOT);
+            drop(dp);
+            // And what the kernel holds is exactly that entry.
+            let dp = Datapath::load(&config).expect("reload again");
+            assert_eq!(dp.loaded_entries(), 1);
+        })
+        .expect("test body");
+    }
 }

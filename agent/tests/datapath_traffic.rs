@@ -121,10 +121,26 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "revoked");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed");
 
+    // The backend's sandbox restarts: same veth name, new interface. The
+    // agent converges on its own and enforces on the new interface.
+    bed.recreate_veth("backend").expect("recreate veth");
+    wait(&mut agent, &["enforced revision 2 (reconciled)"], 5);
+    assert!(!reaches(&bed, "other", b4, Tcp, 80), "enforced on the recreated veth");
+    assert!(reaches(&bed, "frontend", b4, Udp, 53), "allowed on the recreated veth");
+
     // The agent goes away; the pinned programs and maps keep enforcing.
     agent.stop();
     assert!(!reaches(&bed, "other", b4, Tcp, 80), "still enforced with the agent stopped");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed with the agent stopped");
+
+    // A new agent (an upgrade) takes over the pinned state and moves it on.
+    write(&state(&bed, 3, vec![allow(OTHER, Protocol::Tcp, 80)]));
+    let mut agent = AgentProcess::start(&bed.node, binary, args).expect("restart agent");
+    wait(&mut agent, &["enforced revision 3"], 20);
+    assert!(reaches(&bed, "other", b4, Tcp, 80), "allowed by revision 3");
+    assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "still revoked");
+    assert!(!reaches(&bed, "frontend", b4, Udp, 53), "revoked by revision 3");
+    agent.stop();
 
     // Uninstalling removes the pins, and with them enforcement.
     let out = bed

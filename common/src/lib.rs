@@ -31,7 +31,10 @@ pub mod map_sizes {
     pub const CIDR: u32 = 65536;
 }
 
-pub const TC_ACT_OK: i32 = 0;
+/// The verdict for a packet we let through: TC_ACT_UNSPEC, which TCX reads as
+/// "next" — programs attached after ours (another CNI's, a monitor) still run,
+/// and the packet passes when none objects.
+pub const TC_PASS: i32 = -1;
 pub const TC_ACT_SHOT: i32 = 2;
 
 /// Traffic direction, seen from the endpoint (the pod).

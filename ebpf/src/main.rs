@@ -20,7 +20,7 @@ mod datapath {
     };
     use portcullis_common::{
         CidrKey, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
-        EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_OK, TC_ACT_SHOT,
+        EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_SHOT, TC_PASS,
         VERDICT_DROPPED, identity, map_sizes, reason,
     };
 
@@ -55,10 +55,12 @@ mod datapath {
     }
 
     /// ICMPv6 router/neighbour solicitation and advertisement, and redirect:
-    /// an isolated pod without them loses its network.
+    /// an isolated pod without them loses its network. Real ones never left
+    /// their link (RFC 4861: hop limit 255), so they cannot carry a pod's
+    /// traffic past its policy.
     #[inline(always)]
     fn is_neighbour_discovery(pkt: &Packet) -> bool {
-        pkt.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type)
+        pkt.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) && pkt.hop_limit == 255
     }
 
     #[inline(always)]
@@ -67,7 +69,7 @@ mod datapath {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let Some(ep) = (unsafe { PC_ENDPOINTS.get(&ifindex) }) else {
             // Not a Portcullis endpoint: not ours to judge.
-            return TC_ACT_OK;
+            return TC_PASS;
         };
         let ep = *ep;
         let isolation = if direction == DIR_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
@@ -75,7 +77,7 @@ mod datapath {
 
         let pkt = match parse(ctx) {
             Parsed::Ip(pkt) => pkt,
-            Parsed::Arp => return TC_ACT_OK,
+            Parsed::Arp => return TC_PASS,
             Parsed::OtherL3 if isolated => {
                 return drop_unparsed(ctx, &ep, ifindex, direction, reason::UNSUPPORTED_L3);
             }
@@ -83,18 +85,18 @@ mod datapath {
                 return drop_unparsed(ctx, &ep, ifindex, direction, reason::MALFORMED);
             }
             // Not isolated: the kernel deals with what we cannot parse.
-            Parsed::OtherL3 | Parsed::Malformed => return TC_ACT_OK,
+            Parsed::OtherL3 | Parsed::Malformed => return TC_PASS,
         };
         if is_neighbour_discovery(&pkt) {
-            return TC_ACT_OK;
+            return TC_PASS;
         }
 
         let key = ct_key(&ep, direction, &pkt);
         if unsafe { PC_CT.get(&key) }.is_some() {
-            return TC_ACT_OK;
+            return TC_PASS;
         }
         if unsafe { PC_CT.get(&ct_reverse(&key)) }.is_some() {
-            return TC_ACT_OK;
+            return TC_PASS;
         }
 
         let mut rule_cookie = 0;
@@ -132,7 +134,7 @@ mod datapath {
             // packet itself was allowed by policy either way.
             let _ = PC_CT.insert(&key, &value, 0);
         }
-        TC_ACT_OK
+        TC_PASS
     }
 
     #[inline(always)]
@@ -184,11 +186,12 @@ mod datapath {
         remote_addr: &[u8; 16],
         pkt: &Packet,
     ) -> Option<u32> {
-        // A non-first fragment has no ports: only rules without ports match it.
+        // A non-first fragment has no ports: only rules without ports (for
+        // any protocol, or for its protocol) match it.
         let (protocol, port, prefix) = if pkt.has_l4 {
             (pkt.protocol, pkt.dst_port, PolicyKey::PREFIX_FULL)
         } else {
-            (pkt.protocol, 0, PolicyKey::PREFIX_ANY_PROTO)
+            (pkt.protocol, 0, PolicyKey::PREFIX_ANY_PORT)
         };
         let mut key = Key::new(
             prefix,

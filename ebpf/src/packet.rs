@@ -30,6 +30,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// ICMP/ICMPv6 type, when `protocol` is one of them.
     pub icmp_type: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
     /// False for a non-first fragment: it carries no L4 header.
     pub has_l4: bool,
 }
@@ -70,9 +72,9 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     if vihl >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    let (Some(frag), Some(protocol), Some(src4), Some(dst4)) = (
+    let (Some(frag), Some([ttl, protocol]), Some(src4), Some(dst4)) = (
         load::<u16>(ctx, ETH_HLEN + 6),
-        load::<u8>(ctx, ETH_HLEN + 9),
+        load::<[u8; 2]>(ctx, ETH_HLEN + 8),
         load::<[u8; 4]>(ctx, ETH_HLEN + 12),
         load::<[u8; 4]>(ctx, ETH_HLEN + 16),
     ) else {
@@ -87,6 +89,7 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
         dst_port: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        hop_limit: ttl,
         has_l4: u16::from_be(frag) & 0x1fff == 0,
     };
     pkt.src[..4].copy_from_slice(&src4);
@@ -97,8 +100,8 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
 
 #[inline(always)]
 fn parse_v6(ctx: &TcContext) -> Parsed {
-    let (Some(mut next), Some(src), Some(dst)) = (
-        load::<u8>(ctx, ETH_HLEN + 6),
+    let (Some([mut next, hop_limit]), Some(src), Some(dst)) = (
+        load::<[u8; 2]>(ctx, ETH_HLEN + 6),
         load::<[u8; 16]>(ctx, ETH_HLEN + 8),
         load::<[u8; 16]>(ctx, ETH_HLEN + 24),
     ) else {
@@ -107,29 +110,38 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut has_l4 = true;
     for _ in 0..IPV6_MAX_EXT {
-        match next {
+        let current = next;
+        match current {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH => {
                 let Some(hdr) = load::<[u8; 2]>(ctx, off) else {
                     return Parsed::Malformed;
                 };
                 next = hdr[0];
-                off +=
-                    if next == NEXTHDR_AUTH { (hdr[1] as usize + 2) * 4 } else { (hdr[1] as usize + 1) * 8 };
+                // Sized by its own type: AH counts 4-byte units, the rest 8.
+                off += if current == NEXTHDR_AUTH {
+                    (hdr[1] as usize + 2) * 4
+                } else {
+                    (hdr[1] as usize + 1) * 8
+                };
             }
             NEXTHDR_FRAGMENT => {
                 let Some(hdr) = load::<[u8; 4]>(ctx, off) else {
                     return Parsed::Malformed;
                 };
                 next = hdr[0];
-                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
-                    has_l4 = false;
-                }
                 off += 8;
+                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                    // A later fragment: what follows is payload, not headers.
+                    has_l4 = false;
+                    break;
+                }
             }
             _ => break,
         }
     }
-    if matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT) {
+    if has_l4
+        && matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT)
+    {
         // More extension headers than we walk: cannot find the ports.
         return Parsed::Malformed;
     }
@@ -142,6 +154,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
         dst_port: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        hop_limit,
         has_l4,
     };
     // Keep the offset provably bounded for the verifier.

@@ -73,23 +73,29 @@ impl Netns {
     /// Runs `f` on a fresh thread that has entered this namespace; sockets and
     /// netlink calls made there belong to it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+            .ok_or_else(|| anyhow::anyhow!("could not enter {}", self.name))
     }
 
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>> {
+    /// Like `run`, without waiting; the thread yields `None` if it could not
+    /// enter the namespace (and then did not run `f`).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<Option<T>>> {
         let file = File::open(format!("/run/netns/{}", self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
             // SAFETY: valid fd; this thread never returns to a pool.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            let ok = rc == 0;
-            let _ = tx.send(if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-            if !ok {
-                // Never run `f` in the wrong namespace.
-                std::process::abort();
-            }
-            f()
+            let entered = if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            // Never run `f` in the wrong namespace.
+            ok.then(f)
         });
         rx.recv().context("setns thread")?.context("setns")?;
         Ok(handle)
@@ -150,10 +156,17 @@ impl Bed {
         let ipv6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, n as u16);
         let netns = Netns::create(format!("{}-{name}", self.id))?;
         let host_if = format!("lxc{n}");
+        self.wire(&netns, &host_if, ipv4, ipv6)?;
+        self.pods.push(Pod { name: name.to_string(), netns, host_if, ipv4, ipv6 });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// The pod's veth pair and routes, as a CNI plugin makes them.
+    fn wire(&self, netns: &Netns, host_if: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) -> Result<()> {
         self.node.ip(&[
             "link",
             "add",
-            &host_if,
+            host_if,
             "type",
             "veth",
             "peer",
@@ -162,26 +175,30 @@ impl Bed {
             "netns",
             netns.name(),
         ])?;
-
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"])?;
         netns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"])?;
         netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
         netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-
-        self.node.ip(&["link", "set", &host_if, "up"])?;
+        self.node.ip(&["link", "set", host_if, "up"])?;
         // Every host-side veth answers for the pods' gateway (as Calico's
         // 169.254.1.1); the node talks to pods from its own address.
-        self.node.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if])?;
-        self.node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+        self.node.ip(&["addr", "add", "169.254.1.1/32", "dev", host_if])?;
+        self.node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", host_if, "nodad"])?;
         let (src4, src6) = (NODE_IPV4.to_string(), NODE_IPV6.to_string());
-        self.node.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &host_if, "src", &src4])?;
-        self.node.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_if, "src", &src6])?;
+        self.node.ip(&["route", "add", &format!("{ipv4}/32"), "dev", host_if, "src", &src4])?;
+        self.node.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", host_if, "src", &src6])?;
         // The pod routes IPv6 through fe80::1 on its eth0.
         netns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        Ok(())
+    }
 
-        self.pods.push(Pod { name: name.to_string(), netns, host_if, ipv4, ipv6 });
-        Ok(self.pods.last().expect("just pushed"))
+    /// Deletes and recreates a pod's veth pair under the same name (a new
+    /// interface index), as a sandbox restart does.
+    pub fn recreate_veth(&self, pod: &str) -> Result<()> {
+        let p = self.pod(pod);
+        self.node.ip(&["link", "del", &p.host_if])?;
+        self.wire(&p.netns, &p.host_if, p.ipv4, p.ipv6)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

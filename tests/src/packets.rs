@@ -8,6 +8,8 @@ pub const UDP: u8 = 17;
 pub const SCTP: u8 = 132;
 pub const ICMP: u8 = 1;
 pub const ICMPV6: u8 = 58;
+/// IPv6 authentication header.
+pub const AH: u8 = 51;
 
 const SYN: u8 = 0x02;
 
@@ -21,8 +23,11 @@ pub struct Frame {
     pub dst_port: u16,
     /// ICMP/ICMPv6 type.
     pub icmp_type: u8,
-    /// IPv6 extension headers to put before L4: (next-header value, length in 8-byte units beyond the first).
+    /// IPv6 extension headers to put before L4, by type (0 hop-by-hop, 43
+    /// routing, 60 destination options: 8 bytes each; 51 AH: 24 bytes).
     pub v6_ext: Vec<u8>,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
     /// IPv4 fragment offset in 8-byte units (non-zero: a later fragment).
     pub frag_offset: u16,
     /// Cut the frame to this many bytes.
@@ -41,6 +46,7 @@ impl Frame {
             v6_ext: Vec::new(),
             frag_offset: 0,
             truncate: None,
+            hop_limit: 64,
         }
     }
 
@@ -98,24 +104,30 @@ impl Frame {
                 f.extend_from_slice(&total.to_be_bytes());
                 f.extend_from_slice(&[0, 1]);
                 f.extend_from_slice(&(self.frag_offset & 0x1fff).to_be_bytes());
-                f.extend_from_slice(&[64, self.protocol, 0, 0]);
+                f.extend_from_slice(&[self.hop_limit, self.protocol, 0, 0]);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 f.extend_from_slice(&0x86ddu16.to_be_bytes());
-                let ext_len: usize = self.v6_ext.len() * 8;
+                let ext_len: usize = self.v6_ext.iter().map(|&t| if t == AH { 24 } else { 8 }).sum();
                 let payload = (ext_len + l4.len()) as u16;
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
                 f.extend_from_slice(&payload.to_be_bytes());
                 let first = self.v6_ext.first().copied().unwrap_or(self.protocol);
-                f.extend_from_slice(&[first, 64]);
+                f.extend_from_slice(&[first, self.hop_limit]);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
-                for (i, _) in self.v6_ext.iter().enumerate() {
+                for (i, &ty) in self.v6_ext.iter().enumerate() {
                     let next = self.v6_ext.get(i + 1).copied().unwrap_or(self.protocol);
-                    // Hop-by-hop/destination options, 8 bytes, PadN.
-                    f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                    if ty == AH {
+                        // Length in 4-byte units minus 2: 24 bytes.
+                        f.extend_from_slice(&[next, 4, 0, 0]);
+                        f.extend_from_slice(&[0; 20]);
+                    } else {
+                        // Options header, 8 bytes: PadN.
+                        f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                    }
                 }
             }
             _ => panic!("mixed address families"),

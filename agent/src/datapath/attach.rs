@@ -14,8 +14,8 @@ use super::{Datapath, DatapathError, Hook, classifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("interface {0} not found")]
-    NoInterface(String),
+    #[error("no interface with index {0}")]
+    NoInterface(u32),
     #[error("{hook:?} on {interface}")]
     Attach {
         interface: String,
@@ -36,10 +36,11 @@ impl Datapath {
         self.pin_dir.join("links").join(format!("if{ifindex}-{side}"))
     }
 
-    /// Attaches both hooks to `interface` (in the caller's network namespace)
-    /// and returns its ifindex.
-    pub fn attach(&mut self, interface: &str) -> Result<u32, AttachError> {
-        let ifindex = ifindex(interface).ok_or_else(|| AttachError::NoInterface(interface.into()))?;
+    /// Attaches both hooks to the interface `ifindex` (in the caller's network
+    /// namespace); where its links are pinned already, swaps their program.
+    pub fn attach(&mut self, ifindex: u32) -> Result<(), AttachError> {
+        let interface = ifname(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
+        let interface = interface.as_str();
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
         for hook in [Hook::FromContainer, Hook::ToContainer] {
@@ -49,7 +50,7 @@ impl Datapath {
                 source,
             })?;
         }
-        Ok(ifindex)
+        Ok(())
     }
 
     fn attach_hook(
@@ -104,6 +105,33 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+impl Datapath {
+    /// Interfaces that have pinned links.
+    pub(super) fn pinned_link_ifindexes(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(self.pin_dir.join("links")) else { return vec![] };
+        let mut out: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_prefix("if")?.split_once('-')?.0.parse().ok())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// The name of the interface with this index, in the caller's network namespace.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// The index of a network interface in the caller's network namespace.

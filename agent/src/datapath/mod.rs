@@ -125,7 +125,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs and opens (or creates) the pinned maps.
+    /// Loads the programs and opens (or creates) the pinned maps; what they
+    /// already hold (an earlier agent's state) becomes the loaded state, and
+    /// pinned links get this agent's programs. Call in the network namespace
+    /// of the endpoints' interfaces.
     pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
         ensure_bpffs(&config.pin_dir)?;
         std::fs::create_dir_all(&config.pin_dir)
@@ -153,7 +156,10 @@ impl Datapath {
             cidr: take_map(&mut ebpf, map_names::CIDR)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
-        Ok(Datapath { ebpf, pin_dir: config.pin_dir.clone(), maps, flows, loaded: Default::default() })
+        let mut dp =
+            Datapath { ebpf, pin_dir: config.pin_dir.clone(), maps, flows, loaded: Default::default() };
+        dp.recover();
+        Ok(dp)
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -2,12 +2,18 @@
 //!
 //! Per endpoint the update is atomic for packets: the new entries go in under
 //! the endpoint's other generation, one write to the endpoint table flips the
-//! generation, then the old entries are deleted. A failed write (a full map)
-//! rolls the new generation back and leaves the last good policy enforced.
+//! generation, and the old entries are deleted at the end of the pass (after
+//! any packet that read the old generation is done with it). A failed write (a
+//! full map) rolls the new generation back and leaves the last good policy.
+//!
+//! What is loaded is tracked per endpoint id, and recovered from the pinned
+//! maps when the agent starts: a restarted agent continues from what the
+//! kernel enforces, never from an empty slate that would leave stale entries.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    time::Duration,
 };
 
 use aya::maps::lpm_trie::Key;
@@ -16,7 +22,7 @@ use portcullis_common::{CidrKey, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, Endpoi
 
 use super::{
     Datapath,
-    attach::ifindex,
+    attach::{ifindex, ifname},
     keys::{EndpointKeys, endpoint_keys},
 };
 use crate::compiled::{CompiledState, EndpointState};
@@ -43,12 +49,22 @@ pub enum WriteError {
 
 #[derive(Default)]
 pub(crate) struct Loaded {
-    endpoints: HashMap<u32, LoadedEndpoint>,
+    endpoints: BTreeMap<u16, LoadedEndpoint>,
     ipcache: BTreeMap<(u32, IpKey), u32>,
 }
 
 struct LoadedEndpoint {
+    ifindex: u32,
     info: EndpointInfo,
+    keys: EndpointKeys,
+    /// Programs attached to `ifindex` (retried on every pass until they are).
+    attached: bool,
+}
+
+/// One generation of one endpoint's entries, to delete.
+struct Stale {
+    endpoint: u16,
+    generation: u8,
     keys: EndpointKeys,
 }
 
@@ -65,9 +81,11 @@ pub struct ApplyReport {
 
 impl Datapath {
     /// Makes the maps hold `state`. Endpoints whose update fails keep their
-    /// previous policy and are reported; the others are applied.
+    /// previous policy and are reported; the others are applied. Cheap when
+    /// nothing changed, so callers may re-apply to retry failures.
     pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let mut stale = Vec::new();
 
         let desired_ipcache: BTreeMap<(u32, IpKey), u32> =
             state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
@@ -84,33 +102,41 @@ impl Datapath {
             }
         }
 
-        let mut present = HashSet::new();
+        let mut seen = HashSet::new();
         for ep in &state.endpoints {
-            match self.apply_endpoint(ep) {
-                Ok(Some(ifindex)) => {
-                    report.endpoints_written += 1;
-                    present.insert(ifindex);
-                }
-                Ok(None) => {}
+            if !seen.insert(ep.id) {
+                let why = format!("endpoint id {} is used twice", ep.id);
+                report.errors.push(WriteError::Invalid { endpoint: ep.name.clone(), why }.to_string());
+                continue;
+            }
+            match self.apply_endpoint(ep, &mut stale) {
+                Ok(true) => report.endpoints_written += 1,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "endpoint kept at its last good state");
-                    report.errors.push(format!("{e:#}"));
+                    report.errors.push(e.to_string());
                 }
-            }
-            if let Some(idx) = ifindex(&ep.interface) {
-                present.insert(idx);
             }
         }
 
-        let gone: Vec<u32> = self.loaded.endpoints.keys().copied().filter(|i| !present.contains(i)).collect();
-        for idx in gone {
-            self.remove_endpoint(idx);
+        let gone: Vec<u16> = self.loaded.endpoints.keys().copied().filter(|id| !seen.contains(id)).collect();
+        for id in gone {
+            self.remove_endpoint(id, &mut stale);
             report.endpoints_removed += 1;
         }
 
-        let stale: Vec<(u32, IpKey)> =
+        // Programs that read an old generation just before its flip finish
+        // in microseconds; give them that before their entries go.
+        if !stale.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for s in stale {
+            self.remove_keys(&s.keys, s.endpoint, s.generation);
+        }
+
+        let gone: Vec<(u32, IpKey)> =
             self.loaded.ipcache.keys().copied().filter(|k| !desired_ipcache.contains_key(k)).collect();
-        for k in stale {
+        for k in gone {
             let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
             self.loaded.ipcache.remove(&k);
         }
@@ -120,13 +146,13 @@ impl Datapath {
         report
     }
 
-    /// Returns the ifindex when the endpoint was (re)written, `None` when it
-    /// was already up to date.
-    fn apply_endpoint(&mut self, ep: &EndpointState) -> Result<Option<u32>, WriteError> {
-        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
-            endpoint: ep.name.clone(),
-            interface: ep.interface.clone(),
-        })?;
+    /// Policy and CIDR entries loaded, over all endpoints.
+    pub fn loaded_entries(&self) -> usize {
+        self.loaded.endpoints.values().map(|e| e.keys.len()).sum()
+    }
+
+    /// Returns whether the endpoint's entries were (re)written.
+    fn apply_endpoint(&mut self, ep: &EndpointState, stale: &mut Vec<Stale>) -> Result<bool, WriteError> {
         if ep.id == 0 {
             return Err(WriteError::Invalid {
                 endpoint: ep.name.clone(),
@@ -134,6 +160,10 @@ impl Datapath {
             });
         }
         let keys = endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
+        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
+            endpoint: ep.name.clone(),
+            interface: ep.interface.clone(),
+        })?;
         let mut flags = 0;
         if ep.ingress.isolated {
             flags |= EP_ISOLATED_INGRESS;
@@ -142,16 +172,16 @@ impl Datapath {
             flags |= EP_ISOLATED_EGRESS;
         }
 
-        let previous = self.loaded.endpoints.get(&idx);
-        if let Some(prev) = previous
-            && prev.info.endpoint_id == ep.id
-            && prev.info.flags == flags
-            && prev.keys == keys
-        {
-            return Ok(None);
-        }
+        let previous = self.loaded.endpoints.get(&ep.id);
+        let unchanged = previous.is_some_and(|p| p.ifindex == idx && p.info.flags == flags && p.keys == keys);
+        let attached = previous.is_some_and(|p| p.attached && p.ifindex == idx);
         let generation = previous.map_or(0, |p| p.info.generation ^ 1);
-        let first_time = previous.is_none();
+        if unchanged {
+            if !attached {
+                self.attach_endpoint(ep)?;
+            }
+            return Ok(false);
+        }
         let info = EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags };
 
         if let Err(e) = self.write_keys(&keys, ep.id, generation) {
@@ -163,24 +193,45 @@ impl Datapath {
             self.remove_keys(&keys, ep.id, generation);
             return Err(WriteError::Map { map: "endpoints", source });
         }
-        if let Some(prev) = self.loaded.endpoints.insert(idx, LoadedEndpoint { info, keys }) {
-            self.remove_keys(&prev.keys, prev.info.endpoint_id, prev.info.generation);
+        let new = LoadedEndpoint { ifindex: idx, info, keys, attached };
+        if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
+            if prev.ifindex != idx {
+                // The pod's veth was recreated: release the old interface.
+                self.release_ifindex(prev.ifindex);
+            }
+            stale.push(Stale { endpoint: ep.id, generation: prev.info.generation, keys: prev.keys });
         }
-        if first_time {
-            // Policy is in place before the programs see a packet.
-            self.attach(&ep.interface).map_err(|source| WriteError::Attach {
-                endpoint: ep.name.clone(),
-                source: Box::new(source),
-            })?;
+        if !attached {
+            self.attach_endpoint(ep)?;
         }
-        Ok(Some(idx))
+        Ok(true)
     }
 
-    fn remove_endpoint(&mut self, idx: u32) {
-        let _ = self.maps.endpoints.remove(&idx);
-        if let Some(prev) = self.loaded.endpoints.remove(&idx) {
-            self.remove_keys(&prev.keys, prev.info.endpoint_id, prev.info.generation);
+    /// Policy is in place before the programs see a packet.
+    fn attach_endpoint(&mut self, ep: &EndpointState) -> Result<(), WriteError> {
+        let Some(loaded) = self.loaded.endpoints.get(&ep.id) else { return Ok(()) };
+        let idx = loaded.ifindex;
+        self.attach(idx)
+            .map_err(|source| WriteError::Attach { endpoint: ep.name.clone(), source: Box::new(source) })?;
+        if let Some(loaded) = self.loaded.endpoints.get_mut(&ep.id) {
+            loaded.attached = true;
         }
+        Ok(())
+    }
+
+    fn remove_endpoint(&mut self, id: u16, stale: &mut Vec<Stale>) {
+        if let Some(prev) = self.loaded.endpoints.remove(&id) {
+            self.release_ifindex(prev.ifindex);
+            stale.push(Stale { endpoint: id, generation: prev.info.generation, keys: prev.keys });
+        }
+    }
+
+    /// Stops enforcing on an interface, unless another endpoint took it over.
+    fn release_ifindex(&mut self, idx: u32) {
+        if self.loaded.endpoints.values().any(|e| e.ifindex == idx) {
+            return;
+        }
+        let _ = self.maps.endpoints.remove(&idx);
         if let Err(e) = self.detach(idx) {
             tracing::warn!(ifindex = idx, error = %e, "removing link pins");
         }
@@ -212,6 +263,86 @@ impl Datapath {
         }
         for &(prefix, key) in keys.cidr.keys() {
             let _ = self.maps.cidr.remove(&Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key }));
+        }
+    }
+
+    /// Rebuilds what is loaded from the pinned maps (a restart or upgrade):
+    /// the live generation of each endpoint is kept, everything else (other
+    /// generations, entries of endpoints that are gone, interfaces that
+    /// vanished while no agent ran) is removed, and the programs inside the
+    /// pinned links are replaced by this agent's.
+    pub(super) fn recover(&mut self) {
+        let endpoints: Vec<(u32, EndpointInfo)> = self.maps.endpoints.iter().filter_map(Result::ok).collect();
+        let mut live: BTreeMap<u16, LoadedEndpoint> = BTreeMap::new();
+        for (idx, info) in endpoints {
+            if ifname(idx).is_none() || live.contains_key(&info.endpoint_id) {
+                let _ = self.maps.endpoints.remove(&idx);
+                continue;
+            }
+            let loaded =
+                LoadedEndpoint { ifindex: idx, info, keys: EndpointKeys::default(), attached: false };
+            live.insert(info.endpoint_id, loaded);
+        }
+        let live_generation: BTreeMap<u16, u8> =
+            live.iter().map(|(id, l)| (*id, l.info.generation)).collect();
+        let is_live = |ep: u16, generation: u8| live_generation.get(&ep) == Some(&generation);
+
+        let policy: Vec<Key<PolicyKey>> = self.maps.policy.keys().filter_map(Result::ok).collect();
+        for key in policy {
+            let data = key.data();
+            if is_live(data.endpoint_id, data.generation) {
+                if let (Ok(value), Some(ep)) =
+                    (self.maps.policy.get(&key, 0), live.get_mut(&data.endpoint_id))
+                {
+                    ep.keys.policy.insert((key.prefix_len(), PolicyKey { generation: 0, ..data }), value);
+                }
+            } else {
+                let _ = self.maps.policy.remove(&key);
+            }
+        }
+        let cidr: Vec<Key<CidrKey>> = self.maps.cidr.keys().filter_map(Result::ok).collect();
+        for key in cidr {
+            let data = key.data();
+            if is_live(data.endpoint_id, data.generation) {
+                if let (Ok(class), Some(ep)) = (self.maps.cidr.get(&key, 0), live.get_mut(&data.endpoint_id))
+                {
+                    ep.keys.cidr.insert((key.prefix_len(), CidrKey { generation: 0, ..data }), class);
+                }
+            } else {
+                let _ = self.maps.cidr.remove(&key);
+            }
+        }
+        let ipcache: Vec<Key<IpKey>> = self.maps.ipcache.keys().filter_map(Result::ok).collect();
+        for key in ipcache {
+            if let Ok(identity) = self.maps.ipcache.get(&key, 0) {
+                self.loaded.ipcache.insert((key.prefix_len(), key.data()), identity);
+            }
+        }
+
+        let ifindexes: BTreeSet<u32> = live.values().map(|l| l.ifindex).collect();
+        for idx in self.pinned_link_ifindexes() {
+            if !ifindexes.contains(&idx) {
+                let _ = self.detach(idx);
+            }
+        }
+        self.loaded.endpoints = live;
+        let ids: Vec<u16> = self.loaded.endpoints.keys().copied().collect();
+        for id in ids {
+            let Some(idx) = self.loaded.endpoints.get(&id).map(|l| l.ifindex) else { continue };
+            match self.attach(idx) {
+                Ok(()) => {
+                    if let Some(l) = self.loaded.endpoints.get_mut(&id) {
+                        l.attached = true;
+                    }
+                }
+                Err(e) => tracing::warn!(ifindex = idx, error = %e, "re-attaching a recovered endpoint"),
+            }
+        }
+        if !self.loaded.endpoints.is_empty() {
+            tracing::info!(
+                endpoints = self.loaded.endpoints.len(),
+                "recovered enforced state from pinned maps"
+            );
         }
     }
 }
