@@ -17,7 +17,11 @@ use portcullis_agent::{
         Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod,
         PortRange, PortRef, PortSpec, Protocol, Requirement, Rule,
     },
-    policy::{Change, Compiler, EndpointPolicy, Engine, Identities, IdentityLabels, oracle::Party},
+    policy::{
+        Change, Compiler, EndpointPolicy, Engine, Identities, IdentityLabels,
+        compile::{PlanCache, pods_by_identity},
+        oracle::Party,
+    },
 };
 use proptest::prelude::*;
 use support::{NODE_IP, agree, compile};
@@ -317,7 +321,9 @@ fn from_scratch(cluster: &Cluster) -> std::collections::BTreeMap<String, Portabl
     for pod in cluster.pods.values().filter(|p| !p.ips.is_empty()) {
         pod_identity.insert(pod.key(), ids.acquire(IdentityLabels::of(cluster, pod)));
     }
-    let compiler = Compiler::new(cluster, &ids, &pod_identity);
+    let by_identity = pods_by_identity(&pod_identity);
+    let plans = PlanCache::default();
+    let compiler = Compiler::new(cluster, &ids, &by_identity, &plans);
     cluster
         .pods
         .values()

@@ -4,6 +4,8 @@
 //!   enforcing policy on them, the reachability matrix and dropped flows.
 //! - `cargo xtask test`: every test (format, lints, unit, datapath with real
 //!   packets). Needs root: tests load BPF programs and make network namespaces.
+//! - `cargo xtask bench`: the benchmarks, as tables with ratios to baselines
+//!   measured in the same run.
 
 mod lab;
 mod test;
@@ -29,12 +31,19 @@ enum Cmd {
     Lab,
     /// Run every test.
     Test,
+    /// Run the benchmarks (policy engine at cluster scale; datapath verdict
+    /// cost, which needs root) and print their tables.
+    Bench,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Lab => lab::run(),
         Cmd::Test => test::run(),
+        Cmd::Bench => {
+            cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "policy_engine"])?;
+            cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "datapath"])
+        }
     }
 }
 

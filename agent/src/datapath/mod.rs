@@ -175,6 +175,16 @@ impl Datapath {
     /// and returns its TC verdict. The kernel runs it as if on the loopback
     /// device (ifindex 1) of the caller's network namespace.
     pub fn test_run(&self, hook: Hook, packet: &[u8]) -> Result<i32, DatapathError> {
+        self.test_run_timed(hook, packet, 1).map(|(verdict, _)| verdict)
+    }
+
+    /// Like `test_run`, `repeat` times; also returns the kernel's mean run time.
+    pub fn test_run_timed(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DatapathError> {
         let name = hook.program();
         let prog: &SchedClassifier = self
             .ebpf
@@ -183,9 +193,9 @@ impl Datapath {
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
         let result = prog
-            .test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })
+            .test_run(TestRunOptions { data_in: Some(packet), repeat, ..Default::default() })
             .map_err(|source| DatapathError::Program { name, source })?;
-        Ok(result.return_value as i32)
+        Ok((result.return_value as i32, result.duration))
     }
 }
 

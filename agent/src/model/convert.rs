@@ -66,7 +66,7 @@ fn namespace_of(ctx: &Ctx, meta: &meta::ObjectMeta) -> Result<String, ModelError
 
 pub fn namespace_from_api(ns: &core::Namespace) -> Result<Namespace, ModelError> {
     let ctx = Ctx::new("Namespace", &ns.metadata)?;
-    Ok(Namespace { name: ctx.object.clone(), labels: ns.metadata.labels.clone().unwrap_or_default() })
+    Ok(Namespace { name: ctx.object.clone(), labels: ns.metadata.labels.clone().unwrap_or_default().into() })
 }
 
 fn protocol(ctx: &Ctx, field: &str, value: Option<&str>) -> Result<Protocol, ModelError> {
@@ -130,7 +130,7 @@ pub fn pod_from_api(pod: &core::Pod) -> Result<Pod, ModelError> {
     Ok(Pod {
         namespace,
         name: pod.metadata.name.clone().unwrap_or_default(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.metadata.labels.clone().unwrap_or_default().into(),
         ips,
         node: spec.node_name.clone(),
         host_network: spec.host_network.unwrap_or(false),
@@ -166,7 +166,7 @@ fn selector(ctx: &Ctx, field: &str, sel: &meta::LabelSelector) -> Result<LabelSe
         };
         expressions.push(Requirement { key: req.key.clone(), operator });
     }
-    Ok(LabelSelector { match_labels: sel.match_labels.clone().unwrap_or_default(), expressions })
+    Ok(LabelSelector { match_labels: sel.match_labels.clone().unwrap_or_default().into(), expressions })
 }
 
 fn cidr(ctx: &Ctx, field: &str, text: &str) -> Result<IpNet, ModelError> {

@@ -4,18 +4,18 @@
 
 mod cluster;
 mod convert;
+mod labels;
 mod selector;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{Cluster, ObjectKey};
 pub use convert::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api, service_from_api};
+pub use labels::Labels;
 pub use selector::{LabelSelector, Operator, Requirement};
-
-pub type Labels = BTreeMap<String, String>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]

@@ -14,7 +14,7 @@ use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    rc::Rc,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -88,32 +88,52 @@ struct PolicyPlan {
     egress: Vec<RulePlan>,
 }
 
+/// The pods of each identity: where egress named ports resolve.
+pub type PodsByIdentity = HashMap<u32, BTreeSet<PodKey>>;
+
+pub fn pods_by_identity(pod_identity: &BTreeMap<PodKey, u32>) -> PodsByIdentity {
+    let mut out = PodsByIdentity::new();
+    for (key, id) in pod_identity {
+        out.entry(*id).or_default().insert(key.clone());
+    }
+    out
+}
+
+/// Policies with their peers resolved, kept between compiles. Whoever changes
+/// what a plan depends on (the policy, identities its peers match, named-port
+/// resolution on its destinations) invalidates it.
+#[derive(Default)]
+pub struct PlanCache(RefCell<HashMap<ObjectKey, Arc<PolicyPlan>>>);
+
+impl PlanCache {
+    pub fn invalidate(&self, policy: &ObjectKey) {
+        self.0.borrow_mut().remove(policy);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().is_empty()
+    }
+}
+
 pub struct Compiler<'a> {
     cluster: &'a Cluster,
     identities: &'a Identities,
-    pods_by_identity: HashMap<u32, Vec<&'a Pod>>,
-    identities_by_namespace: HashMap<&'a str, Vec<u32>>,
-    plans: RefCell<HashMap<ObjectKey, Rc<PolicyPlan>>>,
+    pods_by_identity: &'a PodsByIdentity,
+    plans: &'a PlanCache,
 }
 
 impl<'a> Compiler<'a> {
-    /// `pod_identity` gives every pod with addresses its identity.
     pub fn new(
         cluster: &'a Cluster,
         identities: &'a Identities,
-        pod_identity: &'a BTreeMap<PodKey, u32>,
+        pods_by_identity: &'a PodsByIdentity,
+        plans: &'a PlanCache,
     ) -> Self {
-        let mut pods_by_identity: HashMap<u32, Vec<&Pod>> = HashMap::new();
-        for (key, id) in pod_identity {
-            if let Some(pod) = cluster.pods.get(key) {
-                pods_by_identity.entry(*id).or_default().push(pod);
-            }
-        }
-        let mut identities_by_namespace: HashMap<&str, Vec<u32>> = HashMap::new();
-        for (id, labels) in identities.iter() {
-            identities_by_namespace.entry(labels.namespace.as_str()).or_default().push(id);
-        }
-        Compiler { cluster, identities, pods_by_identity, identities_by_namespace, plans: RefCell::default() }
+        Compiler { cluster, identities, pods_by_identity, plans }
     }
 
     pub fn endpoint(&self, pod: &Pod) -> EndpointPolicy {
@@ -181,9 +201,9 @@ impl<'a> Compiler<'a> {
         out
     }
 
-    fn plan(&self, policy: &NetworkPolicy) -> Rc<PolicyPlan> {
+    fn plan(&self, policy: &NetworkPolicy) -> Arc<PolicyPlan> {
         let key = (policy.namespace.clone(), policy.name.clone());
-        if let Some(plan) = self.plans.borrow().get(&key) {
+        if let Some(plan) = self.plans.0.borrow().get(&key) {
             return plan.clone();
         }
         let rules = |direction: Direction| {
@@ -198,8 +218,8 @@ impl<'a> Compiler<'a> {
                 .collect()
         };
         let plan =
-            Rc::new(PolicyPlan { ingress: rules(Direction::Ingress), egress: rules(Direction::Egress) });
-        self.plans.borrow_mut().insert(key, plan.clone());
+            Arc::new(PolicyPlan { ingress: rules(Direction::Ingress), egress: rules(Direction::Egress) });
+        self.plans.0.borrow_mut().insert(key, plan.clone());
         plan
     }
 
@@ -220,14 +240,13 @@ impl<'a> Compiler<'a> {
                     let namespaces: Vec<&str> = match namespaces {
                         None => vec![policy.namespace.as_str()],
                         Some(sel) => self
-                            .identities_by_namespace
-                            .keys()
-                            .copied()
+                            .identities
+                            .namespaces()
                             .filter(|ns| sel.matches(self.cluster.namespace_labels(ns)))
                             .collect(),
                     };
                     for ns in namespaces {
-                        for &id in self.identities_by_namespace.get(ns).into_iter().flatten() {
+                        for id in self.identities.in_namespace(ns) {
                             let Some(labels) = self.identities.labels(id) else { continue };
                             if pod_peer_matches(&policy.namespace, peer, labels) {
                                 identities.insert(id);
@@ -270,7 +289,13 @@ impl<'a> Compiler<'a> {
     /// Resolves a named port on every pod of an identity: one entry for the
     /// identity when they agree, one per address when they do not.
     fn resolve_for_identity(&self, id: u32, name: &str, protocol: Protocol, out: &mut Vec<NamedTarget>) {
-        let pods = self.pods_by_identity.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let pods: Vec<&Pod> = self
+            .pods_by_identity
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.cluster.pods.get(k))
+            .collect();
         let ports: Vec<Option<u16>> = pods.iter().map(|p| p.named_port(name, protocol)).collect();
         match ports.first() {
             Some(Some(first)) if ports.iter().all(|p| *p == Some(*first)) => {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use super::{
-    compile::{Compiler, EndpointPolicy, pod_peer_matches},
+    compile::{Compiler, EndpointPolicy, PlanCache, PodsByIdentity, pod_peer_matches},
     identity::{Identities, IdentityLabels},
 };
 use crate::model::{Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef};
@@ -69,6 +69,9 @@ pub struct Engine {
     cluster: Cluster,
     identities: Identities,
     pod_identity: BTreeMap<PodKey, u32>,
+    pods_by_identity: PodsByIdentity,
+    /// Policy plans, kept until what they depend on changes.
+    plans: PlanCache,
     /// Pods claiming an address, the newest last: the newest holds it (a
     /// reused address follows its new pod), and when it goes the address
     /// falls back to the one before.
@@ -84,6 +87,8 @@ impl Engine {
             cluster: Cluster::default(),
             identities: Identities::default(),
             pod_identity: BTreeMap::new(),
+            pods_by_identity: PodsByIdentity::new(),
+            plans: PlanCache::default(),
             ip_owner: HashMap::new(),
             endpoints: BTreeMap::new(),
         }
@@ -133,27 +138,30 @@ impl Engine {
                             && p.rules(d).iter().any(|r| {
                                 let named = d == Direction::Egress
                                     && r.ports.iter().any(|s| matches!(s.port, Some(PortRef::Named(_))));
-                                let any_peer_or_block = r.peers.is_empty()
-                                    || r.peers.iter().any(|x| matches!(x, Peer::IpBlock { .. }));
-                                let matches = |who: &IdentityLabels| {
-                                    r.peers.is_empty()
-                                        || r.peers.iter().any(|x| pod_peer_matches(&p.namespace, x, who))
+                                let has_block = r.peers.iter().any(|x| matches!(x, Peer::IpBlock { .. }));
+                                let hit = |who: &IdentityLabels| {
+                                    r.peers.iter().any(|x| pod_peer_matches(&p.namespace, x, who))
                                 };
-                                churn.iter().any(&matches)
-                                    || (named
-                                        && named_churn.iter().any(|who| any_peer_or_block || matches(who)))
+                                // Rules without peers name no identity, unless
+                                // their named ports resolve on every pod.
+                                let peers_moved = churn.iter().any(&hit)
+                                    || (named && r.peers.is_empty() && !churn.is_empty());
+                                let ports_moved = named
+                                    && named_churn.iter().any(|w| r.peers.is_empty() || has_block || hit(w));
+                                peers_moved || ports_moved
                             })
                     })
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in policies {
+                self.plans.invalidate(&key);
                 affected.extend(self.selected_local(&key));
             }
         }
 
         let mut diff = Diff { ipcache, ..Diff::default() };
-        let compiler = Compiler::new(&self.cluster, &self.identities, &self.pod_identity);
+        let compiler = Compiler::new(&self.cluster, &self.identities, &self.pods_by_identity, &self.plans);
         for key in affected {
             let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
             let new = pod.map(|p| compiler.endpoint(p));
@@ -163,7 +171,6 @@ impl Engine {
                 diff.endpoints.insert(key.clone(), new.clone());
             }
         }
-        drop(compiler);
         for (key, new) in &diff.endpoints {
             match new {
                 Some(p) => self.endpoints.insert(key.clone(), p.clone()),
@@ -197,11 +204,13 @@ impl Engine {
             Change::UpsertPolicy(policy) => {
                 let key = (policy.namespace.clone(), policy.name.clone());
                 pending.affected.extend(self.selected_local(&key));
+                self.plans.invalidate(&key);
                 self.cluster.add_policy(policy);
                 pending.affected.extend(self.selected_local(&key));
             }
             Change::DeletePolicy(key) => {
                 pending.affected.extend(self.selected_local(&key));
+                self.plans.invalidate(&key);
                 self.cluster.policies.remove(&key);
             }
             Change::UpsertNamespace(ns) => {
@@ -253,6 +262,12 @@ impl Engine {
         if old_labels != new_labels {
             if let Some(id) = old_id {
                 self.pod_identity.remove(key);
+                if let Some(pods) = self.pods_by_identity.get_mut(&id) {
+                    pods.remove(key);
+                    if pods.is_empty() {
+                        self.pods_by_identity.remove(&id);
+                    }
+                }
                 if self.identities.release(id) {
                     pending.born.remove(&id);
                     if let Some(l) = &old_labels {
@@ -264,6 +279,7 @@ impl Engine {
                 let known = self.identities.get(labels).is_some();
                 let id = self.identities.acquire(labels.clone());
                 self.pod_identity.insert(key.clone(), id);
+                self.pods_by_identity.entry(id).or_default().insert(key.clone());
                 if !known {
                     pending.born.insert(id);
                 }

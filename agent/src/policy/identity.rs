@@ -7,7 +7,10 @@
 //! never handed out twice in an agent's life, so a flow event or a conntrack
 //! entry can never be read as another label set's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use portcullis_common::identity::FIRST_ALLOCATED;
 
@@ -42,14 +45,21 @@ impl std::fmt::Display for IdentityLabels {
 
 #[derive(Debug)]
 pub struct Identities {
-    by_labels: HashMap<IdentityLabels, (u32, usize)>,
-    by_id: BTreeMap<u32, IdentityLabels>,
+    /// Labels are stored once, shared by both directions of the mapping.
+    by_labels: HashMap<Arc<IdentityLabels>, (u32, usize)>,
+    by_id: BTreeMap<u32, Arc<IdentityLabels>>,
+    by_namespace: BTreeMap<String, BTreeSet<u32>>,
     next: u32,
 }
 
 impl Default for Identities {
     fn default() -> Self {
-        Identities { by_labels: HashMap::new(), by_id: BTreeMap::new(), next: FIRST_ALLOCATED }
+        Identities {
+            by_labels: HashMap::new(),
+            by_id: BTreeMap::new(),
+            by_namespace: BTreeMap::new(),
+            next: FIRST_ALLOCATED,
+        }
     }
 }
 
@@ -62,6 +72,8 @@ impl Identities {
         }
         let id = self.next;
         self.next += 1;
+        self.by_namespace.entry(labels.namespace.clone()).or_default().insert(id);
+        let labels = Arc::new(labels);
         self.by_id.insert(id, labels.clone());
         self.by_labels.insert(labels, (id, 1));
         id
@@ -77,6 +89,12 @@ impl Identities {
         }
         if let Some(labels) = self.by_id.remove(&id) {
             self.by_labels.remove(&labels);
+            if let Some(ids) = self.by_namespace.get_mut(&labels.namespace) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_namespace.remove(&labels.namespace);
+                }
+            }
         }
         true
     }
@@ -86,12 +104,22 @@ impl Identities {
     }
 
     pub fn labels(&self, id: u32) -> Option<&IdentityLabels> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(|l| &**l)
     }
 
     /// Live identities in number order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &IdentityLabels)> {
-        self.by_id.iter().map(|(id, l)| (*id, l))
+        self.by_id.iter().map(|(id, l)| (*id, &**l))
+    }
+
+    /// Namespaces that have live identities.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.by_namespace.keys().map(String::as_str)
+    }
+
+    /// Live identities of one namespace.
+    pub fn in_namespace<'a>(&'a self, namespace: &str) -> impl Iterator<Item = u32> + 'a {
+        self.by_namespace.get(namespace).into_iter().flatten().copied()
     }
 
     pub fn len(&self) -> usize {

@@ -14,6 +14,7 @@ use portcullis_agent::{
     model::{Cluster, Pod, PodKey, Protocol},
     policy::{
         Compiler, EndpointPolicy, Identities, IdentityLabels,
+        compile::{PlanCache, pods_by_identity},
         oracle::{self, Party},
     },
 };
@@ -40,7 +41,9 @@ pub fn compile(cluster: &Cluster) -> Compiled {
             ipcache.insert(*ip, id);
         }
     }
-    let compiler = Compiler::new(cluster, &identities, &pod_identity);
+    let by_identity = pods_by_identity(&pod_identity);
+    let plans = PlanCache::default();
+    let compiler = Compiler::new(cluster, &identities, &by_identity, &plans);
     let mut endpoints = BTreeMap::new();
     for (n, pod) in cluster.pods.values().enumerate() {
         let policy = compiler.endpoint(pod);
@@ -56,7 +59,6 @@ pub fn compile(cluster: &Cluster) -> Compiled {
         let keys = endpoint_keys(&state).expect("compiled state has valid keys");
         endpoints.insert(pod.key(), (id, policy, keys));
     }
-    drop(compiler);
     Compiled { identities, pod_identity, endpoints, ipcache }
 }
 
