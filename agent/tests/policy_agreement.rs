@@ -285,8 +285,7 @@ fn generated_cases_mix_verdicts() {
         let c = cluster(seed);
         policies += c.policies.len();
         let compiled = compile(&c);
-        isolated +=
-            compiled.endpoints.values().filter(|(_, p, _)| p.ingress.isolated || p.egress.isolated).count();
+        isolated += compiled.endpoints.values().filter(|p| p.ingress.isolated || p.egress.isolated).count();
         let (f, a) = check(seed);
         flows += f;
         allowed += a;

@@ -1,0 +1,330 @@
+//! The cluster a case describes, as it evolves step by step: namespaces, pods
+//! with addresses in one family, policies; templates resolved against it.
+//! Both runners use it: the pure one feeds its changes to the policy engine,
+//! the lab turns it into network namespaces and API objects.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use k8s_openapi::api::networking::v1 as net;
+use portcullis_agent::{
+    model::{
+        ContainerPort, Labels, Namespace, NetworkPolicy, ObjectKey, Pod, PodKey, network_policy_from_api,
+    },
+    policy::Change,
+};
+
+use crate::case::{Case, CaseError, PortSpec, Probe, ProbePort, Protocol, Step};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The node every pod of a case runs on.
+pub const NODE: &str = "node";
+
+#[derive(Clone, Debug)]
+pub struct WorldPod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<PortSpec>,
+    pub ip: IpAddr,
+}
+
+impl WorldPod {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn model(&self) -> Pod {
+        Pod {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            labels: self.labels.clone().into(),
+            ips: vec![self.ip],
+            node: Some(NODE.into()),
+            host_network: false,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| ContainerPort { name: p.name.clone(), port: p.port, protocol: p.protocol.model() })
+                .collect(),
+        }
+    }
+
+    /// The port this pod serves for a probe, if it serves it.
+    pub fn serves(&self, port: &ProbePort, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| {
+                p.protocol == protocol
+                    && match port {
+                        ProbePort::Number(n) => p.port == *n,
+                        ProbePort::Named(name) => p.name.as_deref() == Some(name.as_str()),
+                    }
+            })
+            .map(|p| p.port)
+    }
+}
+
+pub struct World {
+    pub file: String,
+    pub family: Family,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub pods: Vec<WorldPod>,
+    pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+}
+
+/// One probe's pairs: `(client, server, server port)`.
+pub type Pairs = Vec<(usize, usize, u16)>;
+
+/// Labels as a case writes them.
+type StringMap = BTreeMap<String, String>;
+/// `(namespace, name, labels, ports)` of a pod before it gets an address.
+type PodSeed = (String, String, StringMap, Vec<PortSpec>);
+
+fn default_model(sctp: bool) -> (BTreeMap<String, StringMap>, Vec<PodSeed>) {
+    let mut namespaces = BTreeMap::new();
+    let mut pods = Vec::new();
+    for ns in ["x", "y", "z"] {
+        namespaces.insert(ns.to_string(), BTreeMap::from([("ns".to_string(), ns.to_string())]));
+        for pod in ["a", "b", "c"] {
+            let mut ports = Vec::new();
+            for port in [80u16, 81] {
+                let mut protocols = vec![(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")];
+                if sctp {
+                    protocols.push((Protocol::Sctp, "sctp"));
+                }
+                for (protocol, tag) in protocols {
+                    ports.push(PortSpec { name: Some(format!("serve-{port}-{tag}")), port, protocol });
+                }
+            }
+            pods.push((
+                ns.to_string(),
+                pod.to_string(),
+                BTreeMap::from([("pod".to_string(), pod.to_string())]),
+                ports,
+            ));
+        }
+    }
+    (namespaces, pods)
+}
+
+impl World {
+    /// The case's initial cluster; `sctp`: whether pods serve SCTP too.
+    pub fn new(case: &Case, family: Family, sctp: bool) -> World {
+        let (mut namespaces, pods) = match &case.model {
+            None => default_model(sctp),
+            Some(m) => (
+                m.namespaces.iter().map(|(n, s)| (n.clone(), s.labels.clone())).collect(),
+                m.pods
+                    .iter()
+                    .map(|p| {
+                        let (ns, name) = p.name.split_once('/').unwrap_or(("", &p.name));
+                        (ns.to_string(), name.to_string(), p.labels.clone(), p.ports.clone())
+                    })
+                    .collect(),
+            ),
+        };
+        for (name, labels) in namespaces.iter_mut() {
+            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+        }
+        let pods = pods
+            .into_iter()
+            .enumerate()
+            .map(|(k, (namespace, name, labels, ports))| {
+                let n = k as u16 + 1;
+                let ip = match family {
+                    Family::V4 => IpAddr::V4(Ipv4Addr::new(10, 64, (n >> 8) as u8, n as u8)),
+                    Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, n)),
+                };
+                WorldPod { namespace, name, labels, ports, ip }
+            })
+            .collect();
+        World { file: case.file.clone(), family, namespaces, pods, policies: BTreeMap::new() }
+    }
+
+    /// Everything as engine changes (the initial load).
+    pub fn initial_changes(&self) -> Vec<Change> {
+        let mut out: Vec<Change> = self
+            .namespaces
+            .iter()
+            .map(|(n, l)| Change::UpsertNamespace(Namespace { name: n.clone(), labels: l.clone().into() }))
+            .collect();
+        out.extend(self.pods.iter().map(|p| Change::UpsertPod(p.model())));
+        out
+    }
+
+    fn invalid(&self, field: String, message: impl Into<String>) -> CaseError {
+        CaseError::Invalid { file: self.file.clone(), field, message: message.into() }
+    }
+
+    pub fn pod(&self, id: &str) -> Option<&WorldPod> {
+        self.pods.iter().find(|p| p.id() == id)
+    }
+
+    /// Applies a step's label, delete and apply, in that order. Returns the
+    /// engine changes and notes (objects the API would have refused).
+    pub fn step(&mut self, s: usize, step: &Step) -> Result<(Vec<Change>, Vec<String>), CaseError> {
+        let mut changes = Vec::new();
+        let mut notes = Vec::new();
+        for (i, op) in step.label.iter().enumerate() {
+            let field = format!("steps[{s}].label[{i}]");
+            let labels = if let Some(ns) = &op.namespace {
+                self.namespaces
+                    .get_mut(ns)
+                    .ok_or_else(|| self_invalid(&self.file, &field, ns, "namespace"))?
+            } else {
+                let id = op.pod.clone().unwrap_or_default();
+                let file = self.file.clone();
+                let pod = self
+                    .pods
+                    .iter_mut()
+                    .find(|p| p.id() == id)
+                    .ok_or_else(|| self_invalid(&file, &field, &id, "pod"))?;
+                &mut pod.labels
+            };
+            for (k, v) in &op.set {
+                match v {
+                    Some(v) => labels.insert(k.clone(), v.clone()),
+                    None => labels.remove(k),
+                };
+            }
+            if let Some(ns) = &op.namespace {
+                let labels = self.namespaces[ns].clone();
+                changes.push(Change::UpsertNamespace(Namespace { name: ns.clone(), labels: labels.into() }));
+            } else if let Some(pod) = self.pod(op.pod.as_deref().unwrap_or_default()) {
+                changes.push(Change::UpsertPod(pod.model()));
+            }
+        }
+        for (i, d) in step.delete.iter().enumerate() {
+            let mut parts = d.splitn(3, '/');
+            let (kind, ns, name) =
+                (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if kind != "NetworkPolicy" {
+                return Err(
+                    self.invalid(format!("steps[{s}].delete[{i}]"), format!("cannot delete kind {kind:?}"))
+                );
+            }
+            let key = (ns.to_string(), name.to_string());
+            if self.policies.remove(&key).is_none() {
+                notes.push(format!("delete {d}: not found"));
+            }
+            changes.push(Change::DeletePolicy(key));
+        }
+        for (i, object) in step.apply.iter().enumerate() {
+            let field = format!("steps[{s}].apply[{i}]");
+            let object = self.resolve_templates(object, &field)?;
+            let kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+            if kind != "NetworkPolicy" {
+                return Err(self.invalid(format!("{field}.kind"), format!("unsupported kind {kind:?}")));
+            }
+            let api: net::NetworkPolicy =
+                serde_yaml_ng::from_value(object).map_err(|e| self.invalid(field.clone(), e.to_string()))?;
+            match network_policy_from_api(&api) {
+                Ok(policy) => {
+                    self.policies.insert((policy.namespace.clone(), policy.name.clone()), policy.clone());
+                    changes.push(Change::UpsertPolicy(policy));
+                }
+                // The API server would refuse it; nothing changes.
+                Err(e) => notes.push(format!("rejected: {e}")),
+            }
+        }
+        Ok((changes, notes))
+    }
+
+    /// Replaces `$(ip ns/pod)`, `$(host ns/pod)` and `$(cidr ns/pod N)` in
+    /// every string of an object.
+    fn resolve_templates(
+        &self,
+        value: &serde_yaml_ng::Value,
+        field: &str,
+    ) -> Result<serde_yaml_ng::Value, CaseError> {
+        use serde_yaml_ng::Value;
+        Ok(match value {
+            Value::String(s) => Value::String(self.expand(s, field)?),
+            Value::Sequence(items) => Value::Sequence(
+                items.iter().map(|v| self.resolve_templates(v, field)).collect::<Result<_, _>>()?,
+            ),
+            Value::Mapping(map) => {
+                let mut out = serde_yaml_ng::Mapping::new();
+                for (k, v) in map {
+                    out.insert(k.clone(), self.resolve_templates(v, field)?);
+                }
+                Value::Mapping(out)
+            }
+            other => other.clone(),
+        })
+    }
+
+    fn expand(&self, text: &str, field: &str) -> Result<String, CaseError> {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("$(") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find(')')
+                .ok_or_else(|| self.invalid(field.into(), format!("unclosed template in {text:?}")))?;
+            let words: Vec<&str> = after[..end].split_whitespace().collect();
+            let ip_of = |id: &str| {
+                self.pod(id)
+                    .map(|p| p.ip)
+                    .ok_or_else(|| self.invalid(field.into(), format!("no pod {id:?} in template")))
+            };
+            let expanded = match words.as_slice() {
+                ["ip", id] => ip_of(id)?.to_string(),
+                ["host", id] => IpNet::from(ip_of(id)?).to_string(),
+                ["cidr", id, bits] => {
+                    let bits: u8 = bits
+                        .parse()
+                        .map_err(|_| self.invalid(field.into(), format!("bad prefix {bits:?}")))?;
+                    let net = IpNet::new(ip_of(id)?, bits)
+                        .map_err(|_| self.invalid(field.into(), format!("prefix {bits} too long")))?;
+                    net.trunc().to_string()
+                }
+                _ => return Err(self.invalid(field.into(), format!("unknown template $({})", &after[..end]))),
+            };
+            out.push_str(&expanded);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Pairs of a probe: every client with every server of the port, itself
+    /// excepted.
+    pub fn pairs(&self, probe: &Probe) -> Pairs {
+        let mut out = Vec::new();
+        for (s, server) in self.pods.iter().enumerate() {
+            let Some(port) = server.serves(&probe.port, probe.protocol) else { continue };
+            for c in 0..self.pods.len() {
+                if c != s {
+                    out.push((c, s, port));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn pod_key(&self, index: usize) -> PodKey {
+        let p = &self.pods[index];
+        PodKey { namespace: p.namespace.clone(), name: p.name.clone() }
+    }
+
+    /// Labels of a namespace in model form.
+    pub fn namespace_labels(&self, ns: &str) -> Labels {
+        self.namespaces.get(ns).cloned().unwrap_or_default().into()
+    }
+}
+
+fn self_invalid(file: &str, field: &str, what: &str, kind: &str) -> CaseError {
+    CaseError::Invalid { file: file.into(), field: field.into(), message: format!("no {kind} {what:?}") }
+}
