@@ -24,7 +24,7 @@ pub struct CompiledState {
     pub endpoints: Vec<EndpointState>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpcacheEntry {
     pub cidr: IpNet,

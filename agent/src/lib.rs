@@ -6,4 +6,6 @@ pub mod compiled;
 pub mod datapath;
 pub mod flows;
 pub mod model;
+pub mod node;
 pub mod policy;
+pub mod source;

@@ -11,6 +11,12 @@ use portcullis_agent::{
     compiled::CompiledState,
     datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig},
     flows::{Flow, FlowReader, Names, monotonic_epoch},
+    node,
+    policy::Engine,
+    source::{
+        StateBuilder,
+        manifests::{self, ManifestsSource},
+    },
 };
 use tokio::sync::watch;
 
@@ -23,11 +29,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Enforce: load the datapath and keep the maps in line with the state.
+    /// Enforce: load the datapath and keep the maps in line with the cluster.
     Run {
-        /// Compiled endpoint state (JSON), re-read whenever it changes.
+        /// Kubernetes objects (Namespaces, Pods, NetworkPolicies as YAML) in
+        /// a directory, re-read whenever they change; a file `revision` in it
+        /// names the revision reported once enforced.
+        #[arg(long, conflicts_with = "state", required_unless_present = "state")]
+        manifests: Option<PathBuf>,
+        /// The node whose pods are this agent's endpoints (with --manifests).
+        #[arg(long, requires = "manifests", default_value = "node")]
+        node: String,
+        /// Compiled endpoint state (JSON) instead of objects, re-read whenever
+        /// it changes.
         #[arg(long)]
-        state: PathBuf,
+        state: Option<PathBuf>,
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -50,12 +65,67 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { state, pin_dir } => run(&state, pin_dir).await,
+        Command::Run { manifests, node, state, pin_dir } => {
+            let source = match (manifests, state) {
+                (Some(dir), _) => Source::Manifests {
+                    source: ManifestsSource::new(dir),
+                    engine: Engine::new(node),
+                    builder: StateBuilder::default(),
+                },
+                (None, Some(path)) => Source::StateFile { path, last: None },
+                (None, None) => anyhow::bail!("--manifests or --state is required"),
+            };
+            run(source, pin_dir).await
+        }
         Command::Uninstall { pin_dir } => uninstall(&pin_dir),
     }
 }
 
-async fn run(state_path: &Path, pin_dir: PathBuf) -> Result<()> {
+/// Where the state to enforce comes from.
+enum Source {
+    /// Objects in a directory, compiled by the engine.
+    Manifests { source: ManifestsSource, engine: Engine, builder: StateBuilder },
+    /// Compiled state written by someone else.
+    StateFile { path: PathBuf, last: Option<String> },
+}
+
+impl Source {
+    /// The state to enforce, and whether it is news (to report) rather than
+    /// a periodic re-check.
+    fn poll(&mut self) -> Option<(CompiledState, bool)> {
+        match self {
+            Source::Manifests { source, engine, builder } => {
+                let mut poll = source.poll();
+                for e in &poll.errors {
+                    tracing::error!("{e}");
+                }
+                let moved = manifests::feed(engine, &mut poll) || poll.revision_changed;
+                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses());
+                for e in &errors {
+                    tracing::debug!("{e}");
+                }
+                Some((state, moved))
+            }
+            Source::StateFile { path, last } => {
+                let text = std::fs::read_to_string(&*path).ok()?;
+                if last.as_ref() == Some(&text) {
+                    return None;
+                }
+                *last = Some(text.clone());
+                match serde_json::from_str::<CompiledState>(&text) {
+                    Ok(state) => Some((state, true)),
+                    // Keep enforcing the last good state.
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "invalid state, keeping the last good one");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn run(mut source: Source, pin_dir: PathBuf) -> Result<()> {
     let mut dp =
         Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).context("loading the datapath")?;
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
@@ -78,7 +148,6 @@ async fn run(state_path: &Path, pin_dir: PathBuf) -> Result<()> {
         }
     });
 
-    let mut last_text = None;
     let mut good: Option<CompiledState> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut ticks: u64 = 0;
@@ -88,47 +157,43 @@ async fn run(state_path: &Path, pin_dir: PathBuf) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
         ticks += 1;
-        let text = std::fs::read_to_string(state_path).ok();
-        if text.is_some() && text != last_text {
-            last_text = text.clone();
-            match serde_json::from_str::<CompiledState>(text.as_deref().unwrap_or_default()) {
-                Ok(state) => {
-                    let report = dp.apply(&state);
-                    names_tx.send_replace(Names::from_state(&state));
-                    for e in &report.errors {
-                        tracing::error!("{e}");
-                    }
-                    tracing::info!(
-                        revision = state.revision,
-                        endpoints = state.endpoints.len(),
-                        policy_entries = report.policy_entries,
-                        ipcache_entries = report.ipcache_entries,
-                        "enforced"
-                    );
-                    // A line the lab and tests wait for: the revision is in the maps.
-                    println!("enforced revision {}", state.revision);
-                    good = Some(state);
-                }
-                // Keep enforcing the last good state.
-                Err(e) => {
-                    tracing::error!(file = %state_path.display(), error = %e, "invalid state, keeping the last good one")
-                }
-            }
-        } else if ticks.is_multiple_of(10)
-            && let Some(state) = &good
-        {
+        let (state, news) = match source.poll() {
+            Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
-            let report = dp.apply(state);
-            if report.endpoints_written > 0 || report.endpoints_removed > 0 {
-                tracing::info!(
-                    written = report.endpoints_written,
-                    removed = report.endpoints_removed,
-                    "reconciled"
-                );
-                println!("enforced revision {} (reconciled)", state.revision);
-            }
+            None if ticks.is_multiple_of(10) => match &good {
+                Some(state) => (state.clone(), false),
+                None => continue,
+            },
+            None => continue,
+        };
+        if !news && !ticks.is_multiple_of(10) && good.as_ref() == Some(&state) {
+            continue;
         }
+        let report = dp.apply(&state);
+        for e in &report.errors {
+            tracing::error!("{e}");
+        }
+        names_tx.send_replace(Names::from_state(&state));
+        if news {
+            tracing::info!(
+                revision = state.revision,
+                endpoints = state.endpoints.len(),
+                policy_entries = report.policy_entries,
+                ipcache_entries = report.ipcache_entries,
+                "enforced"
+            );
+            // A line the lab and tests wait for: the revision is in the maps.
+            println!("enforced revision {}", state.revision);
+        } else if report.endpoints_written > 0 || report.endpoints_removed > 0 {
+            tracing::info!(
+                written = report.endpoints_written,
+                removed = report.endpoints_removed,
+                "reconciled"
+            );
+            println!("enforced revision {} (reconciled)", state.revision);
+        }
+        good = Some(state);
     }
     printer.abort();
     // Pins keep enforcing after we exit; `agent uninstall` removes them.

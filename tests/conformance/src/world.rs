@@ -34,7 +34,11 @@ pub struct WorldPod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<PortSpec>,
+    /// The address in the run's family (probes and templates use it).
     pub ip: IpAddr,
+    /// Both addresses: pods are dual-stack.
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
 }
 
 impl WorldPod {
@@ -48,7 +52,7 @@ impl WorldPod {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             labels: self.labels.clone().into(),
-            ips: vec![self.ip],
+            ips: vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)],
             node: Some(NODE.into()),
             host_network: false,
             ports: self
@@ -80,6 +84,8 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<WorldPod>,
     pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    /// The policies as applied (templates resolved), for the API or files.
+    pub api_policies: BTreeMap<ObjectKey, serde_yaml_ng::Value>,
 }
 
 /// One probe's pairs: `(client, server, server port)`.
@@ -141,14 +147,23 @@ impl World {
             .enumerate()
             .map(|(k, (namespace, name, labels, ports))| {
                 let n = k as u16 + 1;
+                let ipv4 = Ipv4Addr::new(10, 64, (n >> 8) as u8, n as u8);
+                let ipv6 = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, n);
                 let ip = match family {
-                    Family::V4 => IpAddr::V4(Ipv4Addr::new(10, 64, (n >> 8) as u8, n as u8)),
-                    Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, n)),
+                    Family::V4 => IpAddr::V4(ipv4),
+                    Family::V6 => IpAddr::V6(ipv6),
                 };
-                WorldPod { namespace, name, labels, ports, ip }
+                WorldPod { namespace, name, labels, ports, ip, ipv4, ipv6 }
             })
             .collect();
-        World { file: case.file.clone(), family, namespaces, pods, policies: BTreeMap::new() }
+        World {
+            file: case.file.clone(),
+            family,
+            namespaces,
+            pods,
+            policies: BTreeMap::new(),
+            api_policies: BTreeMap::new(),
+        }
     }
 
     /// Everything as engine changes (the initial load).
@@ -214,6 +229,7 @@ impl World {
                 );
             }
             let key = (ns.to_string(), name.to_string());
+            self.api_policies.remove(&key);
             if self.policies.remove(&key).is_none() {
                 notes.push(format!("delete {d}: not found"));
             }
@@ -226,11 +242,13 @@ impl World {
             if kind != "NetworkPolicy" {
                 return Err(self.invalid(format!("{field}.kind"), format!("unsupported kind {kind:?}")));
             }
-            let api: net::NetworkPolicy =
-                serde_yaml_ng::from_value(object).map_err(|e| self.invalid(field.clone(), e.to_string()))?;
+            let api: net::NetworkPolicy = serde_yaml_ng::from_value(object.clone())
+                .map_err(|e| self.invalid(field.clone(), e.to_string()))?;
             match network_policy_from_api(&api) {
                 Ok(policy) => {
-                    self.policies.insert((policy.namespace.clone(), policy.name.clone()), policy.clone());
+                    let key = (policy.namespace.clone(), policy.name.clone());
+                    self.api_policies.insert(key.clone(), object);
+                    self.policies.insert(key, policy.clone());
                     changes.push(Change::UpsertPolicy(policy));
                 }
                 // The API server would refuse it; nothing changes.
@@ -327,4 +345,55 @@ impl World {
 
 fn self_invalid(file: &str, field: &str, what: &str, kind: &str) -> CaseError {
     CaseError::Invalid { file: file.into(), field: field.into(), message: format!("no {kind} {what:?}") }
+}
+
+impl World {
+    /// Every object as Kubernetes would hold it (multi-document YAML):
+    /// namespaces, pods on `NODE` with their addresses and container ports,
+    /// and the applied policies.
+    pub fn manifests(&self) -> String {
+        let mut docs: Vec<serde_json::Value> = Vec::new();
+        for (name, labels) in &self.namespaces {
+            docs.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": labels},
+            }));
+        }
+        for pod in &self.pods {
+            let ports: Vec<serde_json::Value> = pod
+                .ports
+                .iter()
+                .map(|p| {
+                    let mut port = serde_json::json!({
+                        "containerPort": p.port,
+                        "protocol": format!("{:?}", p.protocol.model()).to_uppercase(),
+                    });
+                    if let Some(name) = &p.name {
+                        port["name"] = serde_json::Value::String(name.clone());
+                    }
+                    port
+                })
+                .collect();
+            docs.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
+                "spec": {"nodeName": NODE, "containers": [{"name": "server", "image": "server", "ports": ports}]},
+                "status": {
+                    "phase": "Running",
+                    "podIP": pod.ip.to_string(),
+                    "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}],
+                },
+            }));
+        }
+        let mut out = String::new();
+        for doc in docs {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml_ng::to_string(&doc).unwrap_or_default());
+        }
+        for policy in self.api_policies.values() {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml_ng::to_string(policy).unwrap_or_default());
+        }
+        out
+    }
 }

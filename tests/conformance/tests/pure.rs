@@ -13,7 +13,8 @@ use portcullis_conformance::{
 fn every_case_passes_over_both_families() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases");
     let files = case_files(&[dir]).expect("case directory");
-    assert!(!files.is_empty());
+    // The public examples and the 48 upstream e2e cases, at least.
+    assert!(files.len() >= 53, "only {} case files", files.len());
     let (mut passed, mut failed) = (0, Vec::new());
     for file in &files {
         let case = Case::load(file).unwrap_or_else(|e| panic!("{e}"));
@@ -26,6 +27,7 @@ fn every_case_passes_over_both_families() {
         }
     }
     assert!(failed.is_empty(), "{passed} passed, {} failed:\n{}", failed.len(), failed.join("\n"));
+    assert_eq!(passed, files.len() * 2);
 }
 
 #[test]

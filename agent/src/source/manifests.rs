@@ -1,0 +1,161 @@
+//! The manifests source: Kubernetes objects (Namespaces, Pods,
+//! NetworkPolicies; multi-document YAML) in a directory, as the lab and the
+//! conformance runner hand them to the agent when there is no API server.
+//! Each poll turns what changed into engine changes; an invalid object is
+//! reported and its last good version stays.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
+
+use crate::{
+    model::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api},
+    policy::{Change, Engine},
+};
+
+/// `(kind, namespace, name)`.
+type ObjectId = (String, String, String);
+
+pub struct ManifestsSource {
+    dir: PathBuf,
+    /// Objects as last read (their YAML), to see what changed.
+    seen: BTreeMap<ObjectId, serde_yaml_ng::Value>,
+    /// The revision the directory declares (file `revision`), reported once
+    /// everything read with it is enforced.
+    pub revision: u64,
+}
+
+/// What one poll found.
+#[derive(Default)]
+pub struct Poll {
+    pub changes: Vec<Change>,
+    /// Objects left at their last good version (or out), and why.
+    pub errors: Vec<String>,
+    /// The directory's revision moved (even if no object did).
+    pub revision_changed: bool,
+}
+
+impl ManifestsSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestsSource { dir: dir.into(), seen: BTreeMap::new(), revision: 0 }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory and returns the changes since the last poll.
+    pub fn poll(&mut self) -> Poll {
+        let mut poll = Poll::default();
+        let mut now: BTreeMap<ObjectId, serde_yaml_ng::Value> = BTreeMap::new();
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(e) => {
+                poll.errors.push(format!("{}: {e}", self.dir.display()));
+                return poll;
+            }
+        };
+        files.sort();
+        let mut revision = self.revision;
+        for file in files {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name == "revision" {
+                match std::fs::read_to_string(&file).map(|t| t.trim().parse::<u64>()) {
+                    Ok(Ok(r)) => revision = r,
+                    _ => poll.errors.push(format!("{}: not a revision number", file.display())),
+                }
+                continue;
+            }
+            if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&file) else { continue };
+            for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+                let value = match serde::Deserialize::deserialize(doc) {
+                    Ok(serde_yaml_ng::Value::Null) => continue,
+                    Ok(v) => v,
+                    Err(e) => {
+                        poll.errors.push(format!("{} document {i}: {e}", file.display()));
+                        continue;
+                    }
+                };
+                let field = |f: &str| value.get("metadata").and_then(|m| m.get(f)).and_then(|v| v.as_str());
+                let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+                let id = (
+                    kind,
+                    field("namespace").unwrap_or_default().into(),
+                    field("name").unwrap_or_default().into(),
+                );
+                now.insert(id, value);
+            }
+        }
+        poll.revision_changed = revision != self.revision;
+        self.revision = revision;
+
+        // Deletions first (a recreated object comes back below).
+        let gone: Vec<ObjectId> = self.seen.keys().filter(|id| !now.contains_key(*id)).cloned().collect();
+        for id in gone {
+            self.seen.remove(&id);
+            let (kind, ns, name) = id;
+            match kind.as_str() {
+                "Namespace" => poll.changes.push(Change::DeleteNamespace(name)),
+                "Pod" => poll.changes.push(Change::DeletePod(crate::model::PodKey { namespace: ns, name })),
+                "NetworkPolicy" => poll.changes.push(Change::DeletePolicy((ns, name))),
+                _ => {}
+            }
+        }
+        // Namespaces before the pods and policies in them.
+        let order = |kind: &str| match kind {
+            "Namespace" => 0,
+            "Pod" => 1,
+            _ => 2,
+        };
+        let mut fresh: Vec<(ObjectId, serde_yaml_ng::Value)> =
+            now.into_iter().filter(|(id, v)| self.seen.get(id) != Some(v)).collect();
+        fresh.sort_by_key(|((kind, _, _), _)| order(kind));
+        for (id, value) in fresh {
+            match convert(&id.0, value.clone()) {
+                Ok(Some(change)) => {
+                    poll.changes.push(change);
+                    self.seen.insert(id, value);
+                }
+                Ok(None) => {
+                    self.seen.insert(id, value);
+                }
+                // The last good version (if any) stays enforced.
+                Err(e) => poll.errors.push(e),
+            }
+        }
+        poll
+    }
+}
+
+fn convert(kind: &str, value: serde_yaml_ng::Value) -> Result<Option<Change>, String> {
+    fn parse<T: serde::de::DeserializeOwned>(kind: &str, value: serde_yaml_ng::Value) -> Result<T, String> {
+        serde_yaml_ng::from_value(value).map_err(|e| format!("{kind}: {e}"))
+    }
+    let model = |e: ModelError| e.to_string();
+    Ok(Some(match kind {
+        "Namespace" => Change::UpsertNamespace(
+            namespace_from_api(&parse::<core::Namespace>(kind, value)?).map_err(model)?,
+        ),
+        "Pod" => Change::UpsertPod(pod_from_api(&parse::<core::Pod>(kind, value)?).map_err(model)?),
+        "NetworkPolicy" => Change::UpsertPolicy(
+            network_policy_from_api(&parse::<net::NetworkPolicy>(kind, value)?).map_err(model)?,
+        ),
+        // Services come with the Services issue; other kinds are not ours.
+        _ => return Ok(None),
+    }))
+}
+
+/// Applies a poll's changes to the engine; returns whether anything moved.
+pub fn feed(engine: &mut Engine, poll: &mut Poll) -> bool {
+    if poll.changes.is_empty() {
+        return false;
+    }
+    let diff = engine.apply(std::mem::take(&mut poll.changes));
+    !diff.is_empty()
+}
