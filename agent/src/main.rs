@@ -69,7 +69,7 @@ async fn main() -> Result<()> {
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
                     source: ManifestsSource::new(dir),
-                    engine: Engine::new(node),
+                    engine: Box::new(Engine::new(node)),
                     builder: StateBuilder::default(),
                 },
                 (None, Some(path)) => Source::StateFile { path, last: None },
@@ -84,7 +84,7 @@ async fn main() -> Result<()> {
 /// Where the state to enforce comes from.
 enum Source {
     /// Objects in a directory, compiled by the engine.
-    Manifests { source: ManifestsSource, engine: Engine, builder: StateBuilder },
+    Manifests { source: ManifestsSource, engine: Box<Engine>, builder: StateBuilder },
     /// Compiled state written by someone else.
     StateFile { path: PathBuf, last: Option<String> },
 }
