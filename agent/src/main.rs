@@ -148,13 +148,18 @@ async fn run(mut source: Source, pin_dir: PathBuf) -> Result<()> {
         }
     });
 
+    // Made once, so a signal that arrives while a pass runs is not lost.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut good: Option<CompiledState> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
         }
         ticks += 1;
         let (state, news) = match source.poll() {

@@ -170,6 +170,12 @@ fn neighbour_discovery_arp_and_node_always_pass() {
             let nd = Frame { hop_limit: 255, ..Frame::icmp(ip("fe80::1"), ip("fd00::2"), ty) };
             assert_eq!(ingress(dp, nd), TC_PASS, "ICMPv6 type {ty}");
         }
+        // MLD reports to a link-scope group pass; with a routable hop limit
+        // or a global destination they are just ICMPv6.
+        let mld = |hop_limit: u8, dst: &str| Frame { hop_limit, ..Frame::icmp(ip("fe80::1"), ip(dst), 143) };
+        assert_eq!(ingress(dp, mld(1, "ff02::16")), TC_PASS, "MLDv2 report");
+        assert_eq!(ingress(dp, mld(64, "ff02::16")), TC_ACT_SHOT, "MLD-looking, routed");
+        assert_eq!(ingress(dp, mld(1, "ff0e::16")), TC_ACT_SHOT, "MLD-looking, global group");
         // Not from the link (hop limit below 255): not neighbour discovery.
         let routed = Frame { hop_limit: 64, ..Frame::icmp(ip("fe80::1"), ip("fd00::2"), 135) };
         assert_eq!(ingress(dp, routed), TC_ACT_SHOT, "routed ND-looking packet");
@@ -177,7 +183,7 @@ fn neighbour_discovery_arp_and_node_always_pass() {
         assert_eq!(ingress(dp, echo), TC_ACT_SHOT, "echo is not neighbour discovery");
         assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.254"), ip("10.0.0.2"), 10250)), TC_PASS, "node");
         let drops = events();
-        assert_eq!(drops.len(), 2, "two drop events: {drops:?}");
+        assert_eq!(drops.len(), 4, "four drop events: {drops:?}");
     });
 }
 

@@ -63,6 +63,18 @@ mod datapath {
         pkt.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) && pkt.hop_limit == 255
     }
 
+    /// Multicast listener queries and reports (MLDv1 130-132, MLDv2 143):
+    /// hop limit 1 and a link-scope multicast destination (RFC 3810), so
+    /// they never leave the link either.
+    #[inline(always)]
+    fn is_multicast_listener_discovery(pkt: &Packet) -> bool {
+        pkt.protocol == IPPROTO_ICMPV6
+            && matches!(pkt.icmp_type, 130..=132 | 143)
+            && pkt.hop_limit == 1
+            && pkt.dst[0] == 0xff
+            && pkt.dst[1] & 0x0f == 0x02
+    }
+
     #[inline(always)]
     fn enforce(ctx: &TcContext, direction: u8) -> i32 {
         // SAFETY: the kernel hands TC programs a valid __sk_buff.
@@ -87,7 +99,7 @@ mod datapath {
             // Not isolated: the kernel deals with what we cannot parse.
             Parsed::OtherL3 | Parsed::Malformed => return TC_PASS,
         };
-        if is_neighbour_discovery(&pkt) {
+        if is_neighbour_discovery(&pkt) || is_multicast_listener_discovery(&pkt) {
             return TC_PASS;
         }
 

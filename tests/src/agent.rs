@@ -82,11 +82,25 @@ impl AgentProcess {
         out
     }
 
-    /// SIGINT, as Ctrl-C would; waits for the exit.
+    /// SIGINT, as Ctrl-C would; waits for the exit (and kills the agent if
+    /// it has not exited within five seconds).
     pub fn stop(&mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether the agent has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 }
 

@@ -154,6 +154,12 @@ impl Bed {
         let n = self.pods.len() + 1;
         let ipv4 = Ipv4Addr::new(10, 244, 0, n as u8);
         let ipv6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, n as u16);
+        self.add_pod_at(name, ipv4, ipv6)
+    }
+
+    /// Adds a pod with these addresses.
+    pub fn add_pod_at(&mut self, name: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) -> Result<&Pod> {
+        let n = self.pods.len() + 1;
         let netns = Netns::create(format!("{}-{name}", self.id))?;
         let host_if = format!("lxc{n}");
         self.wire(&netns, &host_if, ipv4, ipv6)?;

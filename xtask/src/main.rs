@@ -7,6 +7,7 @@
 //! - `cargo xtask bench`: the benchmarks, as tables with ratios to baselines
 //!   measured in the same run.
 
+mod conformance;
 mod lab;
 mod test;
 
@@ -17,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use portcullis_conformance::case::Target;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -27,10 +29,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the lab: pods as network namespaces, the agent enforcing policy.
-    Lab,
+    /// Run the lab: pods as network namespaces, the agent enforcing
+    /// NetworkPolicies, the tables and dropped flows after every step.
+    Lab {
+        /// Conformance cases to run instead of the seed scenario.
+        #[arg(long = "case")]
+        cases: Vec<PathBuf>,
+        /// Over IPv6.
+        #[arg(long)]
+        ipv6: bool,
+    },
     /// Run every test.
     Test,
+    /// Run conformance cases (tests/conformance/FORMAT.md) with real traffic.
+    Conformance {
+        /// Override every probe's target.
+        #[arg(long, value_parser = ["pod-ip", "service"])]
+        target: Option<String>,
+        /// Run the whole suite over IPv6.
+        #[arg(long)]
+        ipv6: bool,
+        /// How the agent learns the objects.
+        #[arg(long, default_value = "files", value_parser = ["files", "kube"])]
+        source: String,
+        /// Case files or directories.
+        paths: Vec<PathBuf>,
+    },
     /// Run the benchmarks (policy engine at cluster scale; datapath verdict
     /// cost, which needs root) and print their tables.
     Bench,
@@ -38,13 +62,43 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Lab => lab::run(),
+        Cmd::Lab { cases, ipv6 } => lab::run(cases, ipv6),
         Cmd::Test => test::run(),
+        Cmd::Conformance { target, ipv6, source, paths } => {
+            let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });
+            let code = conformance::run(conformance::Options { target, ipv6, source, paths })?;
+            std::process::exit(code);
+        }
         Cmd::Bench => {
             cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "policy_engine"])?;
             cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "datapath"])
         }
     }
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ctrl-C once: finish cleanly (the agent child stops too, so the run ends
+/// at its next wait, and every namespace, link and pin is removed). Twice:
+/// leave at once.
+pub fn handle_interrupts() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: cleaning up (Ctrl-C again to leave at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let _ = INSTALLED.set(());
+    Ok(())
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The workspace root.

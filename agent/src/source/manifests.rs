@@ -51,6 +51,17 @@ impl ManifestsSource {
     pub fn poll(&mut self) -> Poll {
         let mut poll = Poll::default();
         let mut now: BTreeMap<ObjectId, serde_yaml_ng::Value> = BTreeMap::new();
+        // The revision is read before the objects: a writer that replaces the
+        // objects and then the revision never has a new revision reported
+        // with old objects.
+        let mut revision = self.revision;
+        let revision_file = self.dir.join("revision");
+        if revision_file.exists() {
+            match std::fs::read_to_string(&revision_file).map(|t| t.trim().parse::<u64>()) {
+                Ok(Ok(r)) => revision = r,
+                _ => poll.errors.push(format!("{}: not a revision number", revision_file.display())),
+            }
+        }
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
             Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
             Err(e) => {
@@ -59,16 +70,8 @@ impl ManifestsSource {
             }
         };
         files.sort();
-        let mut revision = self.revision;
         for file in files {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if name == "revision" {
-                match std::fs::read_to_string(&file).map(|t| t.trim().parse::<u64>()) {
-                    Ok(Ok(r)) => revision = r,
-                    _ => poll.errors.push(format!("{}: not a revision number", file.display())),
-                }
-                continue;
-            }
             if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
                 continue;
             }

@@ -1,0 +1,303 @@
+//! `cargo xtask conformance`: conformance cases (tests/conformance/FORMAT.md)
+//! judged with real traffic. Each case gets its own node (a network
+//! namespace) with its pods as network namespaces on routed veths, serving
+//! TCP and UDP on their ports; the agent binary enforces, learning the
+//! objects from a manifests directory; after each step the runner waits for
+//! the agent's report that the step's revision is enforced, then probes every
+//! pair in parallel.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use portcullis_conformance::{
+    Case, CaseError,
+    case::{Probe, Protocol, Requirement, Target},
+    case_files,
+    expect::{Matrix, expected},
+    report::{CaseOutcome, ProbeResult, render},
+    world::{Family, World},
+};
+use portcullis_testbed::{Bed, PinDir, Transport, agent::AgentProcess, probe};
+
+use crate::{build_agent, handle_interrupts, interrupted, require_root};
+
+/// How long an unanswered probe waits before it counts as blocked.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long the agent may take to report a revision enforced.
+const ENFORCE_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Options {
+    pub target: Option<Target>,
+    pub ipv6: bool,
+    pub source: String,
+    pub paths: Vec<PathBuf>,
+}
+
+pub fn run(opts: Options) -> Result<i32> {
+    require_root("cargo xtask conformance")?;
+    handle_interrupts()?;
+    if opts.source != "files" {
+        bail!("--source {}: only `files` is available until the Kubernetes source lands", opts.source);
+    }
+    if opts.paths.is_empty() {
+        bail!("give case files or directories");
+    }
+    let agent = build_agent()?;
+    let family = if opts.ipv6 { Family::V6 } else { Family::V4 };
+    let files = case_files(&opts.paths).context("listing case files")?;
+    let (mut passed, mut failed, mut skipped, mut malformed) = (0, 0, 0, 0);
+    let started = Instant::now();
+    for file in files {
+        if interrupted() {
+            bail!("interrupted");
+        }
+        let case = match Case::load(&file) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("ERROR {e}");
+                malformed += 1;
+                continue;
+            }
+        };
+        let outcome = match run_case(&case, family, opts.target, &agent, Show::Outcome) {
+            Ok(o) => o,
+            Err(e) => match e.downcast::<CaseError>() {
+                Ok(case_error) => {
+                    println!("ERROR {case_error}");
+                    malformed += 1;
+                    continue;
+                }
+                // The lab could not run it: that fails the case, saying why.
+                Err(e) => {
+                    println!("FAIL {}: {e:#}", case.name);
+                    failed += 1;
+                    continue;
+                }
+            },
+        };
+        match &outcome {
+            CaseOutcome::Pass => passed += 1,
+            CaseOutcome::Fail(_) => failed += 1,
+            CaseOutcome::Skip(_) => skipped += 1,
+        }
+        print!("{}", render(&case.name, &outcome));
+    }
+    eprintln!("conformance: {:.0}s", started.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    Ok(if malformed > 0 {
+        2
+    } else if failed > 0 {
+        1
+    } else {
+        0
+    })
+}
+
+/// Why this machine's lab cannot run a case, if it cannot.
+fn skip_reason(case: &Case, target: Option<Target>) -> Option<String> {
+    if case.requires.contains(&Requirement::Sctp) {
+        return Some(if kernel_has_sctp() {
+            "the lab's servers do not speak SCTP yet".into()
+        } else {
+            "this kernel has no SCTP (its policies are covered by the crafted-packet tests)".into()
+        });
+    }
+    let service = |p: &Probe| target.unwrap_or(p.target) == Target::Service;
+    if case.steps.iter().flat_map(|s| &s.probes).any(service) {
+        return Some("Service targets need the Services datapath (not yet)".into());
+    }
+    None
+}
+
+fn kernel_has_sctp() -> bool {
+    // SAFETY: plain socket(2); the descriptor is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    true
+}
+
+fn bed_name(id: &str) -> String {
+    id.replace('/', "-")
+}
+
+/// How much a run shows while it goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// Only the outcome (the conformance runner).
+    Outcome,
+    /// Every step: what changed, the tables and the dropped flows (the lab).
+    Steps,
+}
+
+pub fn run_case(
+    case: &Case,
+    family: Family,
+    target: Option<Target>,
+    agent: &Path,
+    show: Show,
+) -> Result<CaseOutcome> {
+    if let Some(why) = skip_reason(case, target) {
+        return Ok(CaseOutcome::Skip(why));
+    }
+    let mut world = World::new(case, family, false);
+    let mut bed = Bed::new()?;
+    for pod in &world.pods {
+        bed.add_pod_at(&bed_name(&pod.id()), pod.ipv4, pod.ipv6)?;
+        let ports: BTreeSet<u16> = pod.ports.iter().map(|p| p.port).collect();
+        for port in ports {
+            bed.serve(&bed_name(&pod.id()), port)?;
+        }
+    }
+    let pins = PinDir::new();
+    let dir = std::env::temp_dir().join(format!("portcullis-{}-manifests", bed.id));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let write = |world: &World, revision: usize| -> Result<()> {
+        atomic_write(&dir.join("objects.yaml"), world.manifests().as_bytes())?;
+        atomic_write(&dir.join("revision"), revision.to_string().as_bytes())
+    };
+    write(&world, 1)?;
+    let args = [
+        "run".as_ref(),
+        "--manifests".as_ref(),
+        dir.as_os_str(),
+        "--pin-dir".as_ref(),
+        pins.path.as_os_str(),
+    ];
+    let mut agent = AgentProcess::start(&bed.node, agent, args)?;
+    agent.wait_for(&["enforced revision 1"], ENFORCE_TIMEOUT)?;
+
+    let mut failures = Vec::new();
+    for (s, step) in case.steps.iter().enumerate() {
+        let (_changes, notes) = world.step(s, step)?;
+        for n in notes {
+            eprintln!("  {}: step {}: {n}", case.name, s + 1);
+        }
+        let revision = s + 2;
+        write(&world, revision)?;
+        let enforced = agent.wait_for(&[&format!("enforced revision {revision}")], ENFORCE_TIMEOUT)?;
+        agent.take_new(Duration::ZERO);
+        if show == Show::Steps {
+            println!("\n== {} step {}: {}", case.name, s + 1, describe(step));
+            println!("agent: {enforced}");
+        }
+        for (p, probe) in step.probes.iter().enumerate() {
+            let (want, got) = probe_all(case, &world, &bed, s, p, probe)?;
+            let result = ProbeResult::new(s, p, probe, &world, want, got, vec![]);
+            if show == Show::Steps {
+                print!("{}", result.render());
+            }
+            if !result.passed() {
+                failures.push(result);
+            }
+        }
+        if show == Show::Steps {
+            let drops: Vec<String> = agent
+                .take_new(Duration::from_millis(200))
+                .into_iter()
+                .filter(|l| l.contains("DROPPED"))
+                .collect();
+            println!("  dropped flows ({}):", drops.len());
+            for line in drops {
+                println!("    {line}");
+            }
+        }
+    }
+    agent.stop();
+    Ok(if failures.is_empty() { CaseOutcome::Pass } else { CaseOutcome::Fail(failures) })
+}
+
+/// One line on what a step changes.
+fn describe(step: &portcullis_conformance::case::Step) -> String {
+    let mut parts = Vec::new();
+    for op in &step.label {
+        let who = op
+            .namespace
+            .as_ref()
+            .map(|n| format!("namespace {n}"))
+            .or(op.pod.as_ref().map(|p| format!("pod {p}")));
+        let set: Vec<String> =
+            op.set.iter().map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("(removed)"))).collect();
+        parts.push(format!("label {} {}", who.unwrap_or_default(), set.join(",")));
+    }
+    for d in &step.delete {
+        parts.push(format!("delete {d}"));
+    }
+    for object in &step.apply {
+        let meta =
+            |f: &str| object.get("metadata").and_then(|m| m.get(f)).and_then(|v| v.as_str()).unwrap_or("?");
+        let kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+        parts.push(format!("apply {kind} {}/{}", meta("namespace"), meta("name")));
+    }
+    if parts.is_empty() { "probe only".into() } else { parts.join("; ") }
+}
+
+/// Probes every pair of one probe at once; returns expected and observed.
+fn probe_all(
+    case: &Case,
+    world: &World,
+    bed: &Bed,
+    s: usize,
+    p: usize,
+    spec: &Probe,
+) -> Result<(Matrix, Matrix)> {
+    let transport = match spec.protocol {
+        Protocol::Tcp => Transport::Tcp,
+        Protocol::Udp => Transport::Udp,
+        Protocol::Sctp => bail!("SCTP probes are not supported by the lab"),
+    };
+    let mut want = Matrix::new();
+    let mut jobs = Vec::new();
+    for (c, srv, port) in world.pairs(spec) {
+        let (client, server) = (&world.pods[c], &world.pods[srv]);
+        let Some(expect) = expected(&spec.rules, &client.id(), &server.id()) else {
+            return Err(CaseError::Invalid {
+                file: case.file.clone(),
+                field: format!("steps[{s}].probes[{p}].expect"),
+                message: format!("no rule decides {} -> {}", client.id(), server.id()),
+            }
+            .into());
+        };
+        want.insert((client.id(), server.id()), expect);
+        jobs.push((client.id(), server.id(), server.ip, port));
+    }
+    let got: Matrix = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(client, server, ip, port)| {
+                let from = &bed.pod(&bed_name(&client)).netns;
+                scope.spawn(move || {
+                    let reply = probe(from, transport, ip, port, PROBE_TIMEOUT).ok().flatten();
+                    // Reached means the right server answered.
+                    let reached = reply.as_deref() == Some(bed_name(&server).as_str());
+                    ((client, server), reached)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    Ok((want, got))
+}
+
+fn atomic_write(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
