@@ -17,7 +17,7 @@ use portcullis_conformance::{
     Case, CaseError,
     case::{Probe, Protocol, Requirement, Target},
     case_files,
-    expect::{Matrix, expected},
+    expect::Matrix,
     report::{CaseOutcome, ProbeResult, render},
     world::{Family, World},
 };
@@ -190,7 +190,7 @@ pub fn run_case(
             println!("agent: {enforced}");
         }
         for (p, probe) in step.probes.iter().enumerate() {
-            let (want, got) = probe_all(case, &world, &bed, s, p, probe)?;
+            let (want, got) = probe_all(&world, &bed, s, p, probe)?;
             let result = ProbeResult::new(s, p, probe, &world, want, got, vec![]);
             if show == Show::Steps {
                 print!("{}", result.render());
@@ -241,14 +241,7 @@ fn describe(step: &portcullis_conformance::case::Step) -> String {
 }
 
 /// Probes every pair of one probe at once; returns expected and observed.
-fn probe_all(
-    case: &Case,
-    world: &World,
-    bed: &Bed,
-    s: usize,
-    p: usize,
-    spec: &Probe,
-) -> Result<(Matrix, Matrix)> {
+fn probe_all(world: &World, bed: &Bed, s: usize, p: usize, spec: &Probe) -> Result<(Matrix, Matrix)> {
     let transport = match spec.protocol {
         Protocol::Tcp => Transport::Tcp,
         Protocol::Udp => Transport::Udp,
@@ -256,18 +249,10 @@ fn probe_all(
     };
     let mut want = Matrix::new();
     let mut jobs = Vec::new();
-    for (c, srv, port) in world.pairs(spec) {
-        let (client, server) = (&world.pods[c], &world.pods[srv]);
-        let Some(expect) = expected(&spec.rules, &client.id(), &server.id()) else {
-            return Err(CaseError::Invalid {
-                file: case.file.clone(),
-                field: format!("steps[{s}].probes[{p}].expect"),
-                message: format!("no rule decides {} -> {}", client.id(), server.id()),
-            }
-            .into());
-        };
-        want.insert((client.id(), server.id()), expect);
-        jobs.push((client.id(), server.id(), server.ip, port));
+    for pair in world.pairs(s, p, spec)? {
+        let (client, server) = (&world.pods[pair.client], &world.pods[pair.server]);
+        want.insert((client.id(), server.id()), pair.expect);
+        jobs.push((client.id(), server.id(), server.ip, pair.port));
     }
     let got: Matrix = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs

@@ -7,9 +7,9 @@ use portcullis_agent::policy::{Engine, Simulation, oracle};
 
 use crate::{
     case::{Case, CaseError},
-    expect::{Matrix, expected},
+    expect::Matrix,
     report::{CaseOutcome, ProbeResult},
-    world::{Family, NODE, World},
+    world::{Family, NODE, Pair, World},
 };
 
 pub fn run(case: &Case, family: Family) -> Result<CaseOutcome, CaseError> {
@@ -28,15 +28,8 @@ pub fn run(case: &Case, family: Family) -> Result<CaseOutcome, CaseError> {
         let cluster = engine.cluster();
         for (p, probe) in step.probes.iter().enumerate() {
             let (mut want, mut got, mut disagreements) = (Matrix::new(), Matrix::new(), Vec::new());
-            for (c, srv, port) in world.pairs(probe) {
+            for Pair { client: c, server: srv, port, expect } in world.pairs(s, p, probe)? {
                 let (client, server) = (&world.pods[c], &world.pods[srv]);
-                let Some(expect) = expected(&probe.rules, &client.id(), &server.id()) else {
-                    return Err(CaseError::Invalid {
-                        file: case.file.clone(),
-                        field: format!("steps[{s}].probes[{p}].expect"),
-                        message: format!("no rule decides {} -> {}", client.id(), server.id()),
-                    });
-                };
                 let (cp, sp) = (&cluster.pods[&world.pod_key(c)], &cluster.pods[&world.pod_key(srv)]);
                 let (a, b) = (oracle::Party::Pod(cp, client.ip), oracle::Party::Pod(sp, server.ip));
                 let protocol = probe.protocol.model();

@@ -17,7 +17,10 @@ use portcullis_agent::{
     policy::Change,
 };
 
-use crate::case::{Case, CaseError, PortSpec, Probe, ProbePort, Protocol, Step};
+use crate::{
+    case::{Case, CaseError, PortSpec, Probe, ProbePort, Protocol, Step},
+    expect::expected,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -88,8 +91,14 @@ pub struct World {
     pub api_policies: BTreeMap<ObjectKey, serde_yaml_ng::Value>,
 }
 
-/// One probe's pairs: `(client, server, server port)`.
-pub type Pairs = Vec<(usize, usize, u16)>;
+/// One pair of a probe and what the case expects of it.
+pub struct Pair {
+    pub client: usize,
+    pub server: usize,
+    /// The server's port for the probe (a named port resolved on it).
+    pub port: u16,
+    pub expect: bool,
+}
 
 /// Labels as a case writes them.
 type StringMap = BTreeMap<String, String>;
@@ -317,19 +326,23 @@ impl World {
         Ok(out)
     }
 
-    /// Pairs of a probe: every client with every server of the port, itself
-    /// excepted.
-    pub fn pairs(&self, probe: &Probe) -> Pairs {
+    /// Pairs of probe `p` of step `s`: every client with every server of the
+    /// port, itself excepted, each with the verdict the rules expect.
+    pub fn pairs(&self, s: usize, p: usize, probe: &Probe) -> Result<Vec<Pair>, CaseError> {
         let mut out = Vec::new();
-        for (s, server) in self.pods.iter().enumerate() {
+        for (srv, server) in self.pods.iter().enumerate() {
             let Some(port) = server.serves(&probe.port, probe.protocol) else { continue };
-            for c in 0..self.pods.len() {
-                if c != s {
-                    out.push((c, s, port));
-                }
+            for (c, client) in self.pods.iter().enumerate().filter(|(c, _)| *c != srv) {
+                let expect = expected(&probe.rules, &client.id(), &server.id()).ok_or_else(|| {
+                    self.invalid(
+                        format!("steps[{s}].probes[{p}].expect"),
+                        format!("no rule decides {} -> {}", client.id(), server.id()),
+                    )
+                })?;
+                out.push(Pair { client: c, server: srv, port, expect });
             }
         }
-        out
+        Ok(out)
     }
 
     pub fn pod_key(&self, index: usize) -> PodKey {
