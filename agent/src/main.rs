@@ -46,6 +46,10 @@ enum Command {
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Cut tracked flows that a policy change no longer allows (their
+        /// next packet meets the new policy).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        revoke_flows: bool,
     },
     /// Stop enforcing on this node: remove every pinned map and link.
     Uninstall {
@@ -65,7 +69,7 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, node, state, pin_dir } => {
+        Command::Run { manifests, node, state, pin_dir, revoke_flows } => {
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
                     source: ManifestsSource::new(dir),
@@ -75,7 +79,7 @@ async fn main() -> Result<()> {
                 (None, Some(path)) => Source::StateFile { path, last: None },
                 (None, None) => anyhow::bail!("--manifests or --state is required"),
             };
-            run(source, pin_dir).await
+            run(source, pin_dir, revoke_flows).await
         }
         Command::Uninstall { pin_dir } => uninstall(&pin_dir),
     }
@@ -125,7 +129,7 @@ impl Source {
     }
 }
 
-async fn run(mut source: Source, pin_dir: PathBuf) -> Result<()> {
+async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result<()> {
     let mut dp =
         Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).context("loading the datapath")?;
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
@@ -180,6 +184,12 @@ async fn run(mut source: Source, pin_dir: PathBuf) -> Result<()> {
             tracing::error!("{e}");
         }
         names_tx.send_replace(Names::from_state(&state));
+        if revoke_flows && (news || report.endpoints_written > 0 || report.endpoints_removed > 0) {
+            let revoked = dp.revoke_flows();
+            if revoked > 0 {
+                tracing::info!(revoked, "cut tracked flows the policy no longer allows");
+            }
+        }
         if news {
             tracing::info!(
                 revision = state.revision,

@@ -397,3 +397,29 @@ fn a_restarted_agent_replaces_the_state_it_finds() {
         .expect("test body");
     }
 }
+
+/// A policy change cuts the tracked flows it no longer allows, and only those.
+#[test]
+fn revoking_a_rule_cuts_its_tracked_flows() {
+    with_datapath(backend_state(default_rules()), |dp, _| {
+        let (fe, admin, backend) = (ip("10.0.0.1"), ip("10.0.0.3"), ip("10.0.0.2"));
+        let flow = Frame { src_port: 45000, ..Frame::tcp(fe, backend, 80) };
+        let other = Frame { src_port: 45001, ..Frame::tcp(admin, backend, 8080) };
+        assert_eq!(ingress(dp, flow.clone()), TC_PASS);
+        assert_eq!(ingress(dp, other.clone()), TC_PASS);
+        // The endpoint's own outgoing flow: egress is not isolated.
+        let out = Frame { src_port: 46000, ..Frame::tcp(backend, ip("192.0.2.1"), 443) };
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_PASS);
+
+        // Frontend loses TCP/80; admin keeps its range.
+        let mut rules = default_rules();
+        rules.retain(|r| r.peer != FRONTEND);
+        let report = dp.apply(&backend_state(rules));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(dp.revoke_flows(), 1, "exactly the frontend flow");
+        assert_eq!(ingress(dp, flow), TC_ACT_SHOT, "the tracked flow is cut");
+        assert_eq!(ingress(dp, other), TC_PASS, "still allowed");
+        let reply = Frame { src_port: 443, ..Frame::tcp(ip("192.0.2.1"), backend, 46000) };
+        assert_eq!(ingress(dp, reply), TC_PASS, "replies of the endpoint's own flow still pass");
+    });
+}

@@ -8,7 +8,7 @@ use portcullis_agent::compiled::{
     AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
 };
 use portcullis_testbed::{
-    Bed, NODE_IPV4, PinDir, Transport,
+    Bed, Conversation, NODE_IPV4, PinDir, Transport,
     agent::{AgentProcess, StateFile},
     probe,
 };
@@ -72,10 +72,19 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     bed.serve("backend", 80).expect("serve");
     bed.serve("backend", 53).expect("serve");
     bed.serve("frontend", 80).expect("serve");
+    bed.serve_echo("backend", 8080).expect("serve echo");
     let pins = PinDir::new();
     let file = StateFile::new(&bed.id).expect("state file");
     let write = |s: &CompiledState| file.write(&serde_json::to_vec(s).expect("json")).expect("write state");
-    write(&state(&bed, 1, vec![allow(FRONTEND, Protocol::Tcp, 80), allow(FRONTEND, Protocol::Udp, 53)]));
+    write(&state(
+        &bed,
+        1,
+        vec![
+            allow(FRONTEND, Protocol::Tcp, 80),
+            allow(FRONTEND, Protocol::Udp, 53),
+            allow(FRONTEND, Protocol::Tcp, 8080),
+        ],
+    ));
 
     let binary = Path::new(env!("CARGO_BIN_EXE_agent"));
     let state_path = file.path();
@@ -115,10 +124,16 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     wait(&mut agent, &drop80, 5);
     wait(&mut agent, &["default/other:", "-> default/backend:53", "DROPPED (UDP)"], 5);
 
-    // A new revision revokes TCP/80 from frontend.
+    // A long-lived connection, allowed now.
+    let mut talk = Conversation::open(&bed.pod("frontend").netns, b4, 8080, DENIED).expect("connect to echo");
+    assert!(talk.exchange("before"), "the established connection works");
+
+    // A new revision revokes TCP/80 and TCP/8080 from frontend: new
+    // connections are refused, and the established one is cut.
     write(&state(&bed, 2, vec![allow(FRONTEND, Protocol::Udp, 53)]));
     wait(&mut agent, &["enforced revision 2"], 10);
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "revoked");
+    assert!(!talk.exchange("after"), "the established connection is cut");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed");
 
     // The backend's sandbox restarts: same veth name, new interface. The

@@ -211,11 +211,51 @@ impl Bed {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// Starts TCP and UDP echo servers on `port` (both families) in a pod.
+    /// Starts a TCP echo server on `port` that keeps its connections open.
+    pub fn serve_echo(&mut self, pod: &str, port: u16) -> Result<()> {
+        let server = Server::echo(&self.pod(pod).netns, port)?;
+        self.servers.push(server);
+        Ok(())
+    }
+
+    /// Starts TCP and UDP servers on `port` (both families) in a pod that
+    /// answer with its name.
     pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
         let server = Server::start(&self.pod(pod).netns, pod.to_string(), port)?;
         self.servers.push(server);
         Ok(())
+    }
+}
+
+/// A long-lived TCP connection from a pod, for tests of established flows.
+pub struct Conversation {
+    stream: TcpStream,
+}
+
+impl Conversation {
+    /// Connects from `from` to an echo server (`Bed::serve_echo`).
+    pub fn open(from: &Netns, addr: IpAddr, port: u16, timeout: Duration) -> Result<Conversation> {
+        let target = SocketAddr::new(addr, port);
+        let stream = from.run(move || TcpStream::connect_timeout(&target, timeout))??;
+        stream.set_read_timeout(Some(timeout))?;
+        Ok(Conversation { stream })
+    }
+
+    /// Sends a line and waits for its echo: whether it came back.
+    pub fn exchange(&mut self, line: &str) -> bool {
+        let msg = format!("{line}\n");
+        if self.stream.write_all(msg.as_bytes()).is_err() {
+            return false;
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.len() < msg.len() {
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got == msg.as_bytes()
     }
 }
 
@@ -257,6 +297,48 @@ impl Server {
             }
         });
         Ok(Server { stop, threads: vec![t1, t2] })
+    }
+}
+
+impl Server {
+    fn echo(netns: &Netns, port: u16) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let tcp = netns.run(move || TcpListener::bind(any))??;
+        tcp.set_nonblocking(true)?;
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut conn, _)) => {
+                        let s = s.clone();
+                        std::thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                            let mut buf = [0u8; 256];
+                            while !s.load(Ordering::Relaxed) {
+                                match conn.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(n) => {
+                                        if conn.write_all(&buf[..n]).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Server { stop, threads: vec![thread] })
     }
 }
 

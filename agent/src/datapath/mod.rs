@@ -3,6 +3,7 @@
 //! state into the maps, and read flow events.
 
 mod attach;
+mod conntrack;
 pub mod keys;
 mod writer;
 
@@ -14,7 +15,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use portcullis_common::{
-    CidrKey, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
+    CidrKey, CtKey, CtValue, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
 };
 
 pub use attach::AttachError;
@@ -114,6 +115,7 @@ pub(crate) struct Maps {
     ipcache: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     cidr: LpmTrie<MapData, CidrKey, u32>,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
 }
 
 pub struct Datapath {
@@ -154,6 +156,7 @@ impl Datapath {
             ipcache: take_map(&mut ebpf, map_names::IPCACHE)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
             cidr: take_map(&mut ebpf, map_names::CIDR)?,
+            conntrack: take_map(&mut ebpf, map_names::CT)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
         let mut dp =

@@ -49,14 +49,14 @@ pub enum WriteError {
 
 #[derive(Default)]
 pub(crate) struct Loaded {
-    endpoints: BTreeMap<u16, LoadedEndpoint>,
-    ipcache: BTreeMap<(u32, IpKey), u32>,
+    pub(super) endpoints: BTreeMap<u16, LoadedEndpoint>,
+    pub(super) ipcache: BTreeMap<(u32, IpKey), u32>,
 }
 
-struct LoadedEndpoint {
+pub(super) struct LoadedEndpoint {
     ifindex: u32,
-    info: EndpointInfo,
-    keys: EndpointKeys,
+    pub(super) info: EndpointInfo,
+    pub(super) keys: EndpointKeys,
     /// Programs attached to `ifindex` (retried on every pass until they are).
     attached: bool,
 }

@@ -1,0 +1,89 @@
+//! Revoking tracked flows: after a policy change, every conntrack entry of an
+//! isolated direction is judged again by the loaded entries, as the programs
+//! would judge a new flow; entries the policy no longer allows are deleted, so
+//! the flow's next packet meets the policy and is dropped. Entries of
+//! endpoints that are gone go too.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use portcullis_common::{
+    AF_INET, CtKey, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IpKey, identity,
+};
+
+use super::{
+    Datapath,
+    keys::{Probe, lookup},
+};
+
+fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    }
+}
+
+impl Datapath {
+    /// The identity the programs would give `ip` (longest ipcache prefix).
+    fn identity_of(&self, family: u8, raw: &[u8; 16]) -> u32 {
+        let bits = if family == AF_INET { 32 } else { 128 };
+        self.loaded
+            .ipcache
+            .iter()
+            .filter(|((prefix, key), _)| {
+                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
+                key.family == family && len <= bits && prefix_eq(&key.addr, raw, len)
+            })
+            .max_by_key(|((prefix, _), _)| *prefix)
+            .map_or(identity::WORLD, |(_, id)| *id)
+    }
+
+    /// Deletes the conntrack entries the loaded policy no longer allows;
+    /// returns how many.
+    pub fn revoke_flows(&mut self) -> usize {
+        let entries: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
+        let mut revoked = 0;
+        for key in entries {
+            if !self.flow_allowed(&key) && self.maps.conntrack.remove(&key).is_ok() {
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    fn flow_allowed(&self, key: &CtKey) -> bool {
+        let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
+        let isolated = if key.direction == DIR_INGRESS {
+            ep.info.flags & EP_ISOLATED_INGRESS != 0
+        } else {
+            ep.info.flags & EP_ISOLATED_EGRESS != 0
+        };
+        if !isolated {
+            return true;
+        }
+        // The entry holds the tuple of the flow's first packet.
+        let remote = if key.direction == DIR_INGRESS { &key.src_addr } else { &key.dst_addr };
+        let remote_identity = self.identity_of(key.family, remote);
+        if key.direction == DIR_INGRESS && remote_identity == identity::HOST {
+            return true;
+        }
+        let probe = Probe {
+            direction: key.direction,
+            remote_identity,
+            remote_ip: addr(key.family, remote),
+            protocol: key.protocol,
+            port: key.dst_port,
+        };
+        lookup(&ep.keys, key.endpoint_id, probe).is_some()
+    }
+}
+
+/// Do the first `bits` bits of `a` and `b` agree?
+fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
+    let full = (bits / 8) as usize;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
+}
