@@ -12,7 +12,7 @@ use portcullis_common::{
 
 use super::{
     Datapath,
-    keys::{Probe, lookup},
+    keys::{Probe, lookup, prefix_eq},
 };
 
 fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
@@ -76,14 +76,4 @@ impl Datapath {
         };
         lookup(&ep.keys, key.endpoint_id, probe).is_some()
     }
-}
-
-/// Do the first `bits` bits of `a` and `b` agree?
-fn prefix_eq(a: &[u8; 16], b: &[u8; 16], bits: u32) -> bool {
-    let full = (bits / 8) as usize;
-    if a[..full] != b[..full] {
-        return false;
-    }
-    let rest = bits % 8;
-    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
 }

@@ -132,7 +132,7 @@ fn cidr_bytes(k: &CidrKey) -> [u8; 24] {
 }
 
 /// Do the first `bits` bits of `a` and `b` agree?
-fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+pub(super) fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
     let full = (bits / 8) as usize;
     if a[..full] != b[..full] {
         return false;
