@@ -60,6 +60,7 @@ fn state(endpoint: bool, peers: u32) -> CompiledState {
                 name: "bench/server".into(),
                 interface: "lo".into(),
                 identity: 999,
+                addresses: vec![],
                 ingress: DirectionPolicy { isolated: true, allow, prefixes },
                 egress: DirectionPolicy::default(),
             }]

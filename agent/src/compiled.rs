@@ -44,6 +44,9 @@ pub struct EndpointState {
     /// Host-side interface of the pod.
     pub interface: String,
     pub identity: u32,
+    /// The pod's addresses; when given, it may send from these only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
     #[serde(default)]
     pub ingress: DirectionPolicy,
     #[serde(default)]

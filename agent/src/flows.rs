@@ -61,6 +61,7 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::POLICY_DENIED => "Policy denied",
         reason::MALFORMED => "Malformed packet",
         reason::UNSUPPORTED_L3 => "Unsupported L3 protocol",
+        reason::SPOOFED_SOURCE => "Invalid source ip",
         _ => "Unknown reason",
     }
 }

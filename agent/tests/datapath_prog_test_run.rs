@@ -54,6 +54,7 @@ fn backend_state(ingress: Vec<AllowEntry>) -> CompiledState {
             name: "default/backend".into(),
             interface: "lo".into(),
             identity: 400,
+            addresses: vec![ip("10.0.0.2"), ip("fd00::2"), ip("fd00:1::1"), ip("10.9.9.9")],
             ingress: DirectionPolicy { isolated: true, allow: ingress, ..Default::default() },
             egress: DirectionPolicy::default(),
         }],
@@ -421,5 +422,38 @@ fn revoking_a_rule_cuts_its_tracked_flows() {
         assert_eq!(ingress(dp, other), TC_PASS, "still allowed");
         let reply = Frame { src_port: 443, ..Frame::tcp(ip("192.0.2.1"), backend, 46000) };
         assert_eq!(ingress(dp, reply), TC_PASS, "replies of the endpoint's own flow still pass");
+    });
+}
+
+/// A pod sends from its own addresses only; a forged source is dropped and
+/// reported, whatever its policy, before it can pass as another identity.
+#[test]
+fn forged_sources_are_dropped() {
+    with_datapath(backend_state(vec![]), |dp, events| {
+        let out = |src: &str, dst: &str| Frame::tcp(ip(src), ip(dst), 443);
+        assert_eq!(verdict(dp, Hook::FromContainer, &out("10.0.0.2", "192.0.2.1")), TC_PASS, "own IPv4");
+        assert_eq!(verdict(dp, Hook::FromContainer, &out("fd00::2", "fd00::9")), TC_PASS, "own IPv6");
+        let link_local = Frame::icmp(ip("fe80::5"), ip("fe80::1"), 128);
+        assert_eq!(verdict(dp, Hook::FromContainer, &link_local), TC_PASS, "link-local stays on the link");
+        assert_eq!(
+            verdict(dp, Hook::FromContainer, &out("10.0.0.1", "10.0.0.3")),
+            TC_ACT_SHOT,
+            "frontend's address"
+        );
+        assert_eq!(
+            verdict(dp, Hook::FromContainer, &out("fd00::1", "fd00::3")),
+            TC_ACT_SHOT,
+            "frontend's IPv6"
+        );
+        let ev = events();
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert!(ev.iter().all(|e| e.reason == reason::SPOOFED_SOURCE), "{ev:?}");
+    });
+    // Without known addresses (a state that gives none) nothing is checked.
+    let mut state = backend_state(vec![]);
+    state.endpoints[0].addresses.clear();
+    with_datapath(state, |dp, _| {
+        let forged = Frame::tcp(ip("10.0.0.1"), ip("10.0.0.3"), 443);
+        assert_eq!(verdict(dp, Hook::FromContainer, &forged), TC_PASS);
     });
 }

@@ -33,6 +33,7 @@ fn state(bed: &Bed, revision: u64, backend_ingress: Vec<AllowEntry>) -> Compiled
         name: format!("default/{pod}"),
         interface: bed.pod(pod).host_if.clone(),
         identity,
+        addresses: vec![IpAddr::from(bed.pod(pod).ipv4), IpAddr::from(bed.pod(pod).ipv6)],
         ingress,
         egress: DirectionPolicy::default(),
     };

@@ -10,6 +10,7 @@ pub mod map_names {
     pub const FLOWS: &str = "PC_FLOWS";
     pub const CT: &str = "PC_CT";
     pub const CIDR: &str = "PC_CIDR";
+    pub const EP_ADDRS: &str = "PC_EP_ADDRS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -29,6 +30,8 @@ pub mod map_sizes {
     pub const FLOWS: u32 = 1 << 20;
     pub const CT: u32 = 262144;
     pub const CIDR: u32 = 65536;
+    /// Endpoint addresses: a few per endpoint.
+    pub const EP_ADDRS: u32 = 4096;
 }
 
 /// The verdict for a packet we let through: TC_ACT_UNSPEC, which TCX reads as
@@ -67,6 +70,9 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Endpoint flags (`EndpointInfo::flags`).
 pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
 pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
+/// The endpoint's addresses are known: packets it sends from any other
+/// (non-link-local) address are dropped.
+pub const EP_CHECK_SOURCE: u32 = 1 << 2;
 
 /// The endpoint table: host-side ifindex -> endpoint.
 #[repr(C)]
@@ -167,6 +173,16 @@ pub struct PolicyValue {
     pub rule_cookie: u32,
 }
 
+/// An address an endpoint owns, keyed by its host-side ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointAddr {
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
 /// Conntrack key: a flow as one endpoint saw it first, in one direction.
 /// A packet passes without a policy lookup when its own tuple is known in its
 /// direction, or its reversed tuple in the other (a reply).
@@ -204,6 +220,7 @@ pub mod reason {
     pub const POLICY_DENIED: u8 = 1;
     pub const MALFORMED: u8 = 2;
     pub const UNSUPPORTED_L3: u8 = 3;
+    pub const SPOOFED_SOURCE: u8 = 4;
 }
 
 /// A flow event on the ring buffer.
@@ -242,6 +259,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::EndpointAddr {}
     unsafe impl aya::Pod for super::CtValue {}
 }
 
@@ -253,3 +271,4 @@ const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);
+const _: () = assert!(core::mem::size_of::<EndpointAddr>() == 24);

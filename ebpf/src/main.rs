@@ -19,9 +19,9 @@ mod datapath {
         programs::TcContext,
     };
     use portcullis_common::{
-        CidrKey, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
-        EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey, PolicyValue, TC_ACT_SHOT, TC_PASS,
-        VERDICT_DROPPED, identity, map_sizes, reason,
+        CidrKey, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS,
+        EP_ISOLATED_INGRESS, EndpointAddr, EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey,
+        PolicyValue, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, identity, map_sizes, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse};
@@ -43,6 +43,9 @@ mod datapath {
 
     #[map]
     static PC_CIDR: LpmTrie<CidrKey, u32> = LpmTrie::pinned(map_sizes::CIDR, 0);
+
+    #[map]
+    static PC_EP_ADDRS: HashMap<EndpointAddr, u8> = HashMap::pinned(map_sizes::EP_ADDRS, 0);
 
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
@@ -102,6 +105,12 @@ mod datapath {
         if is_neighbour_discovery(&pkt) || is_multicast_listener_discovery(&pkt) {
             return TC_PASS;
         }
+        // A pod sends from its own addresses only: a forged source would be
+        // judged (and tracked) as another pod's identity everywhere else.
+        if direction == DIR_EGRESS && ep.flags & EP_CHECK_SOURCE != 0 && !source_is_own(ifindex, &pkt) {
+            emit_drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::SPOOFED_SOURCE, Some(&pkt));
+            return TC_ACT_SHOT;
+        }
 
         let key = ct_key(&ep, direction, &pkt);
         if unsafe { PC_CT.get(&key) }.is_some() {
@@ -147,6 +156,19 @@ mod datapath {
             let _ = PC_CT.insert(&key, &value, 0);
         }
         TC_PASS
+    }
+
+    /// Is the packet's source one of the endpoint's addresses? IPv6
+    /// link-local and unspecified sources never leave the link, so they pass.
+    #[inline(always)]
+    fn source_is_own(ifindex: u32, pkt: &Packet) -> bool {
+        if pkt.family == portcullis_common::AF_INET6
+            && ((pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80) || pkt.src == [0u8; 16])
+        {
+            return true;
+        }
+        let key = EndpointAddr { ifindex, family: pkt.family, _pad: [0; 3], addr: pkt.src };
+        unsafe { PC_EP_ADDRS.get(&key) }.is_some()
     }
 
     #[inline(always)]

@@ -15,7 +15,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use portcullis_common::{
-    CidrKey, CtKey, CtValue, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes, program_names,
+    CidrKey, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes,
+    program_names,
 };
 
 pub use attach::AttachError;
@@ -116,6 +117,7 @@ pub(crate) struct Maps {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     cidr: LpmTrie<MapData, CidrKey, u32>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    ep_addrs: BpfHashMap<MapData, EndpointAddr, u8>,
 }
 
 pub struct Datapath {
@@ -157,6 +159,7 @@ impl Datapath {
             policy: take_map(&mut ebpf, map_names::POLICY)?,
             cidr: take_map(&mut ebpf, map_names::CIDR)?,
             conntrack: take_map(&mut ebpf, map_names::CT)?,
+            ep_addrs: take_map(&mut ebpf, map_names::EP_ADDRS)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
         let mut dp =

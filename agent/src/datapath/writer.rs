@@ -18,7 +18,10 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
-use portcullis_common::{CidrKey, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IpKey, PolicyKey};
+use portcullis_common::{
+    CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointAddr, EndpointInfo, IpKey,
+    PolicyKey,
+};
 
 use super::{
     Datapath,
@@ -53,8 +56,24 @@ pub(crate) struct Loaded {
     pub(super) ipcache: BTreeMap<(u32, IpKey), u32>,
 }
 
+/// An endpoint address as the address map keys it: `(family, address)`.
+type Address = (u8, [u8; 16]);
+
+fn address(ip: &IpAddr) -> Address {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (portcullis_common::AF_INET, a)
+        }
+        IpAddr::V6(v6) => (portcullis_common::AF_INET6, v6.octets()),
+    }
+}
+
 pub(super) struct LoadedEndpoint {
     ifindex: u32,
+    /// Addresses the endpoint may send from (in the address map under `ifindex`).
+    addresses: BTreeSet<Address>,
     pub(super) info: EndpointInfo,
     pub(super) keys: EndpointKeys,
     /// Programs attached to `ifindex` (retried on every pass until they are).
@@ -164,7 +183,11 @@ impl Datapath {
             endpoint: ep.name.clone(),
             interface: ep.interface.clone(),
         })?;
+        let addresses: BTreeSet<Address> = ep.addresses.iter().map(address).collect();
         let mut flags = 0;
+        if !addresses.is_empty() {
+            flags |= EP_CHECK_SOURCE;
+        }
         if ep.ingress.isolated {
             flags |= EP_ISOLATED_INGRESS;
         }
@@ -188,16 +211,27 @@ impl Datapath {
             self.remove_keys(&keys, ep.id, generation);
             return Err(e);
         }
+        // Addresses before the flip that may start checking them.
+        for a in &addresses {
+            let key = EndpointAddr { ifindex: idx, family: a.0, _pad: [0; 3], addr: a.1 };
+            if let Err(source) = self.maps.ep_addrs.insert(key, 1, 0) {
+                self.remove_keys(&keys, ep.id, generation);
+                return Err(WriteError::Map { map: "endpoint addresses", source });
+            }
+        }
         // The flip: from here packets see the new generation.
         if let Err(source) = self.maps.endpoints.insert(idx, info, 0) {
             self.remove_keys(&keys, ep.id, generation);
             return Err(WriteError::Map { map: "endpoints", source });
         }
-        let new = LoadedEndpoint { ifindex: idx, info, keys, attached };
+        let new = LoadedEndpoint { ifindex: idx, addresses: addresses.clone(), info, keys, attached };
         if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
             if prev.ifindex != idx {
                 // The pod's veth was recreated: release the old interface.
-                self.release_ifindex(prev.ifindex);
+                self.release_ifindex(prev.ifindex, &prev.addresses);
+            } else {
+                let gone: BTreeSet<Address> = prev.addresses.difference(&addresses).copied().collect();
+                self.remove_addresses(idx, &gone);
             }
             stale.push(Stale { endpoint: ep.id, generation: prev.info.generation, keys: prev.keys });
         }
@@ -221,13 +255,33 @@ impl Datapath {
 
     fn remove_endpoint(&mut self, id: u16, stale: &mut Vec<Stale>) {
         if let Some(prev) = self.loaded.endpoints.remove(&id) {
-            self.release_ifindex(prev.ifindex);
+            self.release_ifindex(prev.ifindex, &prev.addresses);
             stale.push(Stale { endpoint: id, generation: prev.info.generation, keys: prev.keys });
         }
     }
 
+    fn remove_addresses(&mut self, idx: u32, addresses: &BTreeSet<Address>) {
+        for a in addresses {
+            let _ = self.maps.ep_addrs.remove(&EndpointAddr {
+                ifindex: idx,
+                family: a.0,
+                _pad: [0; 3],
+                addr: a.1,
+            });
+        }
+    }
+
     /// Stops enforcing on an interface, unless another endpoint took it over.
-    fn release_ifindex(&mut self, idx: u32) {
+    fn release_ifindex(&mut self, idx: u32, addresses: &BTreeSet<Address>) {
+        let kept: BTreeSet<Address> = self
+            .loaded
+            .endpoints
+            .values()
+            .filter(|e| e.ifindex == idx)
+            .flat_map(|e| e.addresses.iter().copied())
+            .collect();
+        let gone: BTreeSet<Address> = addresses.difference(&kept).copied().collect();
+        self.remove_addresses(idx, &gone);
         if self.loaded.endpoints.values().any(|e| e.ifindex == idx) {
             return;
         }
@@ -279,8 +333,13 @@ impl Datapath {
                 let _ = self.maps.endpoints.remove(&idx);
                 continue;
             }
-            let loaded =
-                LoadedEndpoint { ifindex: idx, info, keys: EndpointKeys::default(), attached: false };
+            let loaded = LoadedEndpoint {
+                ifindex: idx,
+                addresses: BTreeSet::new(),
+                info,
+                keys: EndpointKeys::default(),
+                attached: false,
+            };
             live.insert(info.endpoint_id, loaded);
         }
         let live_generation: BTreeMap<u16, u8> =
@@ -310,6 +369,17 @@ impl Datapath {
                 }
             } else {
                 let _ = self.maps.cidr.remove(&key);
+            }
+        }
+        let addresses: Vec<EndpointAddr> = self.maps.ep_addrs.keys().filter_map(Result::ok).collect();
+        for key in addresses {
+            match live.values_mut().find(|l| l.ifindex == key.ifindex) {
+                Some(ep) => {
+                    ep.addresses.insert((key.family, key.addr));
+                }
+                None => {
+                    let _ = self.maps.ep_addrs.remove(&key);
+                }
             }
         }
         let ipcache: Vec<Key<IpKey>> = self.maps.ipcache.keys().filter_map(Result::ok).collect();

@@ -39,6 +39,7 @@ impl Simulation {
                 name: key.to_string(),
                 interface: String::new(),
                 identity: 0,
+                addresses: Vec::new(),
                 ingress: policy.ingress.clone(),
                 egress: policy.egress.clone(),
             };

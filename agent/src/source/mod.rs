@@ -63,6 +63,7 @@ impl StateBuilder {
                 name: key.to_string(),
                 interface,
                 identity: engine.identity_of(key).unwrap_or(identity::WORLD),
+                addresses: pod.ips.clone(),
                 ingress: policy.ingress.clone(),
                 egress: policy.egress.clone(),
             });
