@@ -23,6 +23,8 @@ pub struct ManifestsSource {
     dir: PathBuf,
     /// Objects as last read (their YAML), to see what changed.
     seen: BTreeMap<ObjectId, serde_yaml_ng::Value>,
+    /// Versions refused, so each is reported once, not at every poll.
+    rejected: BTreeMap<ObjectId, serde_yaml_ng::Value>,
     /// The revision the directory declares (file `revision`), reported once
     /// everything read with it is enforced.
     pub revision: u64,
@@ -40,7 +42,7 @@ pub struct Poll {
 
 impl ManifestsSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ManifestsSource { dir: dir.into(), seen: BTreeMap::new(), revision: 0 }
+        ManifestsSource { dir: dir.into(), seen: BTreeMap::new(), rejected: BTreeMap::new(), revision: 0 }
     }
 
     pub fn dir(&self) -> &Path {
@@ -116,8 +118,11 @@ impl ManifestsSource {
             "Pod" => 1,
             _ => 2,
         };
-        let mut fresh: Vec<(ObjectId, serde_yaml_ng::Value)> =
-            now.into_iter().filter(|(id, v)| self.seen.get(id) != Some(v)).collect();
+        self.rejected.retain(|id, v| now.get(id) == Some(v));
+        let mut fresh: Vec<(ObjectId, serde_yaml_ng::Value)> = now
+            .into_iter()
+            .filter(|(id, v)| self.seen.get(id) != Some(v) && self.rejected.get(id) != Some(v))
+            .collect();
         fresh.sort_by_key(|((kind, _, _), _)| order(kind));
         for (id, value) in fresh {
             match convert(&id.0, value.clone()) {
@@ -129,7 +134,10 @@ impl ManifestsSource {
                     self.seen.insert(id, value);
                 }
                 // The last good version (if any) stays enforced.
-                Err(e) => poll.errors.push(e),
+                Err(e) => {
+                    poll.errors.push(e);
+                    self.rejected.insert(id, value);
+                }
             }
         }
         poll
@@ -161,4 +169,61 @@ pub fn feed(engine: &mut Engine, poll: &mut Poll) -> bool {
     }
     let diff = engine.apply(std::mem::take(&mut poll.changes));
     !diff.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PodKey;
+
+    fn policy(end_port: u16) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: x}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n    - ports: [{{port: 80, endPort: {end_port}}}]\n"
+        )
+    }
+
+    const OBJECTS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: x, labels: {app: web}}\n\
+        spec: {nodeName: node, containers: [{name: c}]}\nstatus: {podIP: 10.1.0.1}\n";
+
+    #[test]
+    fn a_bad_update_is_reported_and_the_last_good_version_stays() {
+        let dir = std::env::temp_dir().join(format!("portcullis-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("objects.yaml"), OBJECTS).expect("write");
+        std::fs::write(dir.join("policy.yaml"), policy(90)).expect("write");
+        std::fs::write(dir.join("revision"), "1").expect("write");
+        let mut source = ManifestsSource::new(&dir);
+        let mut engine = Engine::new("node");
+        let mut poll = source.poll();
+        assert!(poll.errors.is_empty(), "{:?}", poll.errors);
+        assert!(feed(&mut engine, &mut poll));
+        let web = PodKey { namespace: "x".into(), name: "web".into() };
+        let before = engine.endpoints()[&web].clone();
+        assert!(before.ingress.isolated);
+
+        // endPort below port: refused, named, and the enforced policy stays.
+        std::fs::write(dir.join("policy.yaml"), policy(70)).expect("write");
+        std::fs::write(dir.join("revision"), "2").expect("write");
+        let mut poll = source.poll();
+        assert_eq!(
+            poll.errors,
+            vec!["NetworkPolicy x/web: spec.ingress[0].ports[0].endPort: 70 is below port 80".to_string()]
+        );
+        assert!(poll.revision_changed);
+        assert!(!feed(&mut engine, &mut poll));
+        assert_eq!(engine.endpoints()[&web], before, "the last good version is enforced");
+        assert!(source.poll().errors.is_empty(), "reported once, not at every poll");
+
+        // A good version goes through; deleting the file deletes the policy.
+        std::fs::write(dir.join("policy.yaml"), policy(81)).expect("write");
+        let mut poll = source.poll();
+        assert!(poll.errors.is_empty() && feed(&mut engine, &mut poll));
+        std::fs::remove_file(dir.join("policy.yaml")).expect("remove");
+        let mut poll = source.poll();
+        assert!(feed(&mut engine, &mut poll));
+        assert!(!engine.endpoints()[&web].ingress.isolated);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
