@@ -95,8 +95,9 @@ enum Source {
 
 impl Source {
     /// The state to enforce, and whether it is news (to report) rather than
-    /// a periodic re-check.
-    fn poll(&mut self) -> Option<(CompiledState, bool)> {
+    /// a periodic re-check; `None` when nothing moved. `reconcile`: also
+    /// rebuild what depends on the node (interfaces, addresses).
+    fn poll(&mut self, reconcile: bool) -> Option<(CompiledState, bool)> {
         match self {
             Source::Manifests { source, engine, builder } => {
                 let mut poll = source.poll();
@@ -104,6 +105,9 @@ impl Source {
                     tracing::error!("{e}");
                 }
                 let moved = manifests::feed(engine, &mut poll) || poll.revision_changed;
+                if !moved && !reconcile {
+                    return None;
+                }
                 let (state, errors) = builder.build(engine, source.revision, &node::local_addresses());
                 for e in &errors {
                     tracing::debug!("{e}");
@@ -166,7 +170,7 @@ async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result
             _ = terminate.recv() => break,
         }
         ticks += 1;
-        let (state, news) = match source.poll() {
+        let (state, news) = match source.poll(ticks.is_multiple_of(10)) {
             Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
@@ -176,9 +180,6 @@ async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result
             },
             None => continue,
         };
-        if !news && !ticks.is_multiple_of(10) && good.as_ref() == Some(&state) {
-            continue;
-        }
         let report = dp.apply(&state);
         for e in &report.errors {
             tracing::error!("{e}");
