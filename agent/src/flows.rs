@@ -4,19 +4,19 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    AF_INET, AF_INET6, DIR_INGRESS, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, VERDICT_DROPPED, identity, reason,
+    DIR_INGRESS, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    VERDICT_DROPPED, identity, reason,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use crate::compiled::CompiledState;
+use crate::{compiled::CompiledState, datapath::keys::ip_from};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Flow {
@@ -66,18 +66,10 @@ pub fn reason_name(r: u8) -> &'static str {
     }
 }
 
-fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
-    match family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
-        _ => None,
-    }
-}
-
 impl Flow {
     pub fn decode(ev: &FlowEvent, names: &Names, boot_offset: Duration) -> Flow {
-        let src = addr(ev.family, &ev.src_addr);
-        let dst = addr(ev.family, &ev.dst_addr);
+        let src = ip_from(ev.family, &ev.src_addr);
+        let dst = ip_from(ev.family, &ev.dst_addr);
         let ingress = ev.direction == DIR_INGRESS;
         let endpoint = names.endpoints.get(&ev.endpoint_id);
         let local_identity = endpoint.map(|e| e.1);
@@ -270,7 +262,7 @@ mod tests {
             direction: DIR_INGRESS,
             verdict: VERDICT_DROPPED,
             reason: reason::POLICY_DENIED,
-            family: AF_INET,
+            family: portcullis_common::AF_INET,
             protocol: IPPROTO_TCP,
             tcp_flags: 0x02,
             src_port: 41234,

@@ -100,19 +100,6 @@ pub struct IpKey {
 impl IpKey {
     /// Bits of the key before the address.
     pub const HEADER_BITS: u32 = 32;
-
-    pub const fn v4(addr: [u8; 4]) -> Self {
-        let mut a = [0u8; 16];
-        a[0] = addr[0];
-        a[1] = addr[1];
-        a[2] = addr[2];
-        a[3] = addr[3];
-        IpKey { family: AF_INET, _pad: [0; 3], addr: a }
-    }
-
-    pub const fn v6(addr: [u8; 16]) -> Self {
-        IpKey { family: AF_INET6, _pad: [0; 3], addr }
-    }
 }
 
 /// Policy LPM key data. Exact on `{endpoint, generation, direction, identity}`,

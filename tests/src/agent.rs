@@ -97,11 +97,6 @@ impl AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    /// Whether the agent has exited.
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
 }
 
 impl Drop for AgentProcess {

@@ -4,24 +4,14 @@
 //! the flow's next packet meets the policy and is dropped. Entries of
 //! endpoints that are gone go too.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
 use portcullis_common::{
     AF_INET, CtKey, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IpKey, identity,
 };
 
 use super::{
     Datapath,
-    keys::{Probe, lookup, prefix_eq},
+    keys::{Probe, ip_from, lookup, prefix_eq},
 };
-
-fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
-    if family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*raw))
-    }
-}
 
 impl Datapath {
     /// The identity the programs would give `ip` (longest ipcache prefix).
@@ -70,7 +60,10 @@ impl Datapath {
         let probe = Probe {
             direction: key.direction,
             remote_identity,
-            remote_ip: addr(key.family, remote),
+            remote_ip: match ip_from(key.family, remote) {
+                Some(ip) => ip,
+                None => return false,
+            },
             protocol: key.protocol,
             port: key.dst_port,
         };

@@ -93,7 +93,8 @@ fn add_allow(
     Ok(())
 }
 
-fn family_and_addr(ip: IpAddr) -> (u8, [u8; 16]) {
+/// An address as the maps hold it: `(family, bytes)`, IPv4 in the first four.
+pub fn family_and_addr(ip: IpAddr) -> (u8, [u8; 16]) {
     let mut addr = [0u8; 16];
     match ip {
         IpAddr::V4(a) => {
@@ -101,6 +102,15 @@ fn family_and_addr(ip: IpAddr) -> (u8, [u8; 16]) {
             (AF_INET, addr)
         }
         IpAddr::V6(a) => (AF_INET6, a.octets()),
+    }
+}
+
+/// The address a map's `(family, bytes)` holds.
+pub fn ip_from(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(std::net::Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(*raw))),
+        _ => None,
     }
 }
 

@@ -168,10 +168,6 @@ impl Datapath {
         Ok(dp)
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// The flow event ring buffer; handed out once, to the flow reader.
     pub fn take_flows(&mut self) -> Option<RingBuf<MapData>> {
         self.flows.take()

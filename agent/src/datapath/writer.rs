@@ -12,7 +12,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::IpAddr,
     time::Duration,
 };
 
@@ -26,7 +25,7 @@ use portcullis_common::{
 use super::{
     Datapath,
     attach::{ifindex, ifname},
-    keys::{EndpointKeys, endpoint_keys},
+    keys::{EndpointKeys, endpoint_keys, family_and_addr},
 };
 use crate::compiled::{CompiledState, EndpointState};
 
@@ -58,17 +57,6 @@ pub(crate) struct Loaded {
 
 /// An endpoint address as the address map keys it: `(family, address)`.
 type Address = (u8, [u8; 16]);
-
-fn address(ip: &IpAddr) -> Address {
-    let mut a = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => {
-            a[..4].copy_from_slice(&v4.octets());
-            (portcullis_common::AF_INET, a)
-        }
-        IpAddr::V6(v6) => (portcullis_common::AF_INET6, v6.octets()),
-    }
-}
 
 pub(super) struct LoadedEndpoint {
     ifindex: u32,
@@ -183,7 +171,7 @@ impl Datapath {
             endpoint: ep.name.clone(),
             interface: ep.interface.clone(),
         })?;
-        let addresses: BTreeSet<Address> = ep.addresses.iter().map(address).collect();
+        let addresses: BTreeSet<Address> = ep.addresses.iter().map(|ip| family_and_addr(*ip)).collect();
         let mut flags = 0;
         if !addresses.is_empty() {
             flags |= EP_CHECK_SOURCE;
@@ -419,9 +407,6 @@ impl Datapath {
 
 fn ipcache_key(cidr: &IpNet) -> (u32, IpKey) {
     let cidr = cidr.trunc();
-    let key = match cidr.addr() {
-        IpAddr::V4(a) => IpKey::v4(a.octets()),
-        IpAddr::V6(a) => IpKey::v6(a.octets()),
-    };
-    (IpKey::HEADER_BITS + u32::from(cidr.prefix_len()), key)
+    let (family, addr) = family_and_addr(cidr.addr());
+    (IpKey::HEADER_BITS + u32::from(cidr.prefix_len()), IpKey { family, _pad: [0; 3], addr })
 }

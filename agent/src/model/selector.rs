@@ -33,18 +33,9 @@ impl LabelSelector {
         LabelSelector::default()
     }
 
-    pub fn is_everything(&self) -> bool {
-        self.match_labels.is_empty() && self.expressions.is_empty()
-    }
-
     pub fn matches(&self, labels: &Labels) -> bool {
         self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.expressions.iter().all(|r| r.matches(labels))
-    }
-
-    /// Label keys the selector reads.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.match_labels.keys().map(String::as_str).chain(self.expressions.iter().map(|r| r.key.as_str()))
     }
 }
 

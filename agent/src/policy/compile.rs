@@ -35,15 +35,6 @@ pub struct EndpointPolicy {
     pub egress: DirectionPolicy,
 }
 
-impl EndpointPolicy {
-    pub fn direction(&self, direction: Direction) -> &DirectionPolicy {
-        match direction {
-            Direction::Ingress => &self.ingress,
-            Direction::Egress => &self.egress,
-        }
-    }
-}
-
 /// A stable, non-zero number naming one rule of one policy in flow events.
 pub fn rule_cookie(namespace: &str, name: &str, direction: Direction, index: usize) -> u32 {
     // FNV-1a: deterministic across runs and machines.

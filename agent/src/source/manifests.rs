@@ -4,10 +4,7 @@
 //! Each poll turns what changed into engine changes; an invalid object is
 //! reported and its last good version stays.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
 
@@ -43,10 +40,6 @@ pub struct Poll {
 impl ManifestsSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         ManifestsSource { dir: dir.into(), seen: BTreeMap::new(), rejected: BTreeMap::new(), revision: 0 }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Reads the directory and returns the changes since the last poll.

@@ -11,9 +11,7 @@ use std::{
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1 as net;
 use portcullis_agent::{
-    model::{
-        ContainerPort, Labels, Namespace, NetworkPolicy, ObjectKey, Pod, PodKey, network_policy_from_api,
-    },
+    model::{ContainerPort, Namespace, NetworkPolicy, ObjectKey, Pod, PodKey, network_policy_from_api},
     policy::Change,
 };
 
@@ -348,11 +346,6 @@ impl World {
     pub fn pod_key(&self, index: usize) -> PodKey {
         let p = &self.pods[index];
         PodKey { namespace: p.namespace.clone(), name: p.name.clone() }
-    }
-
-    /// Labels of a namespace in model form.
-    pub fn namespace_labels(&self, ns: &str) -> Labels {
-        self.namespaces.get(ns).cloned().unwrap_or_default().into()
     }
 }
 
