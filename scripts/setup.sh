@@ -7,8 +7,9 @@ set -euo pipefail
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/portcullis"
 bpf_linker_version=0.13.0
 # rustc-web ships the prebuilt core for bpfel-unknown-none; iproute2, procps and
-# util-linux (nsenter) make the lab's and tests' network namespaces.
-apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 procps util-linux)
+# util-linux (nsenter) make the lab's and tests' network namespaces; iptables
+# writes the DNAT rules that stand in for kube-proxy.
+apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 procps util-linux iptables)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

@@ -67,6 +67,7 @@ fn state(endpoint: bool, peers: u32) -> CompiledState {
         } else {
             vec![]
         },
+        services: vec![],
     }
 }
 

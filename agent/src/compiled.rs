@@ -22,6 +22,18 @@ pub struct CompiledState {
     pub ipcache: Vec<IpcacheEntry>,
     #[serde(default)]
     pub endpoints: Vec<EndpointState>,
+    /// Service frontends (ClusterIP, protocol, port) that kube-proxy
+    /// translates: egress to them is judged after DNAT, on the backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceFrontend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFrontend {
+    pub ip: std::net::IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -9,12 +9,15 @@ use std::net::IpAddr;
 use portcullis_agent::{
     compiled::{
         AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, PrefixEntry,
-        Protocol,
+        Protocol, ServiceFrontend,
     },
-    datapath::{Datapath, DatapathConfig, Hook},
+    datapath::{CtEntry, Datapath, DatapathConfig, Hook, monotonic_ns},
     flows::drain_ring,
 };
-use portcullis_common::{DIR_INGRESS, FlowEvent, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, identity, reason};
+use portcullis_common::{
+    CtValue, DIR_EGRESS, DIR_INGRESS, FlowEvent, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED,
+    ct_flags, identity, mark, reason,
+};
 use portcullis_testbed::{
     Netns, PinDir,
     packets::{self, Frame, arp},
@@ -58,6 +61,7 @@ fn backend_state(ingress: Vec<AllowEntry>) -> CompiledState {
             ingress: DirectionPolicy { isolated: true, allow: ingress, ..Default::default() },
             egress: DirectionPolicy::default(),
         }],
+        services: vec![],
     }
 }
 
@@ -75,12 +79,21 @@ fn with_datapath(
     state: CompiledState,
     body: impl FnOnce(&mut Datapath, &mut dyn FnMut() -> Vec<FlowEvent>) + Send + 'static,
 ) {
+    with_datapath_config(DatapathConfig::default(), state, body)
+}
+
+/// Like `with_datapath`, with the given configuration (its pin directory is
+/// replaced by a fresh one).
+fn with_datapath_config(
+    config: DatapathConfig,
+    state: CompiledState,
+    body: impl FnOnce(&mut Datapath, &mut dyn FnMut() -> Vec<FlowEvent>) + Send + 'static,
+) {
     let ns = Netns::create(format!("pc{}-testrun-{}", std::process::id(), unique())).expect("netns");
     let pins = PinDir::new();
     let pin_dir = pins.path.clone();
     ns.run(move || {
-        let mut dp =
-            Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).expect("load datapath");
+        let mut dp = Datapath::load(&DatapathConfig { pin_dir, ..config }).expect("load datapath");
         let report = dp.apply(&state);
         assert!(report.errors.is_empty(), "apply: {:?}", report.errors);
         let mut ring = dp.take_flows().expect("flow ring");
@@ -223,16 +236,24 @@ fn later_fragments_match_only_rules_without_ports() {
 }
 
 #[test]
-fn unisolated_direction_and_unknown_interfaces_pass() {
+fn unisolated_directions_pass_and_unknown_interfaces_fail_closed() {
     with_datapath(backend_state(vec![]), |dp, _| {
         let out = Frame::tcp(ip("10.0.0.2"), ip("192.0.2.1"), 443);
         assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_PASS, "egress is not isolated");
     });
-    // No endpoint for lo at all: not ours to judge.
+    // Our programs on an interface the endpoint table does not know (it
+    // was full): nothing passes, and the drop says why.
     let mut state = backend_state(vec![]);
     state.endpoints.clear();
-    with_datapath(state, |dp, _| {
-        assert_eq!(ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)), TC_PASS);
+    with_datapath(state, |dp, events| {
+        assert_eq!(ingress(dp, Frame::tcp(ip("192.0.2.1"), ip("10.0.0.2"), 80)), TC_ACT_SHOT);
+        assert_eq!(
+            verdict(dp, Hook::FromContainer, &Frame::tcp(ip("10.0.0.2"), ip("192.0.2.1"), 80)),
+            TC_ACT_SHOT
+        );
+        let ev = events();
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert!(ev.iter().all(|e| e.reason == reason::UNKNOWN_ENDPOINT && e.verdict == VERDICT_DROPPED));
     });
 }
 
@@ -268,13 +289,15 @@ fn a_new_state_replaces_the_old_one_whole() {
         assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 8000)), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 22)), TC_PASS);
-        // Dropping the endpoint from the state stops enforcement on it.
+        // Dropping the endpoint from the state takes the programs off its
+        // interface (were they left, they would drop everything there).
+        assert_eq!(dp.pinned_link_ifindexes(), vec![1]);
         let mut gone = next.clone();
         gone.endpoints.clear();
         gone.revision = 3;
         let report = dp.apply(&gone);
         assert_eq!(report.endpoints_removed, 1);
-        assert_eq!(ingress(dp, new_flow(Frame::tcp(fe, backend, 80))), TC_PASS);
+        assert!(dp.pinned_link_ifindexes().is_empty());
     });
 }
 
@@ -455,5 +478,219 @@ fn forged_sources_are_dropped() {
     with_datapath(state, |dp, _| {
         let forged = Frame::tcp(ip("10.0.0.1"), ip("10.0.0.3"), 443);
         assert_eq!(verdict(dp, Hook::FromContainer, &forged), TC_PASS);
+    });
+}
+
+fn ct_entry(dp: &Datapath, src_port: u16, dst_port: u16) -> CtEntry {
+    let found: Vec<CtEntry> = dp
+        .conntrack_entries()
+        .into_iter()
+        .filter(|e| e.key.src_port == src_port && e.key.dst_port == dst_port)
+        .collect();
+    assert_eq!(found.len(), 1, "one entry for {src_port}->{dst_port}: {found:?}");
+    found[0]
+}
+
+/// Seconds the entry has left.
+fn remaining(e: &CtEntry) -> f64 {
+    (e.value.expires_ns as f64 - monotonic_ns() as f64) / 1e9
+}
+
+#[test]
+fn tcp_states_set_conntrack_lifetimes_and_expired_entries_pass_nothing() {
+    // Ingress isolated, nothing allowed: only replies of our own flows pass.
+    with_datapath(backend_state(vec![]), |dp, _| {
+        let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
+        let out = |flags| Frame { src_port: 43000, tcp_flags: flags, ..Frame::tcp(me, peer, 443) };
+        let back = |flags| Frame { src_port: 443, tcp_flags: flags, ..Frame::tcp(peer, me, 43000) };
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+
+        assert_eq!(verdict(dp, Hook::FromContainer, &out(SYN)), TC_PASS);
+        let e = ct_entry(dp, 43000, 443);
+        assert_eq!(e.value.flags, 0, "opening");
+        assert!((55.0..=60.0).contains(&remaining(&e)), "a SYN lives a minute: {}", remaining(&e));
+
+        assert_eq!(ingress(dp, back(SYN | ACK)), TC_PASS, "the SYN-ACK is a reply");
+        let e = ct_entry(dp, 43000, 443);
+        assert_eq!(e.value.flags, ct_flags::SEEN_REPLY, "established");
+        assert!(remaining(&e) > 5.0 * 3600.0, "established lives hours: {}", remaining(&e));
+
+        assert_eq!(verdict(dp, Hook::FromContainer, &out(FIN | ACK)), TC_PASS);
+        let e = ct_entry(dp, 43000, 443);
+        assert_eq!(e.value.flags, ct_flags::SEEN_REPLY | ct_flags::CLOSING);
+        assert!(remaining(&e) <= 10.0, "closing lives seconds: {}", remaining(&e));
+        assert_eq!(ingress(dp, back(FIN | ACK)), TC_PASS, "the peer's FIN");
+
+        // Past its expiry an entry passes nothing, even before the sweep.
+        let expired = CtEntry { value: CtValue { expires_ns: monotonic_ns() - 1, ..e.value }, ..e };
+        dp.conntrack_set(&expired).expect("age the entry");
+        assert_eq!(ingress(dp, back(ACK)), TC_ACT_SHOT, "expired: judged as new, and denied");
+        assert_eq!(dp.sweep_conntrack(monotonic_ns()), 1, "the sweep removes it");
+        assert!(dp.conntrack_entries().is_empty());
+
+        // A connection reset at once lives seconds too; UDP a minute.
+        assert_eq!(verdict(dp, Hook::FromContainer, &Frame { src_port: 43001, ..out(RST) }), TC_PASS);
+        assert!(remaining(&ct_entry(dp, 43001, 443)) <= 10.0);
+        let udp = Frame { src_port: 43002, ..Frame::udp(me, peer, 53) };
+        assert_eq!(verdict(dp, Hook::FromContainer, &udp), TC_PASS);
+        assert!((55.0..=60.0).contains(&remaining(&ct_entry(dp, 43002, 53))));
+
+        // The sweep takes what expired by its clock and leaves the rest.
+        assert_eq!(dp.sweep_conntrack(monotonic_ns() + 20_000_000_000), 1, "the reset flow");
+        assert_eq!(dp.conntrack_entries().len(), 1, "UDP lives on");
+    });
+}
+
+#[test]
+fn counters_count_packets_per_endpoint_direction_and_reason() {
+    with_datapath(backend_state(default_rules()), |dp, _| {
+        let (fe, backend) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let allowed = Frame::tcp(fe, backend, 80);
+        assert_eq!(ingress(dp, allowed.clone()), TC_PASS);
+        assert_eq!(ingress(dp, allowed.clone()), TC_PASS, "tracked packets count too");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT);
+        let truncated = Frame { truncate: Some(40), ..Frame::tcp(fe, backend, 80) };
+        assert_eq!(ingress(dp, truncated), TC_ACT_SHOT);
+        assert_eq!(verdict(dp, Hook::FromContainer, &Frame::udp(backend, fe, 53)), TC_PASS);
+
+        let c = dp.endpoint_counters(1).expect("endpoint 1 is counted");
+        assert_eq!(c.ingress.forwarded_packets, 2);
+        assert_eq!(c.ingress.forwarded_bytes, 2 * allowed.bytes().len() as u64);
+        assert_eq!(c.ingress.dropped_packets[reason::POLICY_DENIED as usize], 1);
+        assert_eq!(c.ingress.dropped_packets[reason::MALFORMED as usize], 1);
+        assert_eq!(c.ingress.dropped_total(), 2);
+        assert_eq!(c.egress.forwarded_packets, 1);
+        assert_eq!(c.egress.dropped_total(), 0);
+        assert_eq!(dp.counters().len(), 1);
+    });
+}
+
+#[test]
+fn allowed_verdicts_are_reported_for_new_flows_when_asked() {
+    let config = DatapathConfig { report_allowed: true, ..Default::default() };
+    with_datapath_config(config, backend_state(default_rules()), |dp, events| {
+        let (fe, backend) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS);
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS);
+        let ev = events();
+        assert_eq!(ev.len(), 1, "the new flow only, not its tracked packets: {ev:?}");
+        let e = ev[0];
+        assert_eq!((e.verdict, e.reason, e.rule_cookie), (VERDICT_FORWARDED, reason::POLICY_ALLOWED, 1));
+        assert_eq!((e.remote_identity, e.direction, e.dst_port), (FRONTEND, DIR_INGRESS, 80));
+    });
+    // Off by default.
+    with_datapath(backend_state(default_rules()), |dp, events| {
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 80)), TC_PASS);
+        assert!(events().is_empty());
+    });
+}
+
+#[test]
+fn a_policy_that_does_not_fit_fails_closed_until_it_fits() {
+    let mut config = DatapathConfig::default();
+    config.map_sizes.set("policy=8").expect("size");
+    let small = backend_state(vec![allow(FRONTEND, Some(Protocol::Tcp), Some((80, 80)), 1)]);
+    with_datapath_config(config, small.clone(), move |dp, events| {
+        let (fe, backend, node) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.254"));
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_PASS, "fits");
+        events();
+
+        // Twenty rules (frontend's TCP/80 among them) do not fit 8 entries.
+        let mut big = backend_state(
+            (0..20).map(|i| allow(FRONTEND, Some(Protocol::Tcp), Some((80 + i, 80 + i)), 1)).collect(),
+        );
+        big.revision = 2;
+        let report = dp.apply(&big);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let e = &report.errors[0];
+        assert!(e.contains("default/backend") && e.contains("policy"), "names endpoint and map: {e}");
+        // Nothing passes but the node: not the old policy, not tracked flows.
+        let fresh = Frame { src_port: 50000, ..Frame::tcp(fe, backend, 80) };
+        assert_eq!(ingress(dp, fresh.clone()), TC_ACT_SHOT, "fail closed");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 80)), TC_ACT_SHOT, "the tracked flow too");
+        let out = Frame::tcp(backend, ip("192.0.2.1"), 443);
+        assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_ACT_SHOT, "egress too");
+        assert_eq!(ingress(dp, Frame::tcp(node, backend, 8080)), TC_PASS, "the node still reaches its pod");
+        let ev = events();
+        assert!(!ev.is_empty() && ev.iter().all(|e| e.reason == reason::NO_MAP_SPACE), "{ev:?}");
+        let c = dp.endpoint_counters(1).expect("counted");
+        assert_eq!(c.ingress.dropped_packets[reason::NO_MAP_SPACE as usize], 2);
+
+        // Once the policy fits again, it is enforced.
+        let mut fits = small.clone();
+        fits.revision = 3;
+        let report = dp.apply(&fits);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(ingress(dp, fresh), TC_PASS);
+    });
+}
+
+#[test]
+fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
+    // The endpoint (lo, 10.0.0.2) may send TCP/8080 to frontend only; its
+    // ingress admits TCP/8080 from anyone (the backend side of this test).
+    let mut state = backend_state(vec![allow(identity::ANY, Some(Protocol::Tcp), Some((8080, 8080)), 2)]);
+    state.endpoints[0].egress = DirectionPolicy {
+        isolated: true,
+        allow: vec![allow(FRONTEND, Some(Protocol::Tcp), Some((8080, 8080)), 7)],
+        ..Default::default()
+    };
+    state.services = vec![ServiceFrontend { ip: ip("10.96.0.10"), protocol: Protocol::Tcp, port: 80 }];
+    with_datapath(state, |dp, events| {
+        let (me, fe, admin, svc) = (ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.3"), ip("10.96.0.10"));
+        let to_svc = |port| Frame { src_port: port, ..Frame::tcp(me, svc, 80) };
+        let dnat = |port, backend| Frame { src_port: port, ..Frame::tcp(me, backend, 8080) };
+        let pending = mark::SERVICE_PENDING | (1 << mark::ENDPOINT_SHIFT);
+
+        // Leaving the pod the packet is not judged but marked...
+        let (v, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0x4000).expect("run");
+        assert_eq!((v, m), (TC_PASS, pending | 0x4000), "kube-proxy's bits stay");
+        // ...and after DNAT judged on the backend, the mark restored.
+        let (v, m) = dp.test_run_marked(Hook::ToContainer, &dnat(43000, fe).bytes(), m).expect("run");
+        assert_eq!((v, m), (TC_PASS, 0x4000), "frontend:8080 is allowed");
+        // Later packets and the replies (from the Service address) pass.
+        let (v, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0).expect("run");
+        assert_eq!((v, m), (TC_PASS, 0), "tracked: no mark");
+        let reply = Frame { src_port: 80, ..Frame::tcp(svc, me, 43000) };
+        assert_eq!(ingress(dp, reply), TC_PASS, "reply from the Service address");
+        assert!(events().is_empty());
+
+        // A backend the egress policy does not allow: dropped after DNAT,
+        // reported as the client's egress.
+        let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43001).bytes(), 0).expect("run");
+        assert_eq!(m, pending);
+        let (v, m) = dp.test_run_marked(Hook::ToContainer, &dnat(43001, admin).bytes(), m).expect("run");
+        assert_eq!((v, m), (TC_ACT_SHOT, 0));
+        let ev = events();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        let e = ev[0];
+        assert_eq!((e.endpoint_id, e.direction, e.reason), (1, DIR_EGRESS, reason::POLICY_DENIED));
+        assert_eq!((e.remote_identity, e.dst_port), (ADMIN, 8080));
+
+        // A backend off the node: the node device's hook judges.
+        let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43002).bytes(), 0).expect("run");
+        let (v, _) = dp.test_run_marked(Hook::ToNetdev, &dnat(43002, fe).bytes(), m).expect("run");
+        assert_eq!(v, TC_PASS);
+        let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43003).bytes(), 0).expect("run");
+        let (v, _) = dp.test_run_marked(Hook::ToNetdev, &dnat(43003, admin).bytes(), m).expect("run");
+        assert_eq!(v, TC_ACT_SHOT);
+        let (v, _) = dp.test_run_marked(Hook::ToNetdev, &dnat(43004, admin).bytes(), 0).expect("run");
+        assert_eq!(v, TC_PASS, "unmarked traffic is not the node device's to judge");
+        events();
+
+        // A mark without its pending record (evicted): fail closed.
+        let (v, _) = dp.test_run_marked(Hook::ToContainer, &dnat(43005, fe).bytes(), pending).expect("run");
+        assert_eq!(v, TC_ACT_SHOT);
+        assert_eq!(events()[0].reason, reason::NO_MAP_SPACE);
+
+        // Another port of the ClusterIP is no Service: judged as it is.
+        let other = Frame { src_port: 43006, ..Frame::tcp(me, svc, 81) };
+        assert_eq!(
+            dp.test_run_marked(Hook::FromContainer, &other.bytes(), 0).expect("run"),
+            (TC_ACT_SHOT, 0)
+        );
     });
 }

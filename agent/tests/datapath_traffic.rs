@@ -51,6 +51,7 @@ fn state(bed: &Bed, revision: u64, backend_ingress: Vec<AllowEntry>) -> Compiled
                 DirectionPolicy { isolated: true, allow: backend_ingress, ..Default::default() },
             ),
         ],
+        services: vec![],
     }
 }
 

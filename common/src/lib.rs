@@ -11,6 +11,9 @@ pub mod map_names {
     pub const CT: &str = "PC_CT";
     pub const CIDR: &str = "PC_CIDR";
     pub const EP_ADDRS: &str = "PC_EP_ADDRS";
+    pub const SERVICES: &str = "PC_SERVICES";
+    pub const SVC_PENDING: &str = "PC_SVC_PENDING";
+    pub const COUNTERS: &str = "PC_COUNTERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -19,6 +22,8 @@ pub mod program_names {
     pub const FROM_CONTAINER: &str = "from_container";
     /// TC egress of the host-side veth: packets entering the pod (its ingress).
     pub const TO_CONTAINER: &str = "to_container";
+    /// TC egress of the node's other devices: Service verdicts after DNAT.
+    pub const TO_NETDEV: &str = "to_netdev";
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -32,6 +37,53 @@ pub mod map_sizes {
     pub const CIDR: u32 = 65536;
     /// Endpoint addresses: a few per endpoint.
     pub const EP_ADDRS: u32 = 4096;
+    /// Service frontends (ClusterIP, protocol, port).
+    pub const SERVICES: u32 = 65536;
+    /// Connections to a Service whose egress verdict waits for DNAT.
+    pub const SVC_PENDING: u32 = 65536;
+}
+
+/// Counters are per endpoint id; ids at or above this share no slot and
+/// are not counted (the agent hands out ids from 1 upwards).
+pub const COUNTED_ENDPOINTS: u32 = 4096;
+/// Counter slots per endpoint: `direction * COUNTER_REASONS + reason`, where
+/// reason 0 is "forwarded" and the others are the drop reasons.
+pub const COUNTER_REASONS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 2 * COUNTER_REASONS;
+
+/// Conntrack entry lifetimes, refreshed by every packet of the flow.
+pub mod ct_timeout {
+    const S: u64 = 1_000_000_000;
+    /// TCP before the other side answered (a SYN on its way).
+    pub const TCP_OPENING_NS: u64 = 60 * S;
+    /// TCP once both sides spoke.
+    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * S;
+    /// TCP after a FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * S;
+    /// UDP, SCTP, ICMP and everything else.
+    pub const OTHER_NS: u64 = 60 * S;
+    /// The datapath rewrites an entry's expiry only when it moves by more
+    /// than this, so a busy flow does not write its entry on every packet.
+    pub const REFRESH_SLACK_NS: u64 = S;
+}
+
+/// Conntrack entry flags (`CtValue::flags`).
+pub mod ct_flags {
+    /// A packet passed the other way: the flow is established.
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    /// A TCP FIN or RST passed.
+    pub const CLOSING: u8 = 1 << 1;
+}
+
+/// skb mark bits the datapath uses to carry "egress verdict pending" from
+/// the client's veth to the hook that sees the packet after kube-proxy's DNAT.
+/// Clear of kube-proxy's 0x4000/0x8000 and restored once read.
+pub mod mark {
+    /// Bits 8..=11 hold the magic, bits 16..=31 the client's endpoint id.
+    pub const MASK: u32 = 0xffff_0f00;
+    pub const MAGIC_MASK: u32 = 0x0000_0f00;
+    pub const SERVICE_PENDING: u32 = 0x0000_0a00;
+    pub const ENDPOINT_SHIFT: u32 = 16;
 }
 
 /// The verdict for a packet we let through: TC_ACT_UNSPEC, which TCX reads as
@@ -73,6 +125,11 @@ pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
 /// The endpoint's addresses are known: packets it sends from any other
 /// (non-link-local) address are dropped.
 pub const EP_CHECK_SOURCE: u32 = 1 << 2;
+/// Report every new flow the endpoint's policy lets through, not only drops.
+pub const EP_REPORT_ALLOWED: u32 = 1 << 3;
+/// The endpoint's policy did not fit the maps: both directions deny all
+/// (but the node and neighbour discovery) until it does. Fail closed.
+pub const EP_POLICY_OVERFLOW: u32 = 1 << 4;
 
 /// The endpoint table: host-side ifindex -> endpoint.
 #[repr(C)]
@@ -192,9 +249,59 @@ pub struct CtKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
     pub created_ns: u64,
+    /// `bpf_ktime_get_ns` after which the entry passes nothing; the agent
+    /// sweeps such entries.
+    pub expires_ns: u64,
     /// The rule that allowed the flow (0: the direction was not isolated).
     pub rule_cookie: u32,
-    pub _pad: u32,
+    /// `ct_flags`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A Service frontend as kube-proxy translates it: ClusterIP, protocol, port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub family: u8,
+    pub protocol: u8,
+    /// Host byte order.
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// A connection from an endpoint to a Service, between the client's veth
+/// and the hook that gives the egress verdict after DNAT. Keyed by what DNAT
+/// leaves alone: the client's side of the tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub src_addr: [u8; 16],
+    pub src_port: u16,
+    pub endpoint_id: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The Service address the client asked for, and the client's policy as it
+/// was when the packet left (the verdict uses that generation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingValue {
+    pub dst_addr: [u8; 16],
+    pub dst_port: u16,
+    pub generation: u8,
+    pub _pad: u8,
+    pub flags: u32,
+}
+
+/// One counter slot: packets and bytes (per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Verdicts in flow events.
@@ -208,6 +315,15 @@ pub mod reason {
     pub const MALFORMED: u8 = 2;
     pub const UNSUPPORTED_L3: u8 = 3;
     pub const SPOOFED_SOURCE: u8 = 4;
+    /// A packet on an interface that carries our programs but that the
+    /// endpoint table does not know (it was full, or the endpoint is leaving).
+    pub const UNKNOWN_ENDPOINT: u8 = 5;
+    /// The state the verdict needs is not in the maps: the endpoint's policy
+    /// did not fit (it then denies everything until it does), or a Service
+    /// connection's pending record was evicted before its verdict.
+    pub const NO_MAP_SPACE: u8 = 6;
+    /// The number of reasons; also the counters' stride.
+    pub const COUNT: u8 = 7;
 }
 
 /// A flow event on the ring buffer.
@@ -248,6 +364,10 @@ mod pod {
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::EndpointAddr {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::PendingKey {}
+    unsafe impl aya::Pod for super::PendingValue {}
+    unsafe impl aya::Pod for super::Counter {}
 }
 
 // Layouts are ABI: fail the build if one changes size by accident.
@@ -256,6 +376,10 @@ const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
+const _: () = assert!(core::mem::size_of::<PendingValue>() == 24);
+const _: () = assert!(reason::COUNT as u32 <= COUNTER_REASONS);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<EndpointAddr>() == 24);

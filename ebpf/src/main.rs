@@ -15,13 +15,15 @@ mod datapath {
     use aya_ebpf::{
         helpers::bpf_ktime_get_ns,
         macros::{classifier, map},
-        maps::{HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+        maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
     };
     use portcullis_common::{
-        CidrKey, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS,
-        EP_ISOLATED_INGRESS, EndpointAddr, EndpointInfo, FlowEvent, IPPROTO_ICMPV6, IpKey, PolicyKey,
-        PolicyValue, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, identity, map_sizes, reason,
+        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
+        CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, IPPROTO_ICMPV6,
+        IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey, TC_ACT_SHOT,
+        TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes, mark, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse};
@@ -47,6 +49,16 @@ mod datapath {
     #[map]
     static PC_EP_ADDRS: HashMap<EndpointAddr, u8> = HashMap::pinned(map_sizes::EP_ADDRS, 0);
 
+    #[map]
+    static PC_SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(map_sizes::SERVICES, 0);
+
+    #[map]
+    static PC_SVC_PENDING: LruHashMap<PendingKey, PendingValue> =
+        LruHashMap::pinned(map_sizes::SVC_PENDING, 0);
+
+    #[map]
+    static PC_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTED_ENDPOINTS * COUNTER_SLOTS, 0);
+
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
         enforce(&ctx, DIR_EGRESS)
@@ -55,6 +67,41 @@ mod datapath {
     #[classifier]
     pub fn to_container(ctx: TcContext) -> i32 {
         enforce(&ctx, DIR_INGRESS)
+    }
+
+    /// TC egress of the node's other devices: gives the egress verdict of
+    /// Service connections whose backend is not a local pod.
+    #[classifier]
+    pub fn to_netdev(ctx: TcContext) -> i32 {
+        if skb_mark(&ctx) & mark::MAGIC_MASK != mark::SERVICE_PENDING {
+            return TC_PASS;
+        }
+        match parse(&ctx) {
+            Parsed::Ip(pkt) => pending_service_verdict(&ctx, &pkt),
+            _ => {
+                let m = skb_mark(&ctx);
+                ctx.set_mark(m & !mark::MASK);
+                let client = (m >> mark::ENDPOINT_SHIFT) as u16;
+                emit(
+                    &ctx,
+                    client,
+                    0,
+                    DIR_EGRESS,
+                    identity::WORLD,
+                    VERDICT_DROPPED,
+                    reason::MALFORMED,
+                    0,
+                    None,
+                );
+                TC_ACT_SHOT
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn skb_mark(ctx: &TcContext) -> u32 {
+        // SAFETY: the kernel hands TC programs a valid __sk_buff.
+        unsafe { (*ctx.skb.skb).mark }
     }
 
     /// ICMPv6 router/neighbour solicitation and advertisement, and redirect:
@@ -83,21 +130,34 @@ mod datapath {
         // SAFETY: the kernel hands TC programs a valid __sk_buff.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let Some(ep) = (unsafe { PC_ENDPOINTS.get(&ifindex) }) else {
-            // Not a Portcullis endpoint: not ours to judge.
-            return TC_PASS;
+            // Our programs run here but the table does not know the
+            // interface: fail closed (the agent detaches before it forgets).
+            emit(
+                ctx,
+                0,
+                ifindex,
+                direction,
+                identity::WORLD,
+                VERDICT_DROPPED,
+                reason::UNKNOWN_ENDPOINT,
+                0,
+                None,
+            );
+            return TC_ACT_SHOT;
         };
         let ep = *ep;
+        let overflow = ep.flags & EP_POLICY_OVERFLOW != 0;
         let isolation = if direction == DIR_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
-        let isolated = ep.flags & isolation != 0;
+        let isolated = overflow || ep.flags & isolation != 0;
 
         let pkt = match parse(ctx) {
             Parsed::Ip(pkt) => pkt,
             Parsed::Arp => return TC_PASS,
             Parsed::OtherL3 if isolated => {
-                return drop_unparsed(ctx, &ep, ifindex, direction, reason::UNSUPPORTED_L3);
+                return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::UNSUPPORTED_L3, None);
             }
             Parsed::Malformed if isolated => {
-                return drop_unparsed(ctx, &ep, ifindex, direction, reason::MALFORMED);
+                return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::MALFORMED, None);
             }
             // Not isolated: the kernel deals with what we cannot parse.
             Parsed::OtherL3 | Parsed::Malformed => return TC_PASS,
@@ -108,28 +168,52 @@ mod datapath {
         // A pod sends from its own addresses only: a forged source would be
         // judged (and tracked) as another pod's identity everywhere else.
         if direction == DIR_EGRESS && ep.flags & EP_CHECK_SOURCE != 0 && !source_is_own(ifindex, &pkt) {
-            emit_drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::SPOOFED_SOURCE, Some(&pkt));
+            return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::SPOOFED_SOURCE, Some(&pkt));
+        }
+        // A connection to a Service on its way in, after DNAT: first the
+        // client's egress verdict, then ours.
+        if direction == DIR_INGRESS
+            && skb_mark(ctx) & mark::MAGIC_MASK == mark::SERVICE_PENDING
+            && pending_service_verdict(ctx, &pkt) == TC_ACT_SHOT
+        {
             return TC_ACT_SHOT;
         }
 
-        let key = ct_key(&ep, direction, &pkt);
-        if unsafe { PC_CT.get(&key) }.is_some() {
-            return TC_PASS;
-        }
-        if unsafe { PC_CT.get(&ct_reverse(&key)) }.is_some() {
+        // SAFETY: plain helper call without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let key = ct_key(ep.endpoint_id, direction, &pkt);
+        if !overflow && (ct_hit(&key, &pkt, false, now) || ct_hit(&ct_reverse(&key), &pkt, true, now)) {
+            count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             return TC_PASS;
         }
 
         let mut rule_cookie = 0;
+        let mut remote_identity = identity::WORLD;
         if isolated {
             let remote = if direction == DIR_INGRESS { &pkt.src } else { &pkt.dst };
-            let remote_identity = lookup_identity(pkt.family, remote);
+            remote_identity = lookup_identity(pkt.family, remote);
             // The node may always reach its pods (kubelet probes).
             if !(direction == DIR_INGRESS && remote_identity == identity::HOST) {
-                match policy_lookup(&ep, direction, remote_identity, remote, &pkt) {
+                if overflow {
+                    return drop(
+                        ctx,
+                        &ep,
+                        ifindex,
+                        direction,
+                        remote_identity,
+                        reason::NO_MAP_SPACE,
+                        Some(&pkt),
+                    );
+                }
+                // Egress to a Service: the verdict waits for the backend
+                // kube-proxy picks (DNAT comes after this hook).
+                if direction == DIR_EGRESS && pkt.has_l4 && mark_service_pending(ctx, &ep, &pkt) {
+                    return TC_PASS;
+                }
+                match policy_lookup(ep.endpoint_id, ep.generation, direction, remote_identity, remote, &pkt) {
                     Some(cookie) => rule_cookie = cookie,
                     None => {
-                        emit_drop(
+                        return drop(
                             ctx,
                             &ep,
                             ifindex,
@@ -138,31 +222,139 @@ mod datapath {
                             reason::POLICY_DENIED,
                             Some(&pkt),
                         );
-                        return TC_ACT_SHOT;
                     }
                 }
             }
         }
         // A later fragment has no ports of its own: nothing to track.
         if pkt.has_l4 {
-            let value = CtValue {
-                // SAFETY: plain helper call without arguments.
-                created_ns: unsafe { bpf_ktime_get_ns() },
+            ct_create(&key, &pkt, rule_cookie, now);
+        }
+        count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
+        if ep.flags & EP_REPORT_ALLOWED != 0 {
+            emit(
+                ctx,
+                ep.endpoint_id,
+                ifindex,
+                direction,
+                remote_identity,
+                VERDICT_FORWARDED,
+                reason::POLICY_ALLOWED,
                 rule_cookie,
-                _pad: 0,
-            };
-            // A full table evicts its least recently used flow (LRU); the
-            // packet itself was allowed by policy either way.
-            let _ = PC_CT.insert(&key, &value, 0);
+                Some(&pkt),
+            );
         }
         TC_PASS
+    }
+
+    /// Records a packet to a Service address and marks it, so the hook that
+    /// sees it after DNAT gives the client's egress verdict on the backend.
+    #[inline(always)]
+    fn mark_service_pending(ctx: &TcContext, ep: &EndpointInfo, pkt: &Packet) -> bool {
+        let service =
+            ServiceKey { family: pkt.family, protocol: pkt.protocol, port: pkt.dst_port, addr: pkt.dst };
+        if unsafe { PC_SERVICES.get(&service) }.is_none() {
+            return false;
+        }
+        let key = pending_key(ep.endpoint_id, pkt);
+        let value = PendingValue {
+            dst_addr: pkt.dst,
+            dst_port: pkt.dst_port,
+            generation: ep.generation,
+            _pad: 0,
+            flags: ep.flags,
+        };
+        // LRU: a full table evicts the oldest pending connection, whose
+        // verdict then fails closed.
+        let _ = PC_SVC_PENDING.insert(&key, &value, 0);
+        let m = skb_mark(ctx) & !mark::MASK;
+        ctx.set_mark(m | mark::SERVICE_PENDING | (u32::from(ep.endpoint_id) << mark::ENDPOINT_SHIFT));
+        true
+    }
+
+    #[inline(always)]
+    fn pending_key(endpoint_id: u16, pkt: &Packet) -> PendingKey {
+        PendingKey {
+            src_addr: pkt.src,
+            src_port: pkt.src_port,
+            endpoint_id,
+            family: pkt.family,
+            protocol: pkt.protocol,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The client's egress verdict for a marked packet after DNAT: the
+    /// destination is now the backend. Allowed: the connection is tracked
+    /// under the address the client used, so its later packets and the
+    /// replies (un-DNATed, from the Service address) pass. Restores the mark.
+    #[inline(always)]
+    fn pending_service_verdict(ctx: &TcContext, pkt: &Packet) -> i32 {
+        let m = skb_mark(ctx);
+        ctx.set_mark(m & !mark::MASK);
+        let client = (m >> mark::ENDPOINT_SHIFT) as u16;
+        let remote_identity = lookup_identity(pkt.family, &pkt.dst);
+        let Some(pending) = PC_SVC_PENDING.get_ptr(&pending_key(client, pkt)) else {
+            emit(
+                ctx,
+                client,
+                0,
+                DIR_EGRESS,
+                remote_identity,
+                VERDICT_DROPPED,
+                reason::NO_MAP_SPACE,
+                0,
+                Some(pkt),
+            );
+            count(client, DIR_EGRESS, reason::NO_MAP_SPACE, ctx.len());
+            return TC_ACT_SHOT;
+        };
+        // SAFETY: the map value outlives this program run.
+        let pending = unsafe { *pending };
+        let verdict = if pending.flags & EP_POLICY_OVERFLOW != 0 {
+            Err(reason::NO_MAP_SPACE)
+        } else {
+            policy_lookup(client, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
+                .ok_or(reason::POLICY_DENIED)
+        };
+        match verdict {
+            Ok(cookie) => {
+                // SAFETY: plain helper call without arguments.
+                let now = unsafe { bpf_ktime_get_ns() };
+                let mut key = ct_key(client, DIR_EGRESS, pkt);
+                key.dst_addr = pending.dst_addr;
+                key.dst_port = pending.dst_port;
+                ct_create(&key, pkt, cookie, now);
+                let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
+                count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
+                if pending.flags & EP_REPORT_ALLOWED != 0 {
+                    emit(
+                        ctx,
+                        client,
+                        0,
+                        DIR_EGRESS,
+                        remote_identity,
+                        VERDICT_FORWARDED,
+                        reason::POLICY_ALLOWED,
+                        cookie,
+                        Some(pkt),
+                    );
+                }
+                TC_PASS
+            }
+            Err(why) => {
+                emit(ctx, client, 0, DIR_EGRESS, remote_identity, VERDICT_DROPPED, why, 0, Some(pkt));
+                count(client, DIR_EGRESS, why, ctx.len());
+                TC_ACT_SHOT
+            }
+        }
     }
 
     /// Is the packet's source one of the endpoint's addresses? IPv6
     /// link-local and unspecified sources never leave the link, so they pass.
     #[inline(always)]
     fn source_is_own(ifindex: u32, pkt: &Packet) -> bool {
-        if pkt.family == portcullis_common::AF_INET6
+        if pkt.family == AF_INET6
             && ((pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80) || pkt.src == [0u8; 16])
         {
             return true;
@@ -172,13 +364,13 @@ mod datapath {
     }
 
     #[inline(always)]
-    fn ct_key(ep: &EndpointInfo, direction: u8, pkt: &Packet) -> CtKey {
+    fn ct_key(endpoint_id: u16, direction: u8, pkt: &Packet) -> CtKey {
         CtKey {
             src_addr: pkt.src,
             dst_addr: pkt.dst,
             src_port: pkt.src_port,
             dst_port: pkt.dst_port,
-            endpoint_id: ep.endpoint_id,
+            endpoint_id,
             family: pkt.family,
             protocol: pkt.protocol,
             direction,
@@ -201,9 +393,72 @@ mod datapath {
     }
 
     #[inline(always)]
+    fn ct_lifetime(pkt: &Packet, flags: u8) -> u64 {
+        if pkt.protocol != IPPROTO_TCP {
+            ct_timeout::OTHER_NS
+        } else if flags & ct_flags::CLOSING != 0 {
+            ct_timeout::TCP_CLOSING_NS
+        } else if flags & ct_flags::SEEN_REPLY != 0 {
+            ct_timeout::TCP_ESTABLISHED_NS
+        } else {
+            ct_timeout::TCP_OPENING_NS
+        }
+    }
+
+    #[inline(always)]
+    fn tcp_closing(pkt: &Packet) -> bool {
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        pkt.protocol == IPPROTO_TCP && pkt.tcp_flags & (FIN | RST) != 0
+    }
+
+    /// Whether a live entry tracks the packet's flow; if so the packet moves
+    /// the entry's state and expiry on. An expired entry passes nothing.
+    #[inline(always)]
+    fn ct_hit(key: &CtKey, pkt: &Packet, reply: bool, now: u64) -> bool {
+        let Some(entry) = PC_CT.get_ptr_mut(key) else { return false };
+        // SAFETY: the map value stays valid for this program run; racing
+        // writers only move the expiry, and either value is fine.
+        let entry = unsafe { &mut *entry };
+        if entry.expires_ns <= now {
+            return false;
+        }
+        let mut flags = entry.flags;
+        if reply {
+            flags |= ct_flags::SEEN_REPLY;
+        }
+        if tcp_closing(pkt) {
+            flags |= ct_flags::CLOSING;
+        }
+        let expires = now + ct_lifetime(pkt, flags);
+        if flags != entry.flags {
+            entry.flags = flags;
+            entry.expires_ns = expires;
+        } else if expires > entry.expires_ns + ct_timeout::REFRESH_SLACK_NS {
+            entry.expires_ns = expires;
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn ct_create(key: &CtKey, pkt: &Packet, rule_cookie: u32, now: u64) {
+        let flags = if tcp_closing(pkt) { ct_flags::CLOSING } else { 0 };
+        let value = CtValue {
+            created_ns: now,
+            expires_ns: now + ct_lifetime(pkt, flags),
+            rule_cookie,
+            flags,
+            _pad: [0; 3],
+        };
+        // A full table evicts its least recently used flow (LRU), whose next
+        // packet then meets the policy again; this one was allowed either way.
+        let _ = PC_CT.insert(key, &value, 0);
+    }
+
+    #[inline(always)]
     fn lookup_identity(family: u8, addr: &[u8; 16]) -> u32 {
         let key = Key::new(
-            IpKey::HEADER_BITS + if family == portcullis_common::AF_INET { 32 } else { 128 },
+            IpKey::HEADER_BITS + if family == AF_INET { 32 } else { 128 },
             IpKey { family, _pad: [0; 3], addr: *addr },
         );
         PC_IPCACHE.get(&key).copied().unwrap_or(identity::WORLD)
@@ -214,7 +469,8 @@ mod datapath {
     /// remote's address in the endpoint's CIDR trie.
     #[inline(always)]
     fn policy_lookup(
-        ep: &EndpointInfo,
+        endpoint_id: u16,
+        generation: u8,
         direction: u8,
         remote: u32,
         remote_addr: &[u8; 16],
@@ -230,8 +486,8 @@ mod datapath {
         let mut key = Key::new(
             prefix,
             PolicyKey {
-                endpoint_id: ep.endpoint_id,
-                generation: ep.generation,
+                endpoint_id,
+                generation,
                 direction,
                 identity: remote,
                 protocol,
@@ -246,12 +502,12 @@ mod datapath {
         if let Some(v) = PC_POLICY.get(&key) {
             return Some(v.rule_cookie);
         }
-        let bits = if pkt.family == portcullis_common::AF_INET { 32 } else { 128 };
+        let bits = if pkt.family == AF_INET { 32 } else { 128 };
         let cidr = Key::new(
             CidrKey::HEADER_BITS + bits,
             CidrKey {
-                endpoint_id: ep.endpoint_id,
-                generation: ep.generation,
+                endpoint_id,
+                generation,
                 direction,
                 family: pkt.family,
                 _pad: [0; 3],
@@ -263,13 +519,23 @@ mod datapath {
     }
 
     #[inline(always)]
-    fn drop_unparsed(ctx: &TcContext, ep: &EndpointInfo, ifindex: u32, direction: u8, why: u8) -> i32 {
-        emit_drop(ctx, ep, ifindex, direction, identity::WORLD, why, None);
-        TC_ACT_SHOT
+    fn count(endpoint_id: u16, direction: u8, why: u8, len: u32) {
+        let id = u32::from(endpoint_id);
+        if id >= COUNTED_ENDPOINTS {
+            return;
+        }
+        let slot = id * COUNTER_SLOTS + u32::from(direction & 1) * COUNTER_REASONS + (u32::from(why) & 7);
+        if let Some(c) = PC_COUNTERS.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot; no other writer while we run.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += u64::from(len);
+            }
+        }
     }
 
     #[inline(always)]
-    fn emit_drop(
+    fn drop(
         ctx: &TcContext,
         ep: &EndpointInfo,
         ifindex: u32,
@@ -277,9 +543,27 @@ mod datapath {
         remote_identity: u32,
         why: u8,
         pkt: Option<&Packet>,
+    ) -> i32 {
+        count(ep.endpoint_id, direction, why, ctx.len());
+        emit(ctx, ep.endpoint_id, ifindex, direction, remote_identity, VERDICT_DROPPED, why, 0, pkt);
+        TC_ACT_SHOT
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        ctx: &TcContext,
+        endpoint_id: u16,
+        ifindex: u32,
+        direction: u8,
+        remote_identity: u32,
+        verdict: u8,
+        why: u8,
+        rule_cookie: u32,
+        pkt: Option<&Packet>,
     ) {
         let Some(mut entry) = PC_FLOWS.reserve::<FlowEvent>(0) else {
-            // Ring full: the drop still happens; userspace sees the gap in counters.
+            // Ring full: the verdict stands; the counters still see it.
             return;
         };
         let mut ev = FlowEvent {
@@ -287,10 +571,11 @@ mod datapath {
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
             ifindex,
             remote_identity,
+            rule_cookie,
             packet_len: ctx.len(),
-            endpoint_id: ep.endpoint_id,
+            endpoint_id,
             direction,
-            verdict: VERDICT_DROPPED,
+            verdict,
             reason: why,
             ..FlowEvent::default()
         };

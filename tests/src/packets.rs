@@ -32,6 +32,8 @@ pub struct Frame {
     pub frag_offset: u16,
     /// Cut the frame to this many bytes.
     pub truncate: Option<usize>,
+    /// TCP flags (SYN by default).
+    pub tcp_flags: u8,
 }
 
 impl Frame {
@@ -47,6 +49,7 @@ impl Frame {
             frag_offset: 0,
             truncate: None,
             hop_limit: 64,
+            tcp_flags: SYN,
         }
     }
 
@@ -70,7 +73,7 @@ impl Frame {
                 l4.extend_from_slice(&self.src_port.to_be_bytes());
                 l4.extend_from_slice(&self.dst_port.to_be_bytes());
                 l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
-                l4.extend_from_slice(&[0x50, SYN, 0xff, 0xff, 0, 0, 0, 0]);
+                l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
             }
             UDP => {
                 l4.extend_from_slice(&self.src_port.to_be_bytes());

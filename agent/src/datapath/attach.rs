@@ -29,11 +29,13 @@ pub enum AttachError {
 
 impl Datapath {
     fn link_pin(&self, ifindex: u32, hook: Hook) -> PathBuf {
-        let side = match hook {
-            Hook::FromContainer => "from",
-            Hook::ToContainer => "to",
+        let name = match hook {
+            Hook::FromContainer => format!("if{ifindex}-from"),
+            Hook::ToContainer => format!("if{ifindex}-to"),
+            // Not `if…`: endpoint link bookkeeping skips these.
+            Hook::ToNetdev => format!("netdev-if{ifindex}"),
         };
-        self.pin_dir.join("links").join(format!("if{ifindex}-{side}"))
+        self.pin_dir.join("links").join(name)
     }
 
     /// Attaches both hooks to the interface `ifindex` (in the caller's network
@@ -83,7 +85,7 @@ impl Datapath {
         }
         let attach_type = match hook {
             Hook::FromContainer => TcAttachType::Ingress,
-            Hook::ToContainer => TcAttachType::Egress,
+            Hook::ToContainer | Hook::ToNetdev => TcAttachType::Egress,
         };
         let id = prog.attach_with_options(
             interface,
@@ -93,6 +95,23 @@ impl Datapath {
         let link = FdLink::try_from(prog.take_link(id)?)?;
         link.pin(&pin)?;
         Ok(())
+    }
+
+    /// Attaches the Service verdict to a node device's TC egress (the way to
+    /// backends that are not local pods); idempotent.
+    pub fn attach_netdev(&mut self, interface: &str) -> Result<(), AttachError> {
+        let idx = ifindex(interface).ok_or_else(|| AttachError::Attach {
+            interface: interface.into(),
+            hook: Hook::ToNetdev,
+            source: "no such interface".into(),
+        })?;
+        let links = self.pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
+        self.attach_hook(interface, idx, Hook::ToNetdev).map_err(|source| AttachError::Attach {
+            interface: interface.into(),
+            hook: Hook::ToNetdev,
+            source,
+        })
     }
 
     /// Removes the pinned links of an interface; the kernel detaches them.
@@ -108,8 +127,8 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Interfaces that have pinned links.
-    pub(super) fn pinned_link_ifindexes(&self) -> Vec<u32> {
+    /// Interfaces that carry endpoint programs (by their pinned links).
+    pub fn pinned_link_ifindexes(&self) -> Vec<u32> {
         let Ok(dir) = std::fs::read_dir(self.pin_dir.join("links")) else { return vec![] };
         let mut out: Vec<u32> = dir
             .filter_map(|e| e.ok()?.file_name().into_string().ok())

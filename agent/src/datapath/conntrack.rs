@@ -1,12 +1,33 @@
-//! Revoking tracked flows: after a policy change, every conntrack entry of an
-//! isolated direction is judged again by the loaded entries, as the programs
-//! would judge a new flow; entries the policy no longer allows are deleted, so
-//! the flow's next packet meets the policy and is dropped. Entries of
-//! endpoints that are gone go too.
+//! The agent's side of conntrack: revoking and sweeping.
+//!
+//! Revoking: after a policy change, every conntrack entry of an isolated
+//! direction is judged again by the loaded entries, as the programs would
+//! judge a new flow; entries the policy no longer allows are deleted, so the
+//! flow's next packet meets the policy and is dropped. Entries of endpoints
+//! that are gone go too.
+//!
+//! Sweeping: the programs ignore an expired entry; the sweep deletes it, so
+//! the table holds live flows and the LRU evicts only those under pressure.
 
 use portcullis_common::{
-    AF_INET, CtKey, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IpKey, identity,
+    AF_INET, CtKey, CtValue, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW, IpKey,
+    identity,
 };
+
+/// A conntrack entry as the map holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    pub key: CtKey,
+    pub value: CtValue,
+}
+
+/// The clock of `bpf_ktime_get_ns`: CLOCK_MONOTONIC, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 use super::{
     Datapath,
@@ -41,8 +62,37 @@ impl Datapath {
         revoked
     }
 
+    /// Deletes the entries that expired before `now_ns` (monotonic); returns
+    /// how many.
+    pub fn sweep_conntrack(&mut self, now_ns: u64) -> usize {
+        let expired: Vec<CtKey> = self
+            .conntrack_entries()
+            .into_iter()
+            .filter(|e| e.value.expires_ns <= now_ns)
+            .map(|e| e.key)
+            .collect();
+        expired.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count()
+    }
+
+    /// Every conntrack entry (a snapshot; the programs keep writing).
+    pub fn conntrack_entries(&self) -> Vec<CtEntry> {
+        let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
+        keys.into_iter()
+            .filter_map(|key| Some(CtEntry { key, value: self.maps.conntrack.get(&key, 0).ok()? }))
+            .collect()
+    }
+
+    /// Writes one entry as the programs would (tools and tests: ageing a
+    /// flow, restoring one).
+    pub fn conntrack_set(&mut self, entry: &CtEntry) -> Result<(), aya::maps::MapError> {
+        self.maps.conntrack.insert(entry.key, entry.value, 0)
+    }
+
     fn flow_allowed(&self, key: &CtKey) -> bool {
         let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
+        if ep.info.flags & EP_POLICY_OVERFLOW != 0 {
+            return false;
+        }
         let isolated = if key.direction == DIR_INGRESS {
             ep.info.flags & EP_ISOLATED_INGRESS != 0
         } else {

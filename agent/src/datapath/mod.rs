@@ -4,23 +4,27 @@
 
 mod attach;
 mod conntrack;
+mod counters;
 pub mod keys;
+mod pins;
 mod writer;
 
 use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf},
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use portcullis_common::{
-    CidrKey, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, map_names, map_sizes,
-    program_names,
+    CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, ServiceKey,
+    map_names, map_sizes, program_names,
 };
 
 pub use attach::AttachError;
-pub use writer::WriteError;
+pub use conntrack::{CtEntry, monotonic_ns};
+pub use counters::{DirectionCounters, EndpointCounters};
+pub use writer::{ApplyReport, WriteError};
 
 /// The eBPF object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
@@ -56,8 +60,10 @@ pub enum DatapathError {
     },
 }
 
-/// Map sizes; `Default` gives the values compiled into the object.
-#[derive(Clone, Debug)]
+/// Map sizes (entries; bytes for the flow ring); `Default` gives the values
+/// compiled into the object. A pinned map of another size or layout is
+/// replaced at load (its contents are rebuilt from the cluster).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub endpoints: u32,
     pub ipcache: u32,
@@ -65,6 +71,9 @@ pub struct MapSizes {
     pub flows_bytes: u32,
     pub conntrack: u32,
     pub cidr: u32,
+    pub endpoint_addresses: u32,
+    pub services: u32,
+    pub service_pending: u32,
 }
 
 impl Default for MapSizes {
@@ -76,8 +85,50 @@ impl Default for MapSizes {
             flows_bytes: map_sizes::FLOWS,
             conntrack: map_sizes::CT,
             cidr: map_sizes::CIDR,
+            endpoint_addresses: map_sizes::EP_ADDRS,
+            services: map_sizes::SERVICES,
+            service_pending: map_sizes::SVC_PENDING,
         }
     }
+}
+
+impl MapSizes {
+    /// Applies `name=entries` (names as `agent run --help` lists them).
+    pub fn set(&mut self, spec: &str) -> Result<(), String> {
+        let (name, value) = spec.split_once('=').ok_or_else(|| format!("{spec:?}: expected NAME=ENTRIES"))?;
+        let value: u32 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| format!("{spec:?}: {value:?} is not a positive number"))?;
+        let slot = match name.trim() {
+            "endpoints" => &mut self.endpoints,
+            "ipcache" => &mut self.ipcache,
+            "policy" => &mut self.policy,
+            "flows-bytes" => &mut self.flows_bytes,
+            "conntrack" => &mut self.conntrack,
+            "cidr" => &mut self.cidr,
+            "endpoint-addresses" => &mut self.endpoint_addresses,
+            "services" => &mut self.services,
+            "service-pending" => &mut self.service_pending,
+            other => return Err(format!("{other:?} is not a map (one of {})", Self::NAMES.join(", "))),
+        };
+        *slot = value;
+        Ok(())
+    }
+
+    pub const NAMES: [&'static str; 9] = [
+        "endpoints",
+        "ipcache",
+        "policy",
+        "flows-bytes",
+        "conntrack",
+        "cidr",
+        "endpoint-addresses",
+        "services",
+        "service-pending",
+    ];
 }
 
 #[derive(Clone, Debug)]
@@ -85,11 +136,17 @@ pub struct DatapathConfig {
     /// Directory on bpffs for pinned maps and links.
     pub pin_dir: PathBuf,
     pub map_sizes: MapSizes,
+    /// Report every new flow a policy lets through, not only drops.
+    pub report_allowed: bool,
 }
 
 impl Default for DatapathConfig {
     fn default() -> Self {
-        DatapathConfig { pin_dir: PathBuf::from(DEFAULT_PIN_DIR), map_sizes: MapSizes::default() }
+        DatapathConfig {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            map_sizes: MapSizes::default(),
+            report_allowed: false,
+        }
     }
 }
 
@@ -100,6 +157,8 @@ pub enum Hook {
     FromContainer,
     /// TC egress of the host veth: the pod's ingress.
     ToContainer,
+    /// TC egress of a node device: Service verdicts for off-node backends.
+    ToNetdev,
 }
 
 impl Hook {
@@ -107,6 +166,7 @@ impl Hook {
         match self {
             Hook::FromContainer => program_names::FROM_CONTAINER,
             Hook::ToContainer => program_names::TO_CONTAINER,
+            Hook::ToNetdev => program_names::TO_NETDEV,
         }
     }
 }
@@ -118,11 +178,14 @@ pub(crate) struct Maps {
     cidr: LpmTrie<MapData, CidrKey, u32>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     ep_addrs: BpfHashMap<MapData, EndpointAddr, u8>,
+    services: BpfHashMap<MapData, ServiceKey, u32>,
+    counters: PerCpuArray<MapData, Counter>,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    report_allowed: bool,
     maps: Maps,
     flows: Option<RingBuf<MapData>>,
     loaded: writer::Loaded,
@@ -141,6 +204,7 @@ impl Datapath {
             return Err(DatapathError::NoBpffs(config.pin_dir.clone()));
         }
         let sizes = &config.map_sizes;
+        pins::drop_incompatible(&config.pin_dir, sizes);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&config.pin_dir)
             .map_max_entries(map_names::ENDPOINTS, sizes.endpoints)
@@ -149,8 +213,11 @@ impl Datapath {
             .map_max_entries(map_names::FLOWS, sizes.flows_bytes)
             .map_max_entries(map_names::CT, sizes.conntrack)
             .map_max_entries(map_names::CIDR, sizes.cidr)
+            .map_max_entries(map_names::EP_ADDRS, sizes.endpoint_addresses)
+            .map_max_entries(map_names::SERVICES, sizes.services)
+            .map_max_entries(map_names::SVC_PENDING, sizes.service_pending)
             .load(OBJECT)?;
-        for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER] {
+        for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER, program_names::TO_NETDEV] {
             classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         let maps = Maps {
@@ -160,10 +227,18 @@ impl Datapath {
             cidr: take_map(&mut ebpf, map_names::CIDR)?,
             conntrack: take_map(&mut ebpf, map_names::CT)?,
             ep_addrs: take_map(&mut ebpf, map_names::EP_ADDRS)?,
+            services: take_map(&mut ebpf, map_names::SERVICES)?,
+            counters: take_map(&mut ebpf, map_names::COUNTERS)?,
         };
         let flows = Some(take_map(&mut ebpf, map_names::FLOWS)?);
-        let mut dp =
-            Datapath { ebpf, pin_dir: config.pin_dir.clone(), maps, flows, loaded: Default::default() };
+        let mut dp = Datapath {
+            ebpf,
+            pin_dir: config.pin_dir.clone(),
+            report_allowed: config.report_allowed,
+            maps,
+            flows,
+            loaded: Default::default(),
+        };
         dp.recover();
         Ok(dp)
     }
@@ -180,6 +255,39 @@ impl Datapath {
         self.test_run_timed(hook, packet, 1).map(|(verdict, _)| verdict)
     }
 
+    /// Like `test_run`, with the packet carrying `mark`; also returns the
+    /// mark the program left on it.
+    pub fn test_run_marked(&self, hook: Hook, packet: &[u8], mark: u32) -> Result<(i32, u32), DatapathError> {
+        // `struct __sk_buff`: `len`, `pkt_type`, then `mark` at byte 8; the
+        // kernel takes the leading part as given and zero for the rest, and
+        // writes the whole struct back (192 bytes on 6.x; room for growth).
+        const MARK_OFFSET: usize = 8;
+        let mut ctx_in = [0u8; MARK_OFFSET + 4];
+        ctx_in[MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; 512];
+        let name = hook.program();
+        let prog = self.classifier_ref(name)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..Default::default()
+            })
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let mut out = [0u8; 4];
+        out.copy_from_slice(&ctx_out[MARK_OFFSET..MARK_OFFSET + 4]);
+        Ok((result.return_value as i32, u32::from_ne_bytes(out)))
+    }
+
+    fn classifier_ref(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(name)
+            .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
     /// Like `test_run`, `repeat` times; also returns the kernel's mean run time.
     pub fn test_run_timed(
         &self,
@@ -188,12 +296,7 @@ impl Datapath {
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DatapathError> {
         let name = hook.program();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog = self.classifier_ref(name)?;
         let result = prog
             .test_run(TestRunOptions { data_in: Some(packet), repeat, ..Default::default() })
             .map_err(|source| DatapathError::Program { name, source })?;

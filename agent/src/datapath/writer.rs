@@ -3,8 +3,14 @@
 //! Per endpoint the update is atomic for packets: the new entries go in under
 //! the endpoint's other generation, one write to the endpoint table flips the
 //! generation, and the old entries are deleted at the end of the pass (after
-//! any packet that read the old generation is done with it). A failed write (a
-//! full map) rolls the new generation back and leaves the last good policy.
+//! any packet that read the old generation is done with it).
+//!
+//! A policy that does not fit (a full map) fails closed: the partial new
+//! generation is removed and the endpoint flips to an empty one flagged
+//! `EP_POLICY_OVERFLOW`, which denies everything but the node until a later
+//! pass fits it. Keeping the old policy instead could pass what the new one
+//! denies. An endpoint the endpoint table cannot take gets the programs
+//! anyway: they drop what arrives on an interface they do not know.
 //!
 //! What is loaded is tracked per endpoint id, and recovered from the pinned
 //! maps when the agent starts: a restarted agent continues from what the
@@ -18,8 +24,8 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use portcullis_common::{
-    CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointAddr, EndpointInfo, IpKey,
-    PolicyKey,
+    AF_INET, AF_INET6, CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW,
+    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, PolicyKey, ServiceKey,
 };
 
 use super::{
@@ -27,7 +33,7 @@ use super::{
     attach::{ifindex, ifname},
     keys::{EndpointKeys, endpoint_keys, family_and_addr},
 };
-use crate::compiled::{CompiledState, EndpointState};
+use crate::compiled::{CompiledState, EndpointState, ServiceFrontend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -47,12 +53,23 @@ pub enum WriteError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "endpoint {endpoint}: its policy does not fit map {map} (raise --map-size {map}=N); it denies all \
+         traffic but the node's until it fits"
+    )]
+    Overflow {
+        endpoint: String,
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 #[derive(Default)]
 pub(crate) struct Loaded {
     pub(super) endpoints: BTreeMap<u16, LoadedEndpoint>,
     pub(super) ipcache: BTreeMap<(u32, IpKey), u32>,
+    pub(super) services: BTreeSet<ServiceKey>,
 }
 
 /// An endpoint address as the address map keys it: `(family, address)`.
@@ -82,6 +99,7 @@ pub struct ApplyReport {
     pub endpoints_removed: usize,
     pub policy_entries: usize,
     pub ipcache_entries: usize,
+    pub services: usize,
     /// Endpoints left as they were (last good state), with why.
     pub errors: Vec<String>,
 }
@@ -106,6 +124,18 @@ impl Datapath {
                     self.loaded.ipcache.insert((prefix, key), identity);
                 }
                 Err(source) => report.errors.push(WriteError::Map { map: "ipcache", source }.to_string()),
+            }
+        }
+
+        // Service frontends before policy: a pod's first packet to a Service
+        // must wait for its backend.
+        let desired_services: BTreeSet<ServiceKey> = state.services.iter().map(service_key).collect();
+        for key in desired_services.difference(&self.loaded.services.clone()) {
+            match self.maps.services.insert(key, 1, 0) {
+                Ok(()) => {
+                    self.loaded.services.insert(*key);
+                }
+                Err(source) => report.errors.push(WriteError::Map { map: "services", source }.to_string()),
             }
         }
 
@@ -147,7 +177,22 @@ impl Datapath {
             let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
             self.loaded.ipcache.remove(&k);
         }
+        let gone: Vec<ServiceKey> = self.loaded.services.difference(&desired_services).copied().collect();
+        for k in gone {
+            let _ = self.maps.services.remove(&k);
+            self.loaded.services.remove(&k);
+        }
 
+        // Links no endpoint owns (left by an earlier agent for pods that
+        // are gone) carry programs that drop everything: remove them.
+        let owned: BTreeSet<u32> = self.loaded.endpoints.values().map(|e| e.ifindex).collect();
+        for idx in self.pinned_link_ifindexes() {
+            if !owned.contains(&idx) {
+                let _ = self.detach(idx);
+            }
+        }
+
+        report.services = self.loaded.services.len();
         report.policy_entries = self.loaded.endpoints.values().map(|e| e.keys.len()).sum();
         report.ipcache_entries = self.loaded.ipcache.len();
         report
@@ -182,6 +227,9 @@ impl Datapath {
         if ep.egress.isolated {
             flags |= EP_ISOLATED_EGRESS;
         }
+        if self.report_allowed {
+            flags |= EP_REPORT_ALLOWED;
+        }
 
         let previous = self.loaded.endpoints.get(&ep.id);
         let unchanged = previous.is_some_and(|p| p.ifindex == idx && p.info.flags == flags && p.keys == keys);
@@ -193,26 +241,35 @@ impl Datapath {
             }
             return Ok(false);
         }
-        let info = EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags };
-
-        if let Err(e) = self.write_keys(&keys, ep.id, generation) {
-            self.remove_keys(&keys, ep.id, generation);
-            return Err(e);
+        if previous.is_none() {
+            // A new pod may get a recycled id: its counters start at zero.
+            self.reset_counters(ep.id);
         }
-        // Addresses before the flip that may start checking them.
-        for a in &addresses {
-            let key = EndpointAddr { ifindex: idx, family: a.0, _pad: [0; 3], addr: a.1 };
-            if let Err(source) = self.maps.ep_addrs.insert(key, 1, 0) {
-                self.remove_keys(&keys, ep.id, generation);
-                return Err(WriteError::Map { map: "endpoint addresses", source });
+
+        // The new generation's entries and addresses, or the failure that
+        // makes the endpoint fail closed.
+        let mut overflow = self.write_keys(&keys, ep.id, generation).err();
+        if overflow.is_none() {
+            for a in &addresses {
+                let key = EndpointAddr { ifindex: idx, family: a.0, _pad: [0; 3], addr: a.1 };
+                if let Err(source) = self.maps.ep_addrs.insert(key, 1, 0) {
+                    overflow = Some(("endpoint-addresses", source));
+                    break;
+                }
             }
         }
+        let (info, loaded_keys) = match overflow {
+            None => (EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags }, keys),
+            Some(_) => {
+                self.remove_keys(&keys, ep.id, generation);
+                let flags = (flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW;
+                (EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags }, EndpointKeys::default())
+            }
+        };
         // The flip: from here packets see the new generation.
-        if let Err(source) = self.maps.endpoints.insert(idx, info, 0) {
-            self.remove_keys(&keys, ep.id, generation);
-            return Err(WriteError::Map { map: "endpoints", source });
-        }
-        let new = LoadedEndpoint { ifindex: idx, addresses: addresses.clone(), info, keys, attached };
+        let table_full = self.maps.endpoints.insert(idx, info, 0).err();
+        let new =
+            LoadedEndpoint { ifindex: idx, addresses: addresses.clone(), info, keys: loaded_keys, attached };
         if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
             if prev.ifindex != idx {
                 // The pod's veth was recreated: release the old interface.
@@ -224,7 +281,20 @@ impl Datapath {
             stale.push(Stale { endpoint: ep.id, generation: prev.info.generation, keys: prev.keys });
         }
         if !attached {
+            // Even when the table could not take the endpoint: the programs
+            // then drop everything on the interface (fail closed).
             self.attach_endpoint(ep)?;
+        }
+        if let Some(source) = table_full {
+            if let Some(l) = self.loaded.endpoints.get_mut(&ep.id) {
+                // Not what the table holds: the next pass retries.
+                l.keys = EndpointKeys::default();
+                l.info.flags = EP_POLICY_OVERFLOW;
+            }
+            return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "endpoints", source });
+        }
+        if let Some((map, source)) = overflow {
+            return Err(WriteError::Overflow { endpoint: ep.name.clone(), map, source });
         }
         Ok(true)
     }
@@ -273,26 +343,29 @@ impl Datapath {
         if self.loaded.endpoints.values().any(|e| e.ifindex == idx) {
             return;
         }
-        let _ = self.maps.endpoints.remove(&idx);
+        // Programs first: once the table forgets the interface they would
+        // drop everything on it.
         if let Err(e) = self.detach(idx) {
             tracing::warn!(ifindex = idx, error = %e, "removing link pins");
         }
+        let _ = self.maps.endpoints.remove(&idx);
     }
 
-    fn write_keys(&mut self, keys: &EndpointKeys, ep: u16, generation: u8) -> Result<(), WriteError> {
+    /// Writes one generation of an endpoint's entries; on failure, names
+    /// the map that was full.
+    fn write_keys(
+        &mut self,
+        keys: &EndpointKeys,
+        ep: u16,
+        generation: u8,
+    ) -> Result<(), (&'static str, aya::maps::MapError)> {
         for (&(prefix, key), value) in &keys.policy {
             let key = Key::new(prefix, PolicyKey { endpoint_id: ep, generation, ..key });
-            self.maps
-                .policy
-                .insert(&key, value, 0)
-                .map_err(|source| WriteError::Map { map: "policy", source })?;
+            self.maps.policy.insert(&key, value, 0).map_err(|e| ("policy", e))?;
         }
         for (&(prefix, key), class) in &keys.cidr {
             let key = Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key });
-            self.maps
-                .cidr
-                .insert(&key, class, 0)
-                .map_err(|source| WriteError::Map { map: "cidr", source })?;
+            self.maps.cidr.insert(&key, class, 0).map_err(|e| ("cidr", e))?;
         }
         Ok(())
     }
@@ -370,6 +443,7 @@ impl Datapath {
                 }
             }
         }
+        self.loaded.services = self.maps.services.keys().filter_map(Result::ok).collect();
         let ipcache: Vec<Key<IpKey>> = self.maps.ipcache.keys().filter_map(Result::ok).collect();
         for key in ipcache {
             if let Ok(identity) = self.maps.ipcache.get(&key, 0) {
@@ -377,9 +451,16 @@ impl Datapath {
             }
         }
 
+        // Links of interfaces that still exist but no endpoint owns get this
+        // agent's programs too (which drop everything there) until the first
+        // pass decides: no window in which an old program or no program
+        // judges. Links of vanished interfaces go.
         let ifindexes: BTreeSet<u32> = live.values().map(|l| l.ifindex).collect();
         for idx in self.pinned_link_ifindexes() {
-            if !ifindexes.contains(&idx) {
+            if ifindexes.contains(&idx) {
+                continue;
+            }
+            if ifname(idx).is_none() || self.attach(idx).is_err() {
                 let _ = self.detach(idx);
             }
         }
@@ -403,6 +484,12 @@ impl Datapath {
             );
         }
     }
+}
+
+fn service_key(s: &ServiceFrontend) -> ServiceKey {
+    let (family, addr) = family_and_addr(s.ip);
+    debug_assert!(family == AF_INET || family == AF_INET6);
+    ServiceKey { family, protocol: s.protocol.number(), port: s.port, addr }
 }
 
 fn ipcache_key(cidr: &IpNet) -> (u32, IpKey) {

@@ -21,7 +21,9 @@ use super::{
     compile::{Compiler, EndpointPolicy, PlanCache, PodsByIdentity, pod_peer_matches},
     identity::{Identities, IdentityLabels},
 };
-use crate::model::{Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef};
+use crate::model::{
+    Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef, Service,
+};
 
 #[derive(Clone, Debug)]
 pub enum Change {
@@ -31,6 +33,10 @@ pub enum Change {
     DeletePod(PodKey),
     UpsertPolicy(NetworkPolicy),
     DeletePolicy(ObjectKey),
+    /// Services change no endpoint's policy; the datapath mirrors their
+    /// ClusterIPs so egress to them is judged after DNAT.
+    UpsertService(Service),
+    DeleteService(ObjectKey),
 }
 
 /// What a change did to the compiled state.
@@ -43,11 +49,13 @@ pub struct Diff {
     pub ipcache: BTreeMap<IpAddr, Option<u32>>,
     /// Endpoints recompiled (changed or not): the cost of the change.
     pub recompiled: usize,
+    /// Some Service's frontends changed.
+    pub services: bool,
 }
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.ipcache.is_empty()
+        self.endpoints.is_empty() && self.ipcache.is_empty() && !self.services
     }
 }
 
@@ -62,6 +70,7 @@ struct Pending {
     dead: Vec<IdentityLabels>,
     /// Identities on which egress named ports may resolve differently now.
     named_churn: Vec<IdentityLabels>,
+    services: bool,
 }
 
 pub struct Engine {
@@ -121,7 +130,7 @@ impl Engine {
         for change in changes {
             self.apply_one(change, &mut pending);
         }
-        let Pending { mut affected, ipcache, born, dead, named_churn } = pending;
+        let Pending { mut affected, ipcache, born, dead, named_churn, services } = pending;
 
         // Identities that came or went change the peer sets of the policies
         // whose peers match them.
@@ -160,7 +169,7 @@ impl Engine {
             }
         }
 
-        let mut diff = Diff { ipcache, ..Diff::default() };
+        let mut diff = Diff { ipcache, services, ..Diff::default() };
         let compiler = Compiler::new(&self.cluster, &self.identities, &self.pods_by_identity, &self.plans);
         for key in affected {
             let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
@@ -230,6 +239,15 @@ impl Engine {
             Change::DeletePod(key) => {
                 let old = self.cluster.pods.remove(&key);
                 self.refresh_pod(&key, old, pending);
+            }
+            Change::UpsertService(svc) => {
+                let key = (svc.namespace.clone(), svc.name.clone());
+                let old = self.cluster.services.insert(key, svc.clone());
+                pending.services |=
+                    old.is_none_or(|o| o.cluster_ips != svc.cluster_ips || o.ports != svc.ports);
+            }
+            Change::DeleteService(key) => {
+                pending.services |= self.cluster.services.remove(&key).is_some();
             }
         }
     }

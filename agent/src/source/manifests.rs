@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
 
 use crate::{
-    model::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api},
+    model::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api, service_from_api},
     policy::{Change, Engine},
 };
 
@@ -102,6 +102,7 @@ impl ManifestsSource {
                 "Namespace" => poll.changes.push(Change::DeleteNamespace(name)),
                 "Pod" => poll.changes.push(Change::DeletePod(crate::model::PodKey { namespace: ns, name })),
                 "NetworkPolicy" => poll.changes.push(Change::DeletePolicy((ns, name))),
+                "Service" => poll.changes.push(Change::DeleteService((ns, name))),
                 _ => {}
             }
         }
@@ -150,7 +151,10 @@ fn convert(kind: &str, value: serde_yaml_ng::Value) -> Result<Option<Change>, St
         "NetworkPolicy" => Change::UpsertPolicy(
             network_policy_from_api(&parse::<net::NetworkPolicy>(kind, value)?).map_err(model)?,
         ),
-        // Services come with the Services issue; other kinds are not ours.
+        "Service" => {
+            Change::UpsertService(service_from_api(&parse::<core::Service>(kind, value)?).map_err(model)?)
+        }
+        // Other kinds are not ours.
         _ => return Ok(None),
     }))
 }

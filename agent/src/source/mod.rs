@@ -11,7 +11,7 @@ use std::{
 use portcullis_common::identity;
 
 use crate::{
-    compiled::{CompiledState, EndpointState, IpcacheEntry},
+    compiled::{CompiledState, EndpointState, IpcacheEntry, ServiceFrontend},
     model::PodKey,
     node,
     policy::Engine,
@@ -86,6 +86,22 @@ impl StateBuilder {
         ipcache.sort();
         ipcache.dedup_by_key(|e| e.cidr);
         let identities = engine.identities().iter().map(|(id, labels)| (id, labels.to_string())).collect();
-        (CompiledState { revision, identities, ipcache, endpoints }, errors)
+        let mut services: Vec<ServiceFrontend> = engine
+            .cluster()
+            .services
+            .values()
+            .flat_map(|svc| {
+                svc.cluster_ips.iter().flat_map(move |ip| {
+                    svc.ports.iter().map(move |p| ServiceFrontend {
+                        ip: *ip,
+                        protocol: p.protocol,
+                        port: p.port,
+                    })
+                })
+            })
+            .collect();
+        services.sort();
+        services.dedup();
+        (CompiledState { revision, identities, ipcache, endpoints, services }, errors)
     }
 }

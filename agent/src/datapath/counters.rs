@@ -1,0 +1,80 @@
+//! Per-endpoint counters: packets and bytes per direction and verdict
+//! reason, summed over CPUs.
+
+use std::collections::BTreeMap;
+
+use portcullis_common::{COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, reason};
+
+use super::Datapath;
+
+/// One direction of one endpoint: `forwarded` and drops by reason (indexed
+/// by `portcullis_common::reason`; index 0 is unused).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectionCounters {
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    pub dropped_packets: [u64; reason::COUNT as usize],
+}
+
+impl DirectionCounters {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_packets.iter().sum()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub ingress: DirectionCounters,
+    pub egress: DirectionCounters,
+}
+
+impl Datapath {
+    /// Counters of every endpoint id that has counted anything.
+    pub fn counters(&self) -> BTreeMap<u16, EndpointCounters> {
+        let mut out = BTreeMap::new();
+        let ids: Vec<u16> = self.loaded.endpoints.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.endpoint_counters(id) {
+                out.insert(id, c);
+            }
+        }
+        out
+    }
+
+    /// One endpoint's counters; `None` for ids the programs do not count.
+    pub fn endpoint_counters(&self, id: u16) -> Option<EndpointCounters> {
+        if u32::from(id) >= COUNTED_ENDPOINTS {
+            return None;
+        }
+        let mut out = EndpointCounters::default();
+        for (direction, side) in [(DIR_INGRESS, &mut out.ingress), (DIR_EGRESS, &mut out.egress)] {
+            for why in 0..reason::COUNT {
+                let slot =
+                    u32::from(id) * COUNTER_SLOTS + u32::from(direction) * COUNTER_REASONS + u32::from(why);
+                let Ok(per_cpu) = self.maps.counters.get(&slot, 0) else { continue };
+                let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                if why == reason::POLICY_ALLOWED {
+                    side.forwarded_packets = packets;
+                    side.forwarded_bytes = bytes;
+                } else {
+                    side.dropped_packets[why as usize] = packets;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Zeroes an endpoint id's counters (the id is being handed to a new pod).
+    pub(super) fn reset_counters(&mut self, id: u16) {
+        if u32::from(id) >= COUNTED_ENDPOINTS {
+            return;
+        }
+        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        for slot in 0..COUNTER_SLOTS {
+            let zero = aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]);
+            if let Ok(zero) = zero {
+                let _ = self.maps.counters.set(u32::from(id) * COUNTER_SLOTS + slot, zero, 0);
+            }
+        }
+    }
+}
