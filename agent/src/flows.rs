@@ -62,6 +62,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::MALFORMED => "Malformed packet",
         reason::UNSUPPORTED_L3 => "Unsupported L3 protocol",
         reason::SPOOFED_SOURCE => "Invalid source ip",
+        reason::UNKNOWN_ENDPOINT => "Unknown endpoint",
+        reason::NO_MAP_SPACE => "No map space",
         _ => "Unknown reason",
     }
 }

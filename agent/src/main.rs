@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use portcullis_agent::{
     compiled::CompiledState,
-    datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig},
+    datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
     flows::{Flow, FlowReader, Names, monotonic_epoch},
     node,
     policy::Engine,
@@ -50,6 +50,22 @@ enum Command {
         /// next packet meets the new policy).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         revoke_flows: bool,
+        /// Report every new flow a policy lets through, not only drops.
+        #[arg(long)]
+        report_allowed: bool,
+        /// A BPF map's size, as NAME=ENTRIES (repeatable). Maps: endpoints,
+        /// ipcache, policy, cidr, conntrack, endpoint-addresses, services,
+        /// service-pending, flows-bytes. A pinned map of another size is
+        /// replaced at start.
+        #[arg(long = "map-size", value_name = "NAME=ENTRIES")]
+        map_sizes: Vec<String>,
+        /// Seconds between sweeps of expired conntrack entries.
+        #[arg(long, default_value_t = 30)]
+        ct_sweep_interval: u64,
+        /// Node devices whose TC egress judges Service connections to
+        /// backends off this node (e.g. eth0; repeatable).
+        #[arg(long = "netdev", value_name = "INTERFACE")]
+        netdevs: Vec<String>,
     },
     /// Stop enforcing on this node: remove every pinned map and link.
     Uninstall {
@@ -69,7 +85,17 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, node, state, pin_dir, revoke_flows } => {
+        Command::Run {
+            manifests,
+            node,
+            state,
+            pin_dir,
+            revoke_flows,
+            report_allowed,
+            map_sizes,
+            ct_sweep_interval,
+            netdevs,
+        } => {
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
                     source: ManifestsSource::new(dir),
@@ -79,7 +105,17 @@ async fn main() -> Result<()> {
                 (None, Some(path)) => Source::StateFile { path, last: None },
                 (None, None) => anyhow::bail!("--manifests or --state is required"),
             };
-            run(source, pin_dir, revoke_flows).await
+            let mut sizes = MapSizes::default();
+            for spec in &map_sizes {
+                sizes.set(spec).map_err(|e| anyhow::anyhow!("--map-size {e}"))?;
+            }
+            let config = DatapathConfig { pin_dir, map_sizes: sizes, report_allowed };
+            let options = RunOptions {
+                revoke_flows,
+                ct_sweep_interval: Duration::from_secs(ct_sweep_interval.max(1)),
+                netdevs,
+            };
+            run(source, config, options).await
         }
         Command::Uninstall { pin_dir } => uninstall(&pin_dir),
     }
@@ -133,9 +169,18 @@ impl Source {
     }
 }
 
-async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result<()> {
-    let mut dp =
-        Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).context("loading the datapath")?;
+struct RunOptions {
+    revoke_flows: bool,
+    ct_sweep_interval: Duration,
+    netdevs: Vec<String>,
+}
+
+async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) -> Result<()> {
+    let RunOptions { revoke_flows, ct_sweep_interval, netdevs } = options;
+    let mut dp = Datapath::load(&config).context("loading the datapath")?;
+    for dev in &netdevs {
+        dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
+    }
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
     let (names_tx, names_rx) = watch::channel(Names::default());
 
@@ -162,10 +207,19 @@ async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut good: Option<CompiledState> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sweep = tokio::time::interval(ct_sweep_interval);
     let mut ticks: u64 = 0;
+    let mut last_errors: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = sweep.tick() => {
+                let swept = dp.sweep_conntrack(monotonic_ns());
+                if swept > 0 {
+                    tracing::debug!(swept, "removed expired conntrack entries");
+                }
+                continue;
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
@@ -181,8 +235,12 @@ async fn run(mut source: Source, pin_dir: PathBuf, revoke_flows: bool) -> Result
             None => continue,
         };
         let report = dp.apply(&state);
-        for e in &report.errors {
-            tracing::error!("{e}");
+        // Failures are retried every second; say so once, and when they change.
+        if report.errors != last_errors {
+            for e in &report.errors {
+                tracing::error!("{e}");
+            }
+            last_errors = report.errors.clone();
         }
         names_tx.send_replace(Names::from_state(&state));
         if revoke_flows && (news || report.endpoints_written > 0 || report.endpoints_removed > 0) {

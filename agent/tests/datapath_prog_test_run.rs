@@ -639,7 +639,8 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         ..Default::default()
     };
     state.services = vec![ServiceFrontend { ip: ip("10.96.0.10"), protocol: Protocol::Tcp, port: 80 }];
-    with_datapath(state, |dp, events| {
+    let dp_state = state.clone();
+    with_datapath(state, move |dp, events| {
         let (me, fe, admin, svc) = (ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.3"), ip("10.96.0.10"));
         let to_svc = |port| Frame { src_port: port, ..Frame::tcp(me, svc, 80) };
         let dnat = |port, backend| Frame { src_port: port, ..Frame::tcp(me, backend, 8080) };
@@ -657,6 +658,10 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         let reply = Frame { src_port: 80, ..Frame::tcp(svc, me, 43000) };
         assert_eq!(ingress(dp, reply), TC_PASS, "reply from the Service address");
         assert!(events().is_empty());
+        let tracked = ct_entry(dp, 43000, 80);
+        assert_eq!(tracked.value.flags & ct_flags::SERVICE, ct_flags::SERVICE);
+        assert_eq!((tracked.value.nat_port, &tracked.value.nat_addr[..4]), (8080, &[10, 0, 0, 1][..]));
+        assert_eq!(dp.revoke_flows(), 0, "judged on its backend, the flow stays");
 
         // A backend the egress policy does not allow: dropped after DNAT,
         // reported as the client's egress.

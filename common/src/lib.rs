@@ -73,6 +73,9 @@ pub mod ct_flags {
     pub const SEEN_REPLY: u8 = 1 << 0;
     /// A TCP FIN or RST passed.
     pub const CLOSING: u8 = 1 << 1;
+    /// A connection to a Service address, allowed for the backend in
+    /// `nat_addr`/`nat_port`.
+    pub const SERVICE: u8 = 1 << 2;
 }
 
 /// skb mark bits the datapath uses to carry "egress verdict pending" from
@@ -256,7 +259,11 @@ pub struct CtValue {
     pub rule_cookie: u32,
     /// `ct_flags`.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// With `ct_flags::SERVICE`: the backend kube-proxy chose (host byte
+    /// order port), which the verdict was given on; revocation judges it.
+    pub nat_port: u16,
+    pub nat_addr: [u8; 16],
 }
 
 /// A Service frontend as kube-proxy translates it: ClusterIP, protocol, port.
@@ -376,7 +383,7 @@ const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PendingValue>() == 24);

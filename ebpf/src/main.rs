@@ -228,7 +228,7 @@ mod datapath {
         }
         // A later fragment has no ports of its own: nothing to track.
         if pkt.has_l4 {
-            ct_create(&key, &pkt, rule_cookie, now);
+            ct_create(&key, &pkt, rule_cookie, now, None);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
         if ep.flags & EP_REPORT_ALLOWED != 0 {
@@ -324,7 +324,7 @@ mod datapath {
                 let mut key = ct_key(client, DIR_EGRESS, pkt);
                 key.dst_addr = pending.dst_addr;
                 key.dst_port = pending.dst_port;
-                ct_create(&key, pkt, cookie, now);
+                ct_create(&key, pkt, cookie, now, Some((pkt.dst, pkt.dst_port)));
                 let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
                 count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
                 if pending.flags & EP_REPORT_ALLOWED != 0 {
@@ -440,15 +440,25 @@ mod datapath {
         true
     }
 
+    /// Tracks a new flow; `backend`: the Service backend it was allowed for.
     #[inline(always)]
-    fn ct_create(key: &CtKey, pkt: &Packet, rule_cookie: u32, now: u64) {
-        let flags = if tcp_closing(pkt) { ct_flags::CLOSING } else { 0 };
+    fn ct_create(key: &CtKey, pkt: &Packet, rule_cookie: u32, now: u64, backend: Option<([u8; 16], u16)>) {
+        let mut flags = if tcp_closing(pkt) { ct_flags::CLOSING } else { 0 };
+        let (nat_addr, nat_port) = match backend {
+            Some(b) => {
+                flags |= ct_flags::SERVICE;
+                b
+            }
+            None => ([0; 16], 0),
+        };
         let value = CtValue {
             created_ns: now,
             expires_ns: now + ct_lifetime(pkt, flags),
             rule_cookie,
             flags,
-            _pad: [0; 3],
+            _pad: 0,
+            nat_port,
+            nat_addr,
         };
         // A full table evicts its least recently used flow (LRU), whose next
         // packet then meets the policy again; this one was allowed either way.

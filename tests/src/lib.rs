@@ -211,6 +211,56 @@ impl Bed {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// A Service frontend translated the way kube-proxy (iptables mode)
+    /// translates it, in the node: `KUBE-SERVICES` from PREROUTING and
+    /// OUTPUT, a `KUBE-SVC-` chain per frontend spreading over one
+    /// `KUBE-SEP-` DNAT chain per backend. `protocol`: "tcp", "udp", "sctp".
+    pub fn add_service(
+        &mut self,
+        name: &str,
+        cluster_ip: IpAddr,
+        protocol: &str,
+        port: u16,
+        backends: &[(IpAddr, u16)],
+    ) -> Result<()> {
+        let tool = if cluster_ip.is_ipv4() { "iptables" } else { "ip6tables" };
+        let nat = |args: &[&str]| -> Result<()> {
+            let out = self.node.command(tool).args(["-w", "-t", "nat"]).args(args).output()?;
+            if !out.status.success() {
+                bail!("{tool} -t nat {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        };
+        if nat(&["-N", "KUBE-SERVICES"]).is_ok() {
+            nat(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
+            nat(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
+        }
+        let tag: String = format!("{name}-{protocol}-{port}").chars().take(18).collect();
+        let svc = format!("KUBE-SVC-{tag}");
+        nat(&["-N", &svc])?;
+        let ip = cluster_ip.to_string();
+        let dport = port.to_string();
+        nat(&["-A", "KUBE-SERVICES", "-d", &ip, "-p", protocol, "--dport", &dport, "-j", &svc])?;
+        for (i, (addr, target)) in backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{tag}-{i}");
+            nat(&["-N", &sep])?;
+            let to = match addr {
+                IpAddr::V4(a) => format!("{a}:{target}"),
+                IpAddr::V6(a) => format!("[{a}]:{target}"),
+            };
+            nat(&["-A", &sep, "-p", protocol, "-j", "DNAT", "--to-destination", &to])?;
+            let left = backends.len() - i;
+            if left > 1 {
+                let probability = format!("{:.5}", 1.0 / left as f64);
+                let stat = ["-m", "statistic", "--mode", "random", "--probability", &probability];
+                nat(&[&["-A", &svc][..], &stat[..], &["-j", &sep][..]].concat())?;
+            } else {
+                nat(&["-A", &svc, "-j", &sep])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a TCP echo server on `port` that keeps its connections open.
     pub fn serve_echo(&mut self, pod: &str, port: u16) -> Result<()> {
         let server = Server::echo(&self.pod(pod).netns, port)?;

@@ -11,7 +11,7 @@
 
 use portcullis_common::{
     AF_INET, CtKey, CtValue, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW, IpKey,
-    identity,
+    ct_flags, identity,
 };
 
 /// A conntrack entry as the map holds it.
@@ -52,10 +52,9 @@ impl Datapath {
     /// Deletes the conntrack entries the loaded policy no longer allows;
     /// returns how many.
     pub fn revoke_flows(&mut self) -> usize {
-        let entries: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
         let mut revoked = 0;
-        for key in entries {
-            if !self.flow_allowed(&key) && self.maps.conntrack.remove(&key).is_ok() {
+        for entry in self.conntrack_entries() {
+            if !self.flow_allowed(&entry) && self.maps.conntrack.remove(&entry.key).is_ok() {
                 revoked += 1;
             }
         }
@@ -88,7 +87,8 @@ impl Datapath {
         self.maps.conntrack.insert(entry.key, entry.value, 0)
     }
 
-    fn flow_allowed(&self, key: &CtKey) -> bool {
+    fn flow_allowed(&self, entry: &CtEntry) -> bool {
+        let key = &entry.key;
         let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
         if ep.info.flags & EP_POLICY_OVERFLOW != 0 {
             return false;
@@ -101,8 +101,15 @@ impl Datapath {
         if !isolated {
             return true;
         }
-        // The entry holds the tuple of the flow's first packet.
-        let remote = if key.direction == DIR_INGRESS { &key.src_addr } else { &key.dst_addr };
+        // The entry holds the tuple of the flow's first packet; a Service
+        // connection was judged on its backend.
+        let service = entry.value.flags & ct_flags::SERVICE != 0;
+        let remote = match (key.direction == DIR_INGRESS, service) {
+            (true, _) => &key.src_addr,
+            (false, true) => &entry.value.nat_addr,
+            (false, false) => &key.dst_addr,
+        };
+        let port = if service { entry.value.nat_port } else { key.dst_port };
         let remote_identity = self.identity_of(key.family, remote);
         if key.direction == DIR_INGRESS && remote_identity == identity::HOST {
             return true;
@@ -115,7 +122,7 @@ impl Datapath {
                 None => return false,
             },
             protocol: key.protocol,
-            port: key.dst_port,
+            port,
         };
         lookup(&ep.keys, key.endpoint_id, probe).is_some()
     }

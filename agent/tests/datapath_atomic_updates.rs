@@ -1,0 +1,128 @@
+//! A packet sees one generation of its endpoint's policy, never half of one:
+//! a pod sends new UDP flows without pause while the agent rewrites the
+//! receiving endpoint's policy thousands of times, every version allowing
+//! that flow through different entries. Not one packet may be dropped.
+//! Needs root, network namespaces and BPF.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use portcullis_agent::{
+    compiled::{
+        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
+    },
+    datapath::{Datapath, DatapathConfig},
+};
+use portcullis_testbed::{Bed, PinDir};
+
+const SENDER: u32 = 1000;
+const REWRITES: u64 = 2000;
+
+fn state(bed: &Bed, revision: u64) -> CompiledState {
+    let sender = bed.pod("sender");
+    let receiver = bed.pod("receiver");
+    let udp = |peer, start, end, rule| AllowEntry {
+        peer,
+        protocol: Some(Protocol::Udp),
+        ports: Some(PortRange { start, end }),
+        rule,
+    };
+    // Even revisions: the sender by identity on exactly 5353; odd ones: any
+    // peer on a range around it, plus unrelated entries. Every version's
+    // keys differ from the last, so each is a full new generation.
+    let allow = if revision.is_multiple_of(2) {
+        vec![udp(SENDER, 5353, 5353, 1), udp(SENDER + 1, 1, 1000, 2)]
+    } else {
+        let mut v = vec![udp(0, 5000, 5999, 3)];
+        v.extend((0..50).map(|i| udp(SENDER + 2 + i, 7000 + i as u16, 7000 + i as u16, 4)));
+        v
+    };
+    CompiledState {
+        revision,
+        identities: Default::default(),
+        ipcache: vec![IpcacheEntry { cidr: IpAddr::from(sender.ipv4).into(), identity: SENDER, name: None }],
+        endpoints: vec![EndpointState {
+            id: 1,
+            name: "default/receiver".into(),
+            interface: receiver.host_if.clone(),
+            identity: 1001,
+            addresses: vec![IpAddr::from(receiver.ipv4)],
+            ingress: DirectionPolicy { isolated: true, allow, ..Default::default() },
+            egress: DirectionPolicy::default(),
+        }],
+        services: vec![],
+    }
+}
+
+#[test]
+fn rewriting_a_policy_thousands_of_times_drops_no_packet_it_allows() {
+    let mut bed = Bed::new().expect("bed");
+    bed.add_pod("sender").expect("pod");
+    bed.add_pod("receiver").expect("pod");
+    let pins = PinDir::new();
+    let pin_dir = pins.path.clone();
+    let target = SocketAddr::new(IpAddr::from(bed.pod("receiver").ipv4), 5353);
+
+    let states: Vec<CompiledState> = (1..=REWRITES + 1).map(|r| state(&bed, r)).collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let writer = bed
+        .node
+        .spawn(move || {
+            let mut dp = Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).expect("load");
+            let report = dp.apply(&states[0]);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            ready_tx.send(()).expect("ready");
+            go_rx.recv().expect("go");
+            for s in &states[1..] {
+                let report = dp.apply(s);
+                assert!(report.errors.is_empty(), "{:?}", report.errors);
+                assert_eq!(report.endpoints_written, 1, "revision {} rewrote the endpoint", s.revision);
+            }
+            done_tx.send(()).expect("done");
+            dp.endpoint_counters(1).expect("counted")
+        })
+        .expect("writer thread");
+    ready_rx.recv().expect("datapath loaded");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        bed.pod("sender")
+            .netns
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // A fresh socket, a fresh source port: a new flow whose
+                    // first packet needs the policy, not conntrack.
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    if socket.send_to(b"x", target).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .expect("sender thread")
+    };
+    go_tx.send(()).expect("go");
+    done_rx.recv().expect("rewrites done");
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    let counters = writer.join().expect("writer").expect("entered the node");
+
+    let sent = sent.load(Ordering::Relaxed);
+    let ingress = counters.ingress;
+    eprintln!(
+        "{REWRITES} rewrites; {sent} datagrams sent, {} forwarded, {} dropped",
+        ingress.forwarded_packets,
+        ingress.dropped_total()
+    );
+    assert!(sent > 1000, "the sender kept sending during the rewrites ({sent})");
+    assert_eq!(ingress.dropped_total(), 0, "not one allowed packet dropped: {ingress:?}");
+    assert_eq!(ingress.forwarded_packets, sent, "every datagram sent was judged and forwarded");
+}
