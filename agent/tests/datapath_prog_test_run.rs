@@ -697,5 +697,15 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
             dp.test_run_marked(Hook::FromContainer, &other.bytes(), 0).expect("run"),
             (TC_ACT_SHOT, 0)
         );
+
+        // A policy change that takes frontend:8080 away cuts the connection
+        // made through the Service: its next packet is marked again.
+        let mut next = dp_state.clone();
+        next.revision = 2;
+        next.endpoints[0].egress.allow.clear();
+        assert!(dp.apply(&next).errors.is_empty());
+        assert!(dp.revoke_flows() >= 1);
+        let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0).expect("run");
+        assert_eq!(m, pending, "no longer tracked");
     });
 }
