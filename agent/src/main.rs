@@ -214,9 +214,15 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         tokio::select! {
             _ = tick.tick() => {}
             _ = sweep.tick() => {
-                let swept = dp.sweep_conntrack(monotonic_ns());
-                if swept > 0 {
-                    tracing::debug!(swept, "removed expired conntrack entries");
+                let sweep = dp.sweep_conntrack(monotonic_ns());
+                tracing::debug!(removed = sweep.removed, live = sweep.live, "swept conntrack");
+                if sweep.nearly_full() {
+                    tracing::warn!(
+                        live = sweep.live,
+                        capacity = sweep.capacity,
+                        "conntrack table nearly full: the oldest flows are evicted and meet the policy again \
+                         (raise --map-size conntrack=N)"
+                    );
                 }
                 continue;
             }

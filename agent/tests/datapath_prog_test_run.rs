@@ -216,14 +216,37 @@ fn truncated_headers_are_dropped_as_malformed() {
 }
 
 #[test]
-fn later_fragments_match_only_rules_without_ports() {
+fn later_fragments_follow_their_first_fragment() {
     with_datapath(backend_state(default_rules()), |dp, _| {
-        let frag = |src: &str| Frame { frag_offset: 185, ..Frame::tcp(ip(src), ip("10.0.0.2"), 80) };
-        assert_eq!(ingress(dp, frag("10.0.0.1")), TC_ACT_SHOT, "port rule, no ports to match");
-        assert_eq!(ingress(dp, frag("10.0.0.4")), TC_PASS, "rule without ports");
-        // UDP/53 from anyone is a port rule: a later UDP fragment has no port.
-        let udp = Frame { frag_offset: 185, ..Frame::udp(ip("192.0.2.7"), ip("10.0.0.2"), 53) };
-        assert_eq!(ingress(dp, udp), TC_ACT_SHOT);
+        let (fe, backend) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let first =
+            |src, port, id| Frame { ip_id: id, more_fragments: true, ..Frame::tcp(src, backend, port) };
+        let later = |src, port, id| Frame { ip_id: id, frag_offset: 185, ..Frame::tcp(src, backend, port) };
+        // Allowed first fragment: its later fragments pass.
+        assert_eq!(ingress(dp, first(fe, 80, 7)), TC_PASS);
+        assert_eq!(ingress(dp, later(fe, 80, 7)), TC_PASS, "follows its first fragment");
+        // Denied first fragment: so are the later ones.
+        assert_eq!(ingress(dp, first(fe, 81, 8)), TC_ACT_SHOT);
+        assert_eq!(ingress(dp, later(fe, 81, 8)), TC_ACT_SHOT, "follows its first fragment");
+        // A later fragment of no datagram we saw: only rules without ports
+        // could admit it (MONITOR has one; frontend's rules all have ports).
+        assert_eq!(ingress(dp, later(fe, 80, 9)), TC_ACT_SHOT, "port rule, no ports to match");
+        assert_eq!(ingress(dp, later(ip("10.0.0.4"), 80, 10)), TC_PASS, "rule without ports");
+        let udp = Frame { frag_offset: 185, ..Frame::udp(ip("192.0.2.7"), backend, 53) };
+        assert_eq!(ingress(dp, udp), TC_ACT_SHOT, "UDP/53 from anyone is a port rule");
+
+        // IPv6: the fragment header carries the identification.
+        let (fe6, backend6) = (ip("fd00::1"), ip("fd00::2"));
+        let v6 = |offset, more, port| Frame {
+            v6_ext: vec![packets::FRAGMENT],
+            ip_id: 0x1234_5678,
+            frag_offset: offset,
+            more_fragments: more,
+            ..Frame::tcp(fe6, backend6, port)
+        };
+        assert_eq!(ingress(dp, v6(0, true, 80)), TC_PASS);
+        assert_eq!(ingress(dp, v6(185, false, 80)), TC_PASS, "IPv6 later fragment follows");
+        assert_eq!(ingress(dp, Frame { ip_id: 1, ..v6(185, false, 80) }), TC_ACT_SHOT, "another datagram");
     });
     // A rule for a protocol without ports admits that protocol's later fragments.
     let udp_any = vec![allow(identity::ANY, Some(Protocol::Udp), None, 8)];
@@ -528,7 +551,7 @@ fn tcp_states_set_conntrack_lifetimes_and_expired_entries_pass_nothing() {
         let expired = CtEntry { value: CtValue { expires_ns: monotonic_ns() - 1, ..e.value }, ..e };
         dp.conntrack_set(&expired).expect("age the entry");
         assert_eq!(ingress(dp, back(ACK)), TC_ACT_SHOT, "expired: judged as new, and denied");
-        assert_eq!(dp.sweep_conntrack(monotonic_ns()), 1, "the sweep removes it");
+        assert_eq!(dp.sweep_conntrack(monotonic_ns()).removed, 1, "the sweep removes it");
         assert!(dp.conntrack_entries().is_empty());
 
         // A connection reset at once lives seconds too; UDP a minute.
@@ -539,7 +562,8 @@ fn tcp_states_set_conntrack_lifetimes_and_expired_entries_pass_nothing() {
         assert!((55.0..=60.0).contains(&remaining(&ct_entry(dp, 43002, 53))));
 
         // The sweep takes what expired by its clock and leaves the rest.
-        assert_eq!(dp.sweep_conntrack(monotonic_ns() + 20_000_000_000), 1, "the reset flow");
+        let sweep = dp.sweep_conntrack(monotonic_ns() + 20_000_000_000);
+        assert_eq!((sweep.removed, sweep.live), (1, 1), "the reset flow goes, UDP stays");
         assert_eq!(dp.conntrack_entries().len(), 1, "UDP lives on");
     });
 }
@@ -707,5 +731,35 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         assert!(dp.revoke_flows() >= 1);
         let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0).expect("run");
         assert_eq!(m, pending, "no longer tracked");
+    });
+}
+
+#[test]
+fn a_full_conntrack_table_evicts_the_oldest_flows_which_then_meet_the_policy_again() {
+    let mut config = DatapathConfig::default();
+    config.map_sizes.set("conntrack=64").expect("size");
+    // Ingress isolated and allowing nothing: a reply passes only by conntrack.
+    with_datapath_config(config, backend_state(vec![]), |dp, _| {
+        let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
+        let out = |port| Frame { src_port: port, ..Frame::udp(me, peer, 53) };
+        let reply = |port| Frame { src_port: 53, ..Frame::udp(peer, me, port) };
+        for port in 20000..20400 {
+            assert_eq!(verdict(dp, Hook::FromContainer, &out(port)), TC_PASS, "egress is open");
+        }
+        let tracked = dp.conntrack_entries().len();
+        assert!(tracked <= 64, "the table holds at most its size: {tracked}");
+        let sweep = dp.sweep_conntrack(monotonic_ns());
+        assert_eq!(sweep.capacity, 64);
+        assert!(sweep.nearly_full(), "reported: {sweep:?}");
+        assert_eq!(ingress(dp, reply(20399)), TC_PASS, "the newest flow is tracked");
+        assert_eq!(
+            ingress(dp, reply(20000)),
+            TC_ACT_SHOT,
+            "the oldest was evicted: its reply meets the policy"
+        );
+        // Evicted flows are re-judged, never waved through: sending again
+        // tracks the flow anew.
+        assert_eq!(verdict(dp, Hook::FromContainer, &out(20000)), TC_PASS);
+        assert_eq!(ingress(dp, reply(20000)), TC_PASS);
     });
 }

@@ -14,6 +14,7 @@ pub mod map_names {
     pub const SERVICES: &str = "PC_SERVICES";
     pub const SVC_PENDING: &str = "PC_SVC_PENDING";
     pub const COUNTERS: &str = "PC_COUNTERS";
+    pub const FRAGS: &str = "PC_FRAGS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -41,6 +42,8 @@ pub mod map_sizes {
     pub const SERVICES: u32 = 65536;
     /// Connections to a Service whose egress verdict waits for DNAT.
     pub const SVC_PENDING: u32 = 65536;
+    /// Fragmented datagrams in flight (first fragment passed, later ones due).
+    pub const FRAGS: u32 = 8192;
 }
 
 /// Counters are per endpoint id; ids at or above this share no slot and
@@ -303,6 +306,26 @@ pub struct PendingValue {
     pub flags: u32,
 }
 
+/// A fragmented datagram: addresses, protocol and the IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub id: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The ports of a datagram's first fragment, which its later fragments lack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
 /// One counter slot: packets and bytes (per CPU in the map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -375,6 +398,8 @@ mod pod {
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingValue {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 // Layouts are ABI: fail the build if one changes size by accident.
@@ -388,5 +413,6 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PendingValue>() == 24);
 const _: () = assert!(reason::COUNT as u32 <= COUNTER_REASONS);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<EndpointAddr>() == 24);

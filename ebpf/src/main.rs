@@ -21,9 +21,10 @@ mod datapath {
     use portcullis_common::{
         AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
         CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
-        EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, IPPROTO_ICMPV6,
-        IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey, TC_ACT_SHOT,
-        TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes, mark, reason,
+        EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
+        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes,
+        mark, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse};
@@ -55,6 +56,9 @@ mod datapath {
     #[map]
     static PC_SVC_PENDING: LruHashMap<PendingKey, PendingValue> =
         LruHashMap::pinned(map_sizes::SVC_PENDING, 0);
+
+    #[map]
+    static PC_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(map_sizes::FRAGS, 0);
 
     #[map]
     static PC_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTED_ENDPOINTS * COUNTER_SLOTS, 0);
@@ -150,7 +154,7 @@ mod datapath {
         let isolation = if direction == DIR_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
         let isolated = overflow || ep.flags & isolation != 0;
 
-        let pkt = match parse(ctx) {
+        let mut pkt = match parse(ctx) {
             Parsed::Ip(pkt) => pkt,
             Parsed::Arp => return TC_PASS,
             Parsed::OtherL3 if isolated => {
@@ -164,6 +168,18 @@ mod datapath {
         };
         if is_neighbour_discovery(&pkt) || is_multicast_listener_discovery(&pkt) {
             return TC_PASS;
+        }
+        // A later fragment takes the ports of its datagram's first fragment
+        // (recorded when that passed), and so follows its verdict. Without a
+        // record only rules without ports can admit it.
+        if pkt.fragment && !pkt.has_l4 {
+            if let Some(first) = PC_FRAGS.get_ptr(&frag_key(&pkt)) {
+                // SAFETY: the map value outlives this program run.
+                let first = unsafe { *first };
+                pkt.src_port = first.src_port;
+                pkt.dst_port = first.dst_port;
+                pkt.has_l4 = true;
+            }
         }
         // A pod sends from its own addresses only: a forged source would be
         // judged (and tracked) as another pod's identity everywhere else.
@@ -183,6 +199,7 @@ mod datapath {
         let now = unsafe { bpf_ktime_get_ns() };
         let key = ct_key(ep.endpoint_id, direction, &pkt);
         if !overflow && (ct_hit(&key, &pkt, false, now) || ct_hit(&ct_reverse(&key), &pkt, true, now)) {
+            remember_first_fragment(&pkt);
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             return TC_PASS;
         }
@@ -226,9 +243,10 @@ mod datapath {
                 }
             }
         }
-        // A later fragment has no ports of its own: nothing to track.
+        // A later fragment without a record has no ports: nothing to track.
         if pkt.has_l4 {
             ct_create(&key, &pkt, rule_cookie, now, None);
+            remember_first_fragment(&pkt);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
         if ep.flags & EP_REPORT_ALLOWED != 0 {
@@ -245,6 +263,29 @@ mod datapath {
             );
         }
         TC_PASS
+    }
+
+    #[inline(always)]
+    fn frag_key(pkt: &Packet) -> FragKey {
+        FragKey {
+            src_addr: pkt.src,
+            dst_addr: pkt.dst,
+            id: pkt.frag_id,
+            family: pkt.family,
+            protocol: pkt.protocol,
+            _pad: [0; 2],
+        }
+    }
+
+    /// A first fragment that passed leaves its ports for the later ones.
+    #[inline(always)]
+    fn remember_first_fragment(pkt: &Packet) {
+        if pkt.fragment {
+            let value = FragValue { src_port: pkt.src_port, dst_port: pkt.dst_port };
+            // LRU: under pressure the oldest datagram's later fragments fall
+            // back to rules without ports (fail closed).
+            let _ = PC_FRAGS.insert(&frag_key(pkt), &value, 0);
+        }
     }
 
     /// Records a packet to a Service address and marks it, so the hook that

@@ -34,6 +34,10 @@ pub struct Packet {
     pub hop_limit: u8,
     /// False for a non-first fragment: it carries no L4 header.
     pub has_l4: bool,
+    /// Part of a fragmented datagram (first or later fragment).
+    pub fragment: bool,
+    /// IPv4 identification or IPv6 fragment identification, when `fragment`.
+    pub frag_id: u32,
 }
 
 pub enum Parsed {
@@ -72,7 +76,8 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     if vihl >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    let (Some(frag), Some([ttl, protocol]), Some(src4), Some(dst4)) = (
+    let (Some(id), Some(frag), Some([ttl, protocol]), Some(src4), Some(dst4)) = (
+        load::<u16>(ctx, ETH_HLEN + 4),
         load::<u16>(ctx, ETH_HLEN + 6),
         load::<[u8; 2]>(ctx, ETH_HLEN + 8),
         load::<[u8; 4]>(ctx, ETH_HLEN + 12),
@@ -91,6 +96,9 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
         icmp_type: 0,
         hop_limit: ttl,
         has_l4: u16::from_be(frag) & 0x1fff == 0,
+        // More fragments, or an offset: a piece of a larger datagram.
+        fragment: u16::from_be(frag) & 0x3fff != 0,
+        frag_id: u32::from(u16::from_be(id)),
     };
     pkt.src[..4].copy_from_slice(&src4);
     pkt.dst[..4].copy_from_slice(&dst4);
@@ -109,6 +117,8 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
     };
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut has_l4 = true;
+    let mut fragment = false;
+    let mut frag_id = 0;
     for _ in 0..IPV6_MAX_EXT {
         let current = next;
         match current {
@@ -125,11 +135,13 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
                 };
             }
             NEXTHDR_FRAGMENT => {
-                let Some(hdr) = load::<[u8; 4]>(ctx, off) else {
+                let Some(hdr) = load::<[u8; 8]>(ctx, off) else {
                     return Parsed::Malformed;
                 };
                 next = hdr[0];
                 off += 8;
+                fragment = true;
+                frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
                     // A later fragment: what follows is payload, not headers.
                     has_l4 = false;
@@ -156,6 +168,8 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
         icmp_type: 0,
         hop_limit,
         has_l4,
+        fragment,
+        frag_id,
     };
     // Keep the offset provably bounded for the verifier.
     if off > 512 {

@@ -10,6 +10,7 @@ pub const ICMP: u8 = 1;
 pub const ICMPV6: u8 = 58;
 /// IPv6 authentication header.
 pub const AH: u8 = 51;
+pub const FRAGMENT: u8 = 44;
 
 const SYN: u8 = 0x02;
 
@@ -34,6 +35,11 @@ pub struct Frame {
     pub truncate: Option<usize>,
     /// TCP flags (SYN by default).
     pub tcp_flags: u8,
+    /// IPv4 identification / IPv6 fragment identification.
+    pub ip_id: u32,
+    /// The more-fragments flag (IPv4 header, or the IPv6 fragment header
+    /// when `v6_ext` has one, type 44).
+    pub more_fragments: bool,
 }
 
 impl Frame {
@@ -50,6 +56,8 @@ impl Frame {
             truncate: None,
             hop_limit: 64,
             tcp_flags: SYN,
+            ip_id: 1,
+            more_fragments: false,
         }
     }
 
@@ -105,8 +113,9 @@ impl Frame {
                 let total = (20 + l4.len()) as u16;
                 f.extend_from_slice(&[0x45, 0]);
                 f.extend_from_slice(&total.to_be_bytes());
-                f.extend_from_slice(&[0, 1]);
-                f.extend_from_slice(&(self.frag_offset & 0x1fff).to_be_bytes());
+                f.extend_from_slice(&(self.ip_id as u16).to_be_bytes());
+                let mf = if self.more_fragments { 0x2000 } else { 0 };
+                f.extend_from_slice(&((self.frag_offset & 0x1fff) | mf).to_be_bytes());
                 f.extend_from_slice(&[self.hop_limit, self.protocol, 0, 0]);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
@@ -127,6 +136,11 @@ impl Frame {
                         // Length in 4-byte units minus 2: 24 bytes.
                         f.extend_from_slice(&[next, 4, 0, 0]);
                         f.extend_from_slice(&[0; 20]);
+                    } else if ty == FRAGMENT {
+                        let field = (self.frag_offset << 3) | u16::from(self.more_fragments);
+                        f.extend_from_slice(&[next, 0]);
+                        f.extend_from_slice(&field.to_be_bytes());
+                        f.extend_from_slice(&self.ip_id.to_be_bytes());
                     } else {
                         // Options header, 8 bytes: PadN.
                         f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);

@@ -21,6 +21,24 @@ pub struct CtEntry {
     pub value: CtValue,
 }
 
+/// What a conntrack sweep found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Expired entries removed.
+    pub removed: usize,
+    /// Entries left.
+    pub live: usize,
+    /// The table's size; when `live` nears it, the LRU evicts live flows
+    /// (whose next packets then meet the policy again).
+    pub capacity: usize,
+}
+
+impl Sweep {
+    pub fn nearly_full(&self) -> bool {
+        self.capacity > 0 && self.live * 10 >= self.capacity * 9
+    }
+}
+
 /// The clock of `bpf_ktime_get_ns`: CLOCK_MONOTONIC, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -61,16 +79,14 @@ impl Datapath {
         revoked
     }
 
-    /// Deletes the entries that expired before `now_ns` (monotonic); returns
-    /// how many.
-    pub fn sweep_conntrack(&mut self, now_ns: u64) -> usize {
-        let expired: Vec<CtKey> = self
-            .conntrack_entries()
-            .into_iter()
-            .filter(|e| e.value.expires_ns <= now_ns)
-            .map(|e| e.key)
-            .collect();
-        expired.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count()
+    /// Deletes the entries that expired before `now_ns` (monotonic).
+    pub fn sweep_conntrack(&mut self, now_ns: u64) -> Sweep {
+        let entries = self.conntrack_entries();
+        let total = entries.len();
+        let expired: Vec<CtKey> =
+            entries.into_iter().filter(|e| e.value.expires_ns <= now_ns).map(|e| e.key).collect();
+        let removed = expired.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count();
+        Sweep { removed, live: total - removed, capacity: self.sizes.conntrack as usize }
     }
 
     /// Every conntrack entry (a snapshot; the programs keep writing).

@@ -22,7 +22,7 @@ use portcullis_common::{
 };
 
 pub use attach::AttachError;
-pub use conntrack::{CtEntry, monotonic_ns};
+pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use writer::{ApplyReport, WriteError};
 
@@ -186,6 +186,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     report_allowed: bool,
+    sizes: MapSizes,
     maps: Maps,
     flows: Option<RingBuf<MapData>>,
     loaded: writer::Loaded,
@@ -235,6 +236,7 @@ impl Datapath {
             ebpf,
             pin_dir: config.pin_dir.clone(),
             report_allowed: config.report_allowed,
+            sizes: config.map_sizes.clone(),
             maps,
             flows,
             loaded: Default::default(),

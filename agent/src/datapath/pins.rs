@@ -8,14 +8,14 @@ use std::{mem::size_of, path::Path};
 
 use aya::maps::MapInfo;
 use portcullis_common::{
-    COUNTED_ENDPOINTS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey,
-    PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey, map_names,
+    COUNTED_ENDPOINTS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, FragKey,
+    FragValue, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey, map_names, map_sizes,
 };
 
 use super::MapSizes;
 
 /// `(name, key size, value size, max entries)` of every pinned map.
-fn expected(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 10] {
+fn expected(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 11] {
     // LPM trie keys carry a 32-bit prefix length in front of the data.
     const LPM: usize = size_of::<u32>();
     [
@@ -29,6 +29,7 @@ fn expected(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 10] {
         (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<u32>(), sizes.services),
         (map_names::SVC_PENDING, size_of::<PendingKey>(), size_of::<PendingValue>(), sizes.service_pending),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<Counter>(), COUNTED_ENDPOINTS * COUNTER_SLOTS),
+        (map_names::FRAGS, size_of::<FragKey>(), size_of::<FragValue>(), map_sizes::FRAGS),
     ]
 }
 
