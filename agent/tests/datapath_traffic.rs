@@ -10,7 +10,7 @@ use portcullis_agent::compiled::{
 use portcullis_testbed::{
     Bed, Conversation, NODE_IPV4, PinDir, Transport,
     agent::{AgentProcess, StateFile},
-    probe,
+    ping, probe,
 };
 
 /// A dropped SYN or datagram never answers; this is how long we wait to say so.
@@ -116,7 +116,13 @@ fn agent_enforces_tcp_and_udp_between_pods() {
         assert!(!reaches(&bed, "other", addr, Tcp, 80), "other -> backend {addr} TCP/80");
         assert!(!reaches(&bed, "other", addr, Udp, 53), "other -> backend {addr} UDP/53");
     }
-    let f4 = IpAddr::from(bed.pod("frontend").ipv4);
+    // ICMP: only a rule without ports admits it (none here), and replies
+    // of pings the backend sends pass by conntrack.
+    let (f4, f6) = (IpAddr::from(bed.pod("frontend").ipv4), IpAddr::from(bed.pod("frontend").ipv6));
+    for (b, f) in [(b4, f4), (b6, f6)] {
+        assert!(!ping(&bed.pod("frontend").netns, b, DENIED).expect("ping"), "frontend pings backend {b}");
+        assert!(ping(&bed.pod("backend").netns, f, DENIED).expect("ping"), "backend pings frontend {f}");
+    }
     assert!(reaches(&bed, "backend", f4, Tcp, 80), "frontend is not isolated");
     assert!(reaches(&bed, "other", f4, Tcp, 80), "frontend is not isolated");
 
@@ -130,10 +136,28 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     let mut talk = Conversation::open(&bed.pod("frontend").netns, b4, 8080, DENIED).expect("connect to echo");
     assert!(talk.exchange("before"), "the established connection works");
 
+    // A rule without ports admits ICMP too.
+    write(&state(
+        &bed,
+        2,
+        vec![
+            allow(FRONTEND, Protocol::Tcp, 80),
+            allow(FRONTEND, Protocol::Udp, 53),
+            allow(FRONTEND, Protocol::Tcp, 8080),
+            AllowEntry { peer: OTHER, protocol: None, ports: None, rule: 2 },
+        ],
+    ));
+    wait(&mut agent, &["enforced revision 2"], 10);
+    for b in [b4, b6] {
+        assert!(ping(&bed.pod("other").netns, b, DENIED).expect("ping"), "other pings backend {b}");
+        assert!(!ping(&bed.pod("frontend").netns, b, DENIED).expect("ping"), "frontend still may not");
+    }
+    assert!(talk.exchange("still"), "a new revision that keeps its rule keeps the connection");
+
     // A new revision revokes TCP/80 and TCP/8080 from frontend: new
     // connections are refused, and the established one is cut.
-    write(&state(&bed, 2, vec![allow(FRONTEND, Protocol::Udp, 53)]));
-    wait(&mut agent, &["enforced revision 2"], 10);
+    write(&state(&bed, 3, vec![allow(FRONTEND, Protocol::Udp, 53)]));
+    wait(&mut agent, &["enforced revision 3"], 10);
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "revoked");
     assert!(!talk.exchange("after"), "the established connection is cut");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed");
@@ -141,7 +165,7 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     // The backend's sandbox restarts: same veth name, new interface. The
     // agent converges on its own and enforces on the new interface.
     bed.recreate_veth("backend").expect("recreate veth");
-    wait(&mut agent, &["enforced revision 2 (reconciled)"], 5);
+    wait(&mut agent, &["enforced revision 3 (reconciled)"], 5);
     assert!(!reaches(&bed, "other", b4, Tcp, 80), "enforced on the recreated veth");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "allowed on the recreated veth");
 
@@ -151,12 +175,12 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed with the agent stopped");
 
     // A new agent (an upgrade) takes over the pinned state and moves it on.
-    write(&state(&bed, 3, vec![allow(OTHER, Protocol::Tcp, 80)]));
+    write(&state(&bed, 4, vec![allow(OTHER, Protocol::Tcp, 80)]));
     let mut agent = AgentProcess::start(&bed.node, binary, args).expect("restart agent");
-    wait(&mut agent, &["enforced revision 3"], 20);
-    assert!(reaches(&bed, "other", b4, Tcp, 80), "allowed by revision 3");
+    wait(&mut agent, &["enforced revision 4"], 20);
+    assert!(reaches(&bed, "other", b4, Tcp, 80), "allowed by revision 4");
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "still revoked");
-    assert!(!reaches(&bed, "frontend", b4, Udp, 53), "revoked by revision 3");
+    assert!(!reaches(&bed, "frontend", b4, Udp, 53), "revoked by revision 4");
     agent.stop();
 
     // Uninstalling removes the pins, and with them enforcement.

@@ -445,6 +445,43 @@ pub fn probe(
     })
 }
 
+/// Sends one ICMP (or ICMPv6) echo request from `from` to `addr` and says
+/// whether the matching reply came back within `timeout`. Uses the kernel's
+/// ping sockets, which it opens to root in the sender's namespace first.
+pub fn ping(from: &Netns, addr: IpAddr, timeout: Duration) -> Result<bool> {
+    from.sysctl("net.ipv4.ping_group_range", "0 0")?;
+    from.run(move || -> Result<bool> {
+        let (domain, protocol) = if addr.is_ipv4() {
+            (libc::AF_INET, libc::IPPROTO_ICMP)
+        } else {
+            (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+        };
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("ping socket");
+        }
+        // SAFETY: a fresh fd we own; a UdpSocket is just a datagram fd.
+        let socket = unsafe { <UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        socket.set_read_timeout(Some(timeout))?;
+        // Type 8 (v4) / 128 (v6), code 0; the kernel fills id and checksum.
+        let request_type = if addr.is_ipv4() { 8 } else { 128 };
+        let echo = [request_type, 0, 0, 0, 0, 0, 0, 1, b'p', b'c'];
+        socket.send_to(&echo, SocketAddr::new(addr, 0))?;
+        let reply_type = if addr.is_ipv4() { 0 } else { 129 };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 256];
+        while std::time::Instant::now() < deadline {
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) if n >= 8 && buf[0] == reply_type && buf[7] == 1 => return Ok(true),
+                Ok(_) => continue,
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(false)
+    })?
+}
+
 /// A bpffs directory for one test's pins, removed on drop.
 pub struct PinDir {
     pub path: std::path::PathBuf,
