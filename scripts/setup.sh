@@ -8,8 +8,9 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/portcullis"
 bpf_linker_version=0.13.0
 # rustc-web ships the prebuilt core for bpfel-unknown-none; iproute2, procps and
 # util-linux (nsenter) make the lab's and tests' network namespaces; iptables
-# writes the DNAT rules that stand in for kube-proxy.
-apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 procps util-linux iptables)
+# writes the DNAT rules that stand in for kube-proxy, and with ipset the
+# kube-router-style rules the datapath benchmark compares against.
+apt_packages=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 procps util-linux iptables ipset)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

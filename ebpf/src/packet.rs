@@ -1,5 +1,7 @@
 //! Header parsing for the verdict: L3 addresses, L4 protocol and ports.
-//! Reads with `bpf_skb_load_bytes`, so non-linear skbs parse like linear ones.
+//! Reads the packet directly where the headers are in the skb's linear part
+//! (nearly always), and with `bpf_skb_load_bytes` where they are not, so
+//! non-linear skbs parse like linear ones.
 
 use aya_ebpf::programs::TcContext;
 use portcullis_common::{
@@ -51,6 +53,16 @@ pub enum Parsed {
 
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // At least two bytes: LLVM turns `p + 1 <= end` into `p < end`, which
+    // the verifier does not take as a bound. A last lone byte takes the
+    // helper path.
+    let need = if core::mem::size_of::<T>() < 2 { 2 } else { core::mem::size_of::<T>() };
+    if start + off + need <= end {
+        // SAFETY: in bounds of the linear packet data, checked just above
+        // (the verifier checks it again); headers need not be aligned.
+        return Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
     ctx.load::<T>(off).ok()
 }
 

@@ -21,7 +21,7 @@ use portcullis_common::{
     map_names, map_sizes, program_names,
 };
 
-pub use attach::AttachError;
+pub use attach::{AttachError, ifindex, ifname};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use writer::{ApplyReport, WriteError};
@@ -280,6 +280,18 @@ impl Datapath {
         let mut out = [0u8; 4];
         out.copy_from_slice(&ctx_out[MARK_OFFSET..MARK_OFFSET + 4]);
         Ok((result.return_value as i32, u32::from_ne_bytes(out)))
+    }
+
+    /// Per program: how often it ran and for how long in all, as the kernel
+    /// counts while run-time statistics are on (`aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        [program_names::FROM_CONTAINER, program_names::TO_CONTAINER, program_names::TO_NETDEV]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.classifier_ref(name).ok()?.info().ok()?;
+                Some((name, info.run_count(), info.run_time()))
+            })
+            .collect()
     }
 
     fn classifier_ref(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
