@@ -508,7 +508,7 @@ fn ct_entry(dp: &Datapath, src_port: u16, dst_port: u16) -> CtEntry {
     let found: Vec<CtEntry> = dp
         .conntrack_entries()
         .into_iter()
-        .filter(|e| e.key.src_port == src_port && e.key.dst_port == dst_port)
+        .filter(|e| e.key.local_port == src_port && e.key.remote_port == dst_port)
         .collect();
     assert_eq!(found.len(), 1, "one entry for {src_port}->{dst_port}: {found:?}");
     found[0]
@@ -548,7 +548,9 @@ fn tcp_states_set_conntrack_lifetimes_and_expired_entries_pass_nothing() {
         assert_eq!(ingress(dp, back(FIN | ACK)), TC_PASS, "the peer's FIN");
 
         // Past its expiry an entry passes nothing, even before the sweep.
-        let expired = CtEntry { value: CtValue { expires_ns: monotonic_ns() - 1, ..e.value }, ..e };
+        // (A second back: the programs read the coarse clock, a tick behind.)
+        let expired =
+            CtEntry { value: CtValue { expires_ns: monotonic_ns() - 1_000_000_000, ..e.value }, ..e };
         dp.conntrack_set(&expired).expect("age the entry");
         assert_eq!(ingress(dp, back(ACK)), TC_ACT_SHOT, "expired: judged as new, and denied");
         assert_eq!(dp.sweep_conntrack(monotonic_ns()).removed, 1, "the sweep removes it");

@@ -147,6 +147,11 @@ pub struct EndpointInfo {
     pub generation: u8,
     pub _pad: u8,
     pub flags: u32,
+    /// The endpoint's first IPv4 and IPv6 address (zero: none), so the
+    /// source check of nearly every packet needs no map lookup; further
+    /// addresses are in the endpoint address map.
+    pub ipv4: [u8; 4],
+    pub ipv6: [u8; 16],
 }
 
 /// ipcache LPM key data: `{family, addr}`; the prefix length counts the 32 bits
@@ -233,22 +238,21 @@ pub struct EndpointAddr {
     pub addr: [u8; 16],
 }
 
-/// Conntrack key: a flow as one endpoint saw it first, in one direction.
-/// A packet passes without a policy lookup when its own tuple is known in its
-/// direction, or its reversed tuple in the other (a reply).
+/// Conntrack key: a flow as one endpoint sees it, whichever side opened it
+/// and whichever way the packet goes: the endpoint's address and port, then
+/// the peer's. A flow's packets in both directions find one entry with one
+/// lookup; the value remembers which direction opened it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
-    /// For ICMP echo both ports hold the identifier, so replies match.
-    pub src_port: u16,
-    pub dst_port: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// For ICMP echo both ports hold the identifier.
+    pub local_port: u16,
+    pub remote_port: u16,
     pub endpoint_id: u16,
     pub family: u8,
     pub protocol: u8,
-    pub direction: u8,
-    pub _pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -262,7 +266,8 @@ pub struct CtValue {
     pub rule_cookie: u32,
     /// `ct_flags`.
     pub flags: u8,
-    pub _pad: u8,
+    /// The direction of the flow's first packet (`DIR_INGRESS`/`DIR_EGRESS`).
+    pub origin: u8,
     /// With `ct_flags::SERVICE`: the backend kube-proxy chose (host byte
     /// order port), which the verdict was given on; revocation judges it.
     pub nat_port: u16,
@@ -403,11 +408,11 @@ mod pod {
 }
 
 // Layouts are ABI: fail the build if one changes size by accident.
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);

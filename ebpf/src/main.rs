@@ -13,14 +13,14 @@
 #[cfg(target_arch = "bpf")]
 mod datapath {
     use aya_ebpf::{
-        helpers::bpf_ktime_get_ns,
+        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{classifier, map},
         maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
     };
     use portcullis_common::{
-        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
-        CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        AF_INET, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue,
+        DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
         IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
         TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes,
@@ -183,7 +183,7 @@ mod datapath {
         }
         // A pod sends from its own addresses only: a forged source would be
         // judged (and tracked) as another pod's identity everywhere else.
-        if direction == DIR_EGRESS && ep.flags & EP_CHECK_SOURCE != 0 && !source_is_own(ifindex, &pkt) {
+        if direction == DIR_EGRESS && ep.flags & EP_CHECK_SOURCE != 0 && !source_is_own(ifindex, &ep, &pkt) {
             return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::SPOOFED_SOURCE, Some(&pkt));
         }
         // A connection to a Service on its way in, after DNAT: first the
@@ -195,10 +195,12 @@ mod datapath {
             return TC_ACT_SHOT;
         }
 
+        // Conntrack lifetimes are seconds: the coarse clock (a tick's
+        // resolution, no clock read) is enough.
         // SAFETY: plain helper call without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let key = ct_key(ep.endpoint_id, direction, &pkt);
-        if !overflow && (ct_hit(&key, &pkt, false, now) || ct_hit(&ct_reverse(&key), &pkt, true, now)) {
+        if !overflow && ct_hit(&key, &pkt, direction, now) {
             remember_first_fragment(&pkt);
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             return TC_PASS;
@@ -245,7 +247,7 @@ mod datapath {
         }
         // A later fragment without a record has no ports: nothing to track.
         if pkt.has_l4 {
-            ct_create(&key, &pkt, rule_cookie, now, None);
+            ct_create(&key, &pkt, direction, rule_cookie, now, None);
             remember_first_fragment(&pkt);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
@@ -361,11 +363,11 @@ mod datapath {
         match verdict {
             Ok(cookie) => {
                 // SAFETY: plain helper call without arguments.
-                let now = unsafe { bpf_ktime_get_ns() };
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
                 let mut key = ct_key(client, DIR_EGRESS, pkt);
-                key.dst_addr = pending.dst_addr;
-                key.dst_port = pending.dst_port;
-                ct_create(&key, pkt, cookie, now, Some((pkt.dst, pkt.dst_port)));
+                key.remote_addr = pending.dst_addr;
+                key.remote_port = pending.dst_port;
+                ct_create(&key, pkt, DIR_EGRESS, cookie, now, Some((pkt.dst, pkt.dst_port)));
                 let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
                 count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
                 if pending.flags & EP_REPORT_ALLOWED != 0 {
@@ -394,9 +396,14 @@ mod datapath {
     /// Is the packet's source one of the endpoint's addresses? IPv6
     /// link-local and unspecified sources never leave the link, so they pass.
     #[inline(always)]
-    fn source_is_own(ifindex: u32, pkt: &Packet) -> bool {
-        if pkt.family == AF_INET6
-            && ((pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80) || pkt.src == [0u8; 16])
+    fn source_is_own(ifindex: u32, ep: &EndpointInfo, pkt: &Packet) -> bool {
+        if pkt.family == AF_INET {
+            if pkt.src[..4] == ep.ipv4 {
+                return true;
+            }
+        } else if pkt.src == ep.ipv6
+            || (pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80)
+            || pkt.src == [0u8; 16]
         {
             return true;
         }
@@ -404,32 +411,18 @@ mod datapath {
         unsafe { PC_EP_ADDRS.get(&key) }.is_some()
     }
 
+    /// The flow as the endpoint sees it: its own side first.
     #[inline(always)]
     fn ct_key(endpoint_id: u16, direction: u8, pkt: &Packet) -> CtKey {
+        let egress = direction == DIR_EGRESS;
         CtKey {
-            src_addr: pkt.src,
-            dst_addr: pkt.dst,
-            src_port: pkt.src_port,
-            dst_port: pkt.dst_port,
+            local_addr: if egress { pkt.src } else { pkt.dst },
+            remote_addr: if egress { pkt.dst } else { pkt.src },
+            local_port: if egress { pkt.src_port } else { pkt.dst_port },
+            remote_port: if egress { pkt.dst_port } else { pkt.src_port },
             endpoint_id,
             family: pkt.family,
             protocol: pkt.protocol,
-            direction,
-            _pad: [0; 3],
-        }
-    }
-
-    /// The key under which the other direction of the same endpoint tracked
-    /// the flow this packet replies to.
-    #[inline(always)]
-    fn ct_reverse(key: &CtKey) -> CtKey {
-        CtKey {
-            src_addr: key.dst_addr,
-            dst_addr: key.src_addr,
-            src_port: key.dst_port,
-            dst_port: key.src_port,
-            direction: key.direction ^ 1,
-            ..*key
         }
     }
 
@@ -456,7 +449,7 @@ mod datapath {
     /// Whether a live entry tracks the packet's flow; if so the packet moves
     /// the entry's state and expiry on. An expired entry passes nothing.
     #[inline(always)]
-    fn ct_hit(key: &CtKey, pkt: &Packet, reply: bool, now: u64) -> bool {
+    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> bool {
         let Some(entry) = PC_CT.get_ptr_mut(key) else { return false };
         // SAFETY: the map value stays valid for this program run; racing
         // writers only move the expiry, and either value is fine.
@@ -465,7 +458,7 @@ mod datapath {
             return false;
         }
         let mut flags = entry.flags;
-        if reply {
+        if direction != entry.origin {
             flags |= ct_flags::SEEN_REPLY;
         }
         if tcp_closing(pkt) {
@@ -483,7 +476,14 @@ mod datapath {
 
     /// Tracks a new flow; `backend`: the Service backend it was allowed for.
     #[inline(always)]
-    fn ct_create(key: &CtKey, pkt: &Packet, rule_cookie: u32, now: u64, backend: Option<([u8; 16], u16)>) {
+    fn ct_create(
+        key: &CtKey,
+        pkt: &Packet,
+        origin: u8,
+        rule_cookie: u32,
+        now: u64,
+        backend: Option<([u8; 16], u16)>,
+    ) {
         let mut flags = if tcp_closing(pkt) { ct_flags::CLOSING } else { 0 };
         let (nat_addr, nat_port) = match backend {
             Some(b) => {
@@ -497,7 +497,7 @@ mod datapath {
             expires_ns: now + ct_lifetime(pkt, flags),
             rule_cookie,
             flags,
-            _pad: 0,
+            origin,
             nat_port,
             nat_addr,
         };

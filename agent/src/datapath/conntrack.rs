@@ -109,7 +109,8 @@ impl Datapath {
         if ep.info.flags & EP_POLICY_OVERFLOW != 0 {
             return false;
         }
-        let isolated = if key.direction == DIR_INGRESS {
+        let direction = entry.value.origin;
+        let isolated = if direction == DIR_INGRESS {
             ep.info.flags & EP_ISOLATED_INGRESS != 0
         } else {
             ep.info.flags & EP_ISOLATED_EGRESS != 0
@@ -117,21 +118,21 @@ impl Datapath {
         if !isolated {
             return true;
         }
-        // The entry holds the tuple of the flow's first packet; a Service
-        // connection was judged on its backend.
+        // Judged as its first packet was: an ingress flow on the endpoint's
+        // port, an egress flow on the peer's; a Service connection on the
+        // backend it was allowed for.
         let service = entry.value.flags & ct_flags::SERVICE != 0;
-        let remote = match (key.direction == DIR_INGRESS, service) {
-            (true, _) => &key.src_addr,
-            (false, true) => &entry.value.nat_addr,
-            (false, false) => &key.dst_addr,
+        let (remote, port) = match (direction == DIR_INGRESS, service) {
+            (true, _) => (&key.remote_addr, key.local_port),
+            (false, true) => (&entry.value.nat_addr, entry.value.nat_port),
+            (false, false) => (&key.remote_addr, key.remote_port),
         };
-        let port = if service { entry.value.nat_port } else { key.dst_port };
         let remote_identity = self.identity_of(key.family, remote);
-        if key.direction == DIR_INGRESS && remote_identity == identity::HOST {
+        if direction == DIR_INGRESS && remote_identity == identity::HOST {
             return true;
         }
         let probe = Probe {
-            direction: key.direction,
+            direction,
             remote_identity,
             remote_ip: match ip_from(key.family, remote) {
                 Some(ip) => ip,

@@ -18,6 +18,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
     time::Duration,
 };
 
@@ -258,12 +259,20 @@ impl Datapath {
                 }
             }
         }
+        let mut ipv4 = [0; 4];
+        let mut ipv6 = [0; 16];
+        if let Some(IpAddr::V4(a)) = ep.addresses.iter().find(|a| a.is_ipv4()) {
+            ipv4 = a.octets();
+        }
+        if let Some(IpAddr::V6(a)) = ep.addresses.iter().find(|a| a.is_ipv6()) {
+            ipv6 = a.octets();
+        }
+        let info = |flags| EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags, ipv4, ipv6 };
         let (info, loaded_keys) = match overflow {
-            None => (EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags }, keys),
+            None => (info(flags), keys),
             Some(_) => {
                 self.remove_keys(&keys, ep.id, generation);
-                let flags = (flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW;
-                (EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags }, EndpointKeys::default())
+                (info((flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW), EndpointKeys::default())
             }
         };
         // The flip: from here packets see the new generation.
