@@ -86,7 +86,8 @@ fn main() {
 
     // `PORTCULLIS_BENCH_ONLY=portcullis` (or `iptables`) measures one side.
     let only = std::env::var("PORTCULLIS_BENCH_ONLY").unwrap_or_default();
-    let sizes: &[usize] = if std::env::var("PORTCULLIS_BENCH_ONE").is_ok() { &[1] } else { &[1, 1_000, 100_000] };
+    let sizes: &[usize] =
+        if std::env::var("PORTCULLIS_BENCH_ONE").is_ok() { &[1] } else { &[1, 1_000, 100_000] };
 
     // kube-router-style iptables and ipset: the rules stay, the FORWARD
     // jumps into them come and go.
@@ -106,6 +107,11 @@ fn main() {
         let label = format!("iptables + ipset, {} entries", thousands(entries));
         rows.push(compare(&bed, &label, server_ip, &mut |on| toggle(on), None));
         iptables_remove(&bed.node);
+    }
+
+    // The floor: a TC program that passes everything, on the same hooks.
+    if only.is_empty() || only == "portcullis" {
+        rows.push(floor(&bed, server_ip));
     }
 
     // Portcullis: the maps stay loaded, the programs are attached and
@@ -163,6 +169,56 @@ fn main() {
         let _ = s.join();
     }
     print_table(&rows);
+}
+
+/// The cost of the hooks themselves: `pass_all` on both veths' TC ingress
+/// and egress, as Portcullis attaches its programs.
+fn floor(bed: &Bed, server: IpAddr) -> Row {
+    use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.path).expect("pin dir");
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&pins.path)
+        .load(portcullis_agent::datapath::OBJECT)
+        .expect("load object");
+    let prog: &mut SchedClassifier =
+        ebpf.program_mut("pass_all").expect("pass_all").try_into().expect("classifier");
+    prog.load().expect("load pass_all");
+    let prog_id = prog.info().expect("info").id();
+    let veths = [bed.pod("client").host_if.clone(), bed.pod("server").host_if.clone()];
+    let mut links = Vec::new();
+    let mut toggle = |on: bool| {
+        if !on {
+            for id in links.drain(..) {
+                prog.detach(id).expect("detach");
+            }
+            return;
+        }
+        for veth in &veths {
+            for side in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let opts = TcAttachOptions::TcxOrder(LinkOrder::default());
+                links.push(prog.attach_with_options(veth, side, opts).expect("attach"));
+            }
+        }
+    };
+    toggle(true);
+    let mut row = compare(bed, "an empty TC program (pass_all: the hooks' floor)", server, &mut toggle, None);
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
+    let info = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == prog_id)
+            .map(|i| (i.run_count(), i.run_time()))
+            .expect("pass_all is loaded")
+    };
+    let before = info();
+    bed.pod("client").netns.run(move || run_rr(SocketAddr::new(server, RR_PORT))).expect("client");
+    let after = info();
+    drop(stats);
+    let per_run = (after.1 - before.1).as_nanos() as f64 / (after.0 - before.0).max(1) as f64;
+    row.prog_ns = Some((per_run, per_run));
+    toggle(false);
+    row
 }
 
 /// Moves the calling thread into `netns`.

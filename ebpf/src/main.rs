@@ -73,6 +73,13 @@ mod datapath {
         enforce(&ctx, DIR_INGRESS)
     }
 
+    /// Passes everything. Never attached by the agent: benchmarks measure the
+    /// cost of the TC hook itself with it (the floor under any verdict).
+    #[classifier]
+    pub fn pass_all(_ctx: TcContext) -> i32 {
+        TC_PASS
+    }
+
     /// TC egress of the node's other devices: gives the egress verdict of
     /// Service connections whose backend is not a local pod.
     #[classifier]

@@ -55,9 +55,14 @@ enum Cmd {
         /// Case files or directories.
         paths: Vec<PathBuf>,
     },
-    /// Run the benchmarks (policy engine at cluster scale; datapath verdict
-    /// cost, which needs root) and print their tables.
-    Bench,
+    /// Run the benchmarks and print their tables: `policy` (the engine at
+    /// cluster scale), `datapath` (per-packet verdict cost, then real traffic
+    /// against no program and iptables+ipset; needs root, takes ~6 min).
+    /// Without a name, all.
+    Bench {
+        #[arg(value_parser = ["policy", "datapath"])]
+        which: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,9 +74,19 @@ fn main() -> Result<()> {
             let code = conformance::run(conformance::Options { target, ipv6, source, paths })?;
             std::process::exit(code);
         }
-        Cmd::Bench => {
-            cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "policy_engine"])?;
-            cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", "datapath"])
+        Cmd::Bench { which } => {
+            let all = which.is_empty();
+            let bench =
+                |name: &str| cargo(&["bench", "--quiet", "--package", "portcullis-agent", "--bench", name]);
+            if all || which.iter().any(|w| w == "policy") {
+                bench("policy_engine")?;
+            }
+            if all || which.iter().any(|w| w == "datapath") {
+                require_root("cargo xtask bench datapath")?;
+                bench("datapath")?;
+                bench("datapath_traffic")?;
+            }
+            Ok(())
         }
     }
 }

@@ -26,8 +26,10 @@ pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use writer::{ApplyReport, WriteError};
 
-/// The eBPF object, built by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+/// The eBPF object, built by `build.rs`. Public for tools and benchmarks
+/// that load its `pass_all` program (load it with a pin directory of their
+/// own: its maps are declared pinned).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
 
 /// Where pins live unless configured otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
