@@ -169,8 +169,8 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(!reaches(&bed, "other", b4, Tcp, 80), "enforced on the recreated veth");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "allowed on the recreated veth");
 
-    // The agent goes away; the pinned programs and maps keep enforcing.
-    agent.stop();
+    // The agent is killed; the pinned programs and maps keep enforcing.
+    agent.kill();
     assert!(!reaches(&bed, "other", b4, Tcp, 80), "still enforced with the agent stopped");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "still allowed with the agent stopped");
 

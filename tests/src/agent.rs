@@ -99,6 +99,14 @@ impl AgentProcess {
     }
 }
 
+impl AgentProcess {
+    /// SIGKILL: the agent dies without a chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
