@@ -86,7 +86,7 @@ fn rewriting_a_policy_thousands_of_times_drops_no_packet_it_allows() {
                 assert_eq!(report.endpoints_written, 1, "revision {} rewrote the endpoint", s.revision);
             }
             done_tx.send(()).expect("done");
-            dp.endpoint_counters(1).expect("counted")
+            dp
         })
         .expect("writer thread");
     ready_rx.recv().expect("datapath loaded");
@@ -113,10 +113,18 @@ fn rewriting_a_policy_thousands_of_times_drops_no_packet_it_allows() {
     done_rx.recv().expect("rewrites done");
     stop.store(true, Ordering::Relaxed);
     sender.join().expect("sender");
-    let counters = writer.join().expect("writer").expect("entered the node");
+    let dp = writer.join().expect("writer").expect("entered the node");
 
+    // Datagrams sent last may still be on their way through the backlog.
     let sent = sent.load(Ordering::Relaxed);
-    let ingress = counters.ingress;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let ingress = loop {
+        let c = dp.endpoint_counters(1).expect("counted").ingress;
+        if c.forwarded_packets + c.dropped_total() >= sent || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     eprintln!(
         "{REWRITES} rewrites; {sent} datagrams sent, {} forwarded, {} dropped",
         ingress.forwarded_packets,

@@ -765,3 +765,33 @@ fn a_full_conntrack_table_evicts_the_oldest_flows_which_then_meet_the_policy_aga
         assert_eq!(ingress(dp, reply(20000)), TC_PASS);
     });
 }
+
+#[test]
+fn sctp_ports_and_ranges_are_judged_and_tracked_like_tcp() {
+    // This kernel may have no SCTP sockets; the programs judge SCTP headers
+    // all the same.
+    let rules = vec![
+        allow(FRONTEND, Some(Protocol::Sctp), Some((5000, 5000)), 1),
+        allow(identity::ANY, Some(Protocol::Sctp), Some((6000, 6010)), 2),
+    ];
+    with_datapath(backend_state(rules), |dp, events| {
+        let (fe, backend, world) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("192.0.2.9"));
+        let sctp = |src, port| Frame::new(src, backend, packets::SCTP, port);
+        assert_eq!(ingress(dp, sctp(fe, 5000)), TC_PASS);
+        assert_eq!(ingress(dp, sctp(fe, 5001)), TC_ACT_SHOT, "only 5000");
+        assert_eq!(ingress(dp, sctp(world, 5000)), TC_ACT_SHOT, "only frontend");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 5000)), TC_ACT_SHOT, "an SCTP rule never allows TCP");
+        assert_eq!(ingress(dp, sctp(world, 6010)), TC_PASS, "range end");
+        assert_eq!(ingress(dp, sctp(world, 6011)), TC_ACT_SHOT, "past the range");
+        // The association's packets back from the backend pass by conntrack.
+        let back = Frame { src_port: 5000, ..Frame::new(backend, fe, packets::SCTP, 40000) };
+        assert_eq!(verdict(dp, Hook::FromContainer, &back), TC_PASS);
+        let e = events();
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.iter().all(|e| e.reason == reason::POLICY_DENIED));
+        assert_eq!(e.iter().filter(|e| e.protocol == packets::SCTP).count(), 3);
+        let c = dp.endpoint_counters(1).expect("counted");
+        assert_eq!((c.ingress.forwarded_packets, c.ingress.dropped_total()), (2, 4));
+        assert_eq!(ct_entry(dp, 5000, 40000).value.origin, DIR_INGRESS);
+    });
+}
