@@ -135,6 +135,8 @@ pub struct Bed {
     servers: Vec<Server>,
     pub pods: Vec<Pod>,
     pub node: Netns,
+    /// Whether the `KUBE-SERVICES` chain exists, for IPv4 and IPv6.
+    kube_services: [bool; 2],
 }
 
 impl Bed {
@@ -146,7 +148,7 @@ impl Bed {
         // The node's addresses live on its loopback (no dummy driver needed).
         node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
         node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo", "nodad"])?;
-        Ok(Bed { id, servers: Vec::new(), pods: Vec::new(), node })
+        Ok(Bed { id, servers: Vec::new(), pods: Vec::new(), node, kube_services: [false; 2] })
     }
 
     /// Adds a pod with the next free addresses (10.244.0.N, fd00:10::N).
@@ -211,56 +213,6 @@ impl Bed {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// A Service frontend translated the way kube-proxy (iptables mode)
-    /// translates it, in the node: `KUBE-SERVICES` from PREROUTING and
-    /// OUTPUT, a `KUBE-SVC-` chain per frontend spreading over one
-    /// `KUBE-SEP-` DNAT chain per backend. `protocol`: "tcp", "udp", "sctp".
-    pub fn add_service(
-        &mut self,
-        name: &str,
-        cluster_ip: IpAddr,
-        protocol: &str,
-        port: u16,
-        backends: &[(IpAddr, u16)],
-    ) -> Result<()> {
-        let tool = if cluster_ip.is_ipv4() { "iptables" } else { "ip6tables" };
-        let nat = |args: &[&str]| -> Result<()> {
-            let out = self.node.command(tool).args(["-w", "-t", "nat"]).args(args).output()?;
-            if !out.status.success() {
-                bail!("{tool} -t nat {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-            }
-            Ok(())
-        };
-        if nat(&["-N", "KUBE-SERVICES"]).is_ok() {
-            nat(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
-            nat(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
-        }
-        let tag: String = format!("{name}-{protocol}-{port}").chars().take(18).collect();
-        let svc = format!("KUBE-SVC-{tag}");
-        nat(&["-N", &svc])?;
-        let ip = cluster_ip.to_string();
-        let dport = port.to_string();
-        nat(&["-A", "KUBE-SERVICES", "-d", &ip, "-p", protocol, "--dport", &dport, "-j", &svc])?;
-        for (i, (addr, target)) in backends.iter().enumerate() {
-            let sep = format!("KUBE-SEP-{tag}-{i}");
-            nat(&["-N", &sep])?;
-            let to = match addr {
-                IpAddr::V4(a) => format!("{a}:{target}"),
-                IpAddr::V6(a) => format!("[{a}]:{target}"),
-            };
-            nat(&["-A", &sep, "-p", protocol, "-j", "DNAT", "--to-destination", &to])?;
-            let left = backends.len() - i;
-            if left > 1 {
-                let probability = format!("{:.5}", 1.0 / left as f64);
-                let stat = ["-m", "statistic", "--mode", "random", "--probability", &probability];
-                nat(&[&["-A", &svc][..], &stat[..], &["-j", &sep][..]].concat())?;
-            } else {
-                nat(&["-A", &svc, "-j", &sep])?;
-            }
-        }
-        Ok(())
-    }
-
     /// Starts a TCP echo server on `port` that keeps its connections open.
     pub fn serve_echo(&mut self, pod: &str, port: u16) -> Result<()> {
         let server = Server::echo(&self.pod(pod).netns, port)?;
@@ -275,6 +227,108 @@ impl Bed {
         self.servers.push(server);
         Ok(())
     }
+
+    /// A Service frontend translated the way kube-proxy (iptables mode)
+    /// translates it, in the node: `KUBE-SERVICES` from PREROUTING and
+    /// OUTPUT, a `KUBE-SVC-` chain per frontend spreading over one
+    /// `KUBE-SEP-` DNAT chain per backend. `protocol`: "tcp", "udp", "sctp".
+    pub fn add_service(
+        &mut self,
+        name: &str,
+        cluster_ip: IpAddr,
+        protocol: &str,
+        port: u16,
+        backends: &[(IpAddr, u16)],
+    ) -> Result<()> {
+        self.add_services(&[ServiceSpec {
+            name: name.into(),
+            cluster_ip,
+            protocol: protocol.into(),
+            port,
+            backends: backends.to_vec(),
+        }])
+    }
+
+    /// Many Service frontends at once (one `iptables-restore` per family).
+    pub fn add_services(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        for v6 in [false, true] {
+            let mine: Vec<&ServiceSpec> = services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut rules = String::from("*nat\n");
+            if !self.kube_services[usize::from(v6)] {
+                rules.push_str(
+                    ":KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n",
+                );
+                self.kube_services[usize::from(v6)] = true;
+            }
+            for svc in mine {
+                let chain = |kind: &str, extra: &str| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (&svc.name, &svc.cluster_ip, &svc.protocol, svc.port, extra).hash(&mut h);
+                    format!("KUBE-{kind}-{:016X}", h.finish())
+                };
+                let svc_chain = chain("SVC", "");
+                rules.push_str(&format!(":{svc_chain} - [0:0]\n"));
+                rules.push_str(&format!(
+                    "-A KUBE-SERVICES -d {}/{} -p {} --dport {} -m comment --comment \"{}\" -j {svc_chain}\n",
+                    svc.cluster_ip,
+                    if v6 { 128 } else { 32 },
+                    svc.protocol,
+                    svc.port,
+                    svc.name
+                ));
+                for (i, (addr, target)) in svc.backends.iter().enumerate() {
+                    let sep = chain("SEP", &i.to_string());
+                    let to = match addr {
+                        IpAddr::V4(a) => format!("{a}:{target}"),
+                        IpAddr::V6(a) => format!("[{a}]:{target}"),
+                    };
+                    rules.push_str(&format!(":{sep} - [0:0]\n"));
+                    rules.push_str(&format!("-A {sep} -p {} -j DNAT --to-destination {to}\n", svc.protocol));
+                    let left = svc.backends.len() - i;
+                    if left > 1 {
+                        rules.push_str(&format!(
+                            "-A {svc_chain} -m statistic --mode random --probability {:.5} -j {sep}\n",
+                            1.0 / left as f64
+                        ));
+                    } else {
+                        rules.push_str(&format!("-A {svc_chain} -j {sep}\n"));
+                    }
+                }
+            }
+            rules.push_str("COMMIT\n");
+            let tool = if v6 { "ip6tables-restore" } else { "iptables-restore" };
+            let mut child = self
+                .node
+                .command(tool)
+                .args(["-w", "--noflush"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .with_context(|| format!("running {tool}"))?;
+            child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Service frontend and its backends, for `Bed::add_services`.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    /// "tcp", "udp" or "sctp".
+    pub protocol: String,
+    pub port: u16,
+    /// Backend address and target port.
+    pub backends: Vec<(IpAddr, u16)>,
 }
 
 /// A long-lived TCP connection from a pod, for tests of established flows.

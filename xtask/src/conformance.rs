@@ -21,7 +21,7 @@ use portcullis_conformance::{
     report::{CaseOutcome, ProbeResult, render},
     world::{Family, World},
 };
-use portcullis_testbed::{Bed, PinDir, Transport, agent::AgentProcess, probe};
+use portcullis_testbed::{Bed, PinDir, ServiceSpec, Transport, agent::AgentProcess, probe};
 
 use crate::{build_agent, handle_interrupts, interrupted, require_root};
 
@@ -99,6 +99,8 @@ pub fn run(opts: Options) -> Result<i32> {
 
 /// Why this machine's lab cannot run a case, if it cannot.
 fn skip_reason(case: &Case, target: Option<Target>) -> Option<String> {
+    // Every target runs here: pod IPs directly, Services through
+    // kube-proxy-style DNAT.
     if case.requires.contains(&Requirement::Sctp) {
         return Some(if kernel_has_sctp() {
             "the lab's servers do not speak SCTP yet".into()
@@ -106,10 +108,7 @@ fn skip_reason(case: &Case, target: Option<Target>) -> Option<String> {
             "this kernel has no SCTP (its policies are covered by the crafted-packet tests)".into()
         });
     }
-    let service = |p: &Probe| target.unwrap_or(p.target) == Target::Service;
-    if case.steps.iter().flat_map(|s| &s.probes).any(service) {
-        return Some("Service targets need the Services datapath (not yet)".into());
-    }
+    let _ = target;
     None
 }
 
@@ -156,6 +155,29 @@ pub fn run_case(
             bed.serve(&bed_name(&pod.id()), port)?;
         }
     }
+    // Each pod's Service, translated the way kube-proxy translates it, when
+    // some probe goes through Services.
+    let via_service = |p: &Probe| target.unwrap_or(p.target) == Target::Service;
+    if case.steps.iter().flat_map(|s| &s.probes).any(via_service) {
+        let mut services = Vec::new();
+        for pod in &world.pods {
+            for port in &pod.ports {
+                let protocol = match port.protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                    Protocol::Sctp => continue,
+                };
+                services.push(ServiceSpec {
+                    name: format!("{}/{}:{}", pod.namespace, pod.service_name(), port.port),
+                    cluster_ip: pod.service_ip,
+                    protocol: protocol.into(),
+                    port: port.port,
+                    backends: vec![(pod.ip, port.port)],
+                });
+            }
+        }
+        bed.add_services(&services)?;
+    }
     let pins = PinDir::new();
     let dir = std::env::temp_dir().join(format!("portcullis-{}-manifests", bed.id));
     std::fs::create_dir_all(&dir)?;
@@ -190,8 +212,10 @@ pub fn run_case(
             println!("agent: {enforced}");
         }
         for (p, probe) in step.probes.iter().enumerate() {
-            let (want, got) = probe_all(&world, &bed, s, p, probe)?;
-            let result = ProbeResult::new(s, p, probe, &world, want, got, vec![]);
+            let (want, got) = probe_all(&world, &bed, s, p, probe, target)?;
+            // Reported with the target it really used.
+            let used = Probe { target: target.unwrap_or(probe.target), ..probe.clone() };
+            let result = ProbeResult::new(s, p, &used, &world, want, got, vec![]);
             if show == Show::Steps {
                 print!("{}", result.render());
             }
@@ -241,7 +265,15 @@ fn describe(step: &portcullis_conformance::case::Step) -> String {
 }
 
 /// Probes every pair of one probe at once; returns expected and observed.
-fn probe_all(world: &World, bed: &Bed, s: usize, p: usize, spec: &Probe) -> Result<(Matrix, Matrix)> {
+fn probe_all(
+    world: &World,
+    bed: &Bed,
+    s: usize,
+    p: usize,
+    spec: &Probe,
+    target: Option<Target>,
+) -> Result<(Matrix, Matrix)> {
+    let via_service = target.unwrap_or(spec.target) == Target::Service;
     let transport = match spec.protocol {
         Protocol::Tcp => Transport::Tcp,
         Protocol::Udp => Transport::Udp,
@@ -252,7 +284,8 @@ fn probe_all(world: &World, bed: &Bed, s: usize, p: usize, spec: &Probe) -> Resu
     for pair in world.pairs(s, p, spec)? {
         let (client, server) = (&world.pods[pair.client], &world.pods[pair.server]);
         want.insert((client.id(), server.id()), pair.expect);
-        jobs.push((client.id(), server.id(), server.ip, pair.port));
+        let ip = if via_service { server.service_ip } else { server.ip };
+        jobs.push((client.id(), server.id(), ip, pair.port));
     }
     let got: Matrix = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs

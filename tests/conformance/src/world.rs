@@ -40,12 +40,22 @@ pub struct WorldPod {
     /// Both addresses: pods are dual-stack.
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// The ClusterIPs of the pod's Service `s-<ns>-<pod>` (dual-stack),
+    /// and the one in the run's family.
+    pub service_ipv4: Ipv4Addr,
+    pub service_ipv6: Ipv6Addr,
+    pub service_ip: IpAddr,
 }
 
 impl WorldPod {
     /// `namespace/name`.
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The name of the pod's Service.
+    pub fn service_name(&self) -> String {
+        format!("s-{}-{}", self.namespace, self.name)
     }
 
     pub fn model(&self) -> Pod {
@@ -156,11 +166,24 @@ impl World {
                 let n = k as u16 + 1;
                 let ipv4 = Ipv4Addr::new(10, 64, (n >> 8) as u8, n as u8);
                 let ipv6 = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, n);
-                let ip = match family {
-                    Family::V4 => IpAddr::V4(ipv4),
-                    Family::V6 => IpAddr::V6(ipv6),
+                let service_ipv4 = Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8);
+                let service_ipv6 = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, n);
+                let (ip, service_ip) = match family {
+                    Family::V4 => (IpAddr::V4(ipv4), IpAddr::V4(service_ipv4)),
+                    Family::V6 => (IpAddr::V6(ipv6), IpAddr::V6(service_ipv6)),
                 };
-                WorldPod { namespace, name, labels, ports, ip, ipv4, ipv6 }
+                WorldPod {
+                    namespace,
+                    name,
+                    labels,
+                    ports,
+                    ip,
+                    ipv4,
+                    ipv6,
+                    service_ipv4,
+                    service_ipv6,
+                    service_ip,
+                }
             })
             .collect();
         World {
@@ -356,7 +379,9 @@ fn self_invalid(file: &str, field: &str, what: &str, kind: &str) -> CaseError {
 impl World {
     /// Every object as Kubernetes would hold it (multi-document YAML):
     /// namespaces, pods on `NODE` with their addresses and container ports,
-    /// and the applied policies.
+    /// each pod's Service (dual-stack ClusterIPs, its ports, no selector: the
+    /// lab writes the backends into DNAT rules itself), and the applied
+    /// policies.
     pub fn manifests(&self) -> String {
         let mut docs: Vec<serde_json::Value> = Vec::new();
         for (name, labels) in &self.namespaces {
@@ -388,6 +413,28 @@ impl World {
                     "phase": "Running",
                     "podIP": pod.ip.to_string(),
                     "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}],
+                },
+            }));
+            let service_ports: Vec<serde_json::Value> = pod
+                .ports
+                .iter()
+                .map(|p| {
+                    let protocol = format!("{:?}", p.protocol.model()).to_uppercase();
+                    serde_json::json!({
+                        "name": format!("{}-{}", protocol.to_lowercase(), p.port),
+                        "port": p.port, "protocol": protocol, "targetPort": p.port,
+                    })
+                })
+                .collect();
+            docs.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": pod.service_name(), "namespace": pod.namespace},
+                "spec": {
+                    "clusterIP": pod.service_ipv4.to_string(),
+                    "clusterIPs": [pod.service_ipv4.to_string(), pod.service_ipv6.to_string()],
+                    "ipFamilies": ["IPv4", "IPv6"],
+                    "ipFamilyPolicy": "RequireDualStack",
+                    "ports": service_ports,
                 },
             }));
         }
