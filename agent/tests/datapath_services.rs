@@ -4,14 +4,15 @@
 //! the replies, which come back from the Service address, must pass.
 //! Needs root, network namespaces, BPF and iptables.
 
+mod bed_state;
+
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use portcullis_agent::compiled::{
-    AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
-    ServiceFrontend,
-};
+use bed_state::{PodPolicy, isolated, open};
+
+use portcullis_agent::compiled::{AllowEntry, CompiledState, PortRange, Protocol, ServiceFrontend};
 use portcullis_testbed::{
-    Bed, Conversation, NODE_IPV4, PinDir, Transport,
+    Bed, Conversation, PinDir, Transport,
     agent::{AgentProcess, StateFile},
     probe,
 };
@@ -39,46 +40,16 @@ fn cluster_ips(name: &str) -> [IpAddr; 2] {
 }
 
 fn state(bed: &Bed, revision: u64, client_egress: Vec<AllowEntry>) -> CompiledState {
-    let mut ipcache = vec![IpcacheEntry { cidr: IpAddr::from(NODE_IPV4).into(), identity: 1, name: None }];
-    for (pod, identity) in [("client", CLIENT), ("web", WEB), ("other", OTHER)] {
-        let p = bed.pod(pod);
-        for ip in [IpAddr::from(p.ipv4), IpAddr::from(p.ipv6)] {
-            ipcache.push(IpcacheEntry { cidr: ip.into(), identity, name: Some(format!("default/{pod}")) });
-        }
-    }
-    let endpoint = |id: u16, pod: &str, identity: u32, egress: DirectionPolicy| EndpointState {
-        id,
-        name: format!("default/{pod}"),
-        interface: bed.pod(pod).host_if.clone(),
-        identity,
-        addresses: vec![IpAddr::from(bed.pod(pod).ipv4), IpAddr::from(bed.pod(pod).ipv6)],
-        ingress: DirectionPolicy::default(),
-        egress,
-    };
-    let mut services = Vec::new();
+    let client = PodPolicy { egress: isolated(client_egress), ..open("client", CLIENT) };
+    let mut state = bed_state::state(bed, revision, vec![client, open("web", WEB), open("other", OTHER)]);
     for name in ["web", "other"] {
         for ip in cluster_ips(name) {
-            services.push(ServiceFrontend { ip, protocol: Protocol::Tcp, port: 80 });
-            services.push(ServiceFrontend { ip, protocol: Protocol::Udp, port: 53 });
-            services.push(ServiceFrontend { ip, protocol: Protocol::Tcp, port: 90 });
+            state.services.push(ServiceFrontend { ip, protocol: Protocol::Tcp, port: 80 });
+            state.services.push(ServiceFrontend { ip, protocol: Protocol::Udp, port: 53 });
+            state.services.push(ServiceFrontend { ip, protocol: Protocol::Tcp, port: 90 });
         }
     }
-    CompiledState {
-        revision,
-        identities: Default::default(),
-        ipcache,
-        endpoints: vec![
-            endpoint(
-                1,
-                "client",
-                CLIENT,
-                DirectionPolicy { isolated: true, allow: client_egress, ..Default::default() },
-            ),
-            endpoint(2, "web", WEB, DirectionPolicy::default()),
-            endpoint(3, "other", OTHER, DirectionPolicy::default()),
-        ],
-        services,
-    }
+    state
 }
 
 /// Who answered `from`'s probe, if anyone.

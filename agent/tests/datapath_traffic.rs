@@ -2,13 +2,15 @@
 //! between pods (network namespaces), with drops reported as flow lines.
 //! Needs root, network namespaces and BPF.
 
+mod bed_state;
+
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use portcullis_agent::compiled::{
-    AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
-};
+use bed_state::{PodPolicy, isolated, open};
+
+use portcullis_agent::compiled::{AllowEntry, CompiledState, PortRange, Protocol};
 use portcullis_testbed::{
-    Bed, Conversation, NODE_IPV4, PinDir, Transport,
+    Bed, Conversation, PinDir, Transport,
     agent::{AgentProcess, StateFile},
     ping, probe,
 };
@@ -21,38 +23,8 @@ const OTHER: u32 = 1001;
 const BACKEND: u32 = 1002;
 
 fn state(bed: &Bed, revision: u64, backend_ingress: Vec<AllowEntry>) -> CompiledState {
-    let mut ipcache = vec![IpcacheEntry { cidr: IpAddr::from(NODE_IPV4).into(), identity: 1, name: None }];
-    for (pod, identity) in [("frontend", FRONTEND), ("other", OTHER), ("backend", BACKEND)] {
-        let p = bed.pod(pod);
-        for ip in [IpAddr::from(p.ipv4), IpAddr::from(p.ipv6)] {
-            ipcache.push(IpcacheEntry { cidr: ip.into(), identity, name: Some(format!("default/{pod}")) });
-        }
-    }
-    let endpoint = |id: u16, pod: &str, identity: u32, ingress: DirectionPolicy| EndpointState {
-        id,
-        name: format!("default/{pod}"),
-        interface: bed.pod(pod).host_if.clone(),
-        identity,
-        addresses: vec![IpAddr::from(bed.pod(pod).ipv4), IpAddr::from(bed.pod(pod).ipv6)],
-        ingress,
-        egress: DirectionPolicy::default(),
-    };
-    CompiledState {
-        revision,
-        identities: Default::default(),
-        ipcache,
-        endpoints: vec![
-            endpoint(1, "frontend", FRONTEND, DirectionPolicy::default()),
-            endpoint(2, "other", OTHER, DirectionPolicy::default()),
-            endpoint(
-                3,
-                "backend",
-                BACKEND,
-                DirectionPolicy { isolated: true, allow: backend_ingress, ..Default::default() },
-            ),
-        ],
-        services: vec![],
-    }
+    let backend = PodPolicy { ingress: isolated(backend_ingress), ..open("backend", BACKEND) };
+    bed_state::state(bed, revision, vec![open("frontend", FRONTEND), open("other", OTHER), backend])
 }
 
 fn allow(peer: u32, protocol: Protocol, port: u16) -> AllowEntry {
@@ -78,15 +50,12 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     let pins = PinDir::new();
     let file = StateFile::new(&bed.id).expect("state file");
     let write = |s: &CompiledState| file.write(&serde_json::to_vec(s).expect("json")).expect("write state");
-    write(&state(
-        &bed,
-        1,
-        vec![
-            allow(FRONTEND, Protocol::Tcp, 80),
-            allow(FRONTEND, Protocol::Udp, 53),
-            allow(FRONTEND, Protocol::Tcp, 8080),
-        ],
-    ));
+    let frontend_rules = vec![
+        allow(FRONTEND, Protocol::Tcp, 80),
+        allow(FRONTEND, Protocol::Udp, 53),
+        allow(FRONTEND, Protocol::Tcp, 8080),
+    ];
+    write(&state(&bed, 1, frontend_rules.clone()));
 
     let binary = Path::new(env!("CARGO_BIN_EXE_agent"));
     let state_path = file.path();
@@ -137,16 +106,9 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(talk.exchange("before"), "the established connection works");
 
     // A rule without ports admits ICMP too.
-    write(&state(
-        &bed,
-        2,
-        vec![
-            allow(FRONTEND, Protocol::Tcp, 80),
-            allow(FRONTEND, Protocol::Udp, 53),
-            allow(FRONTEND, Protocol::Tcp, 8080),
-            AllowEntry { peer: OTHER, protocol: None, ports: None, rule: 2 },
-        ],
-    ));
+    let mut with_other = frontend_rules.clone();
+    with_other.push(AllowEntry { peer: OTHER, protocol: None, ports: None, rule: 2 });
+    write(&state(&bed, 2, with_other));
     wait(&mut agent, &["enforced revision 2"], 10);
     for b in [b4, b6] {
         assert!(ping(&bed.pod("other").netns, b, DENIED).expect("ping"), "other pings backend {b}");

@@ -220,34 +220,22 @@ mod datapath {
             remote_identity = lookup_identity(pkt.family, remote);
             // The node may always reach its pods (kubelet probes).
             if !(direction == DIR_INGRESS && remote_identity == identity::HOST) {
-                if overflow {
-                    return drop(
-                        ctx,
-                        &ep,
-                        ifindex,
-                        direction,
-                        remote_identity,
-                        reason::NO_MAP_SPACE,
-                        Some(&pkt),
-                    );
-                }
                 // Egress to a Service: the verdict waits for the backend
                 // kube-proxy picks (DNAT comes after this hook).
-                if direction == DIR_EGRESS && pkt.has_l4 && mark_service_pending(ctx, &ep, &pkt) {
+                if !overflow && direction == DIR_EGRESS && pkt.has_l4 && mark_service_pending(ctx, &ep, &pkt)
+                {
                     return TC_PASS;
                 }
-                match policy_lookup(ep.endpoint_id, ep.generation, direction, remote_identity, remote, &pkt) {
+                let lookup = if overflow {
+                    None
+                } else {
+                    policy_lookup(ep.endpoint_id, ep.generation, direction, remote_identity, remote, &pkt)
+                };
+                match lookup {
                     Some(cookie) => rule_cookie = cookie,
                     None => {
-                        return drop(
-                            ctx,
-                            &ep,
-                            ifindex,
-                            direction,
-                            remote_identity,
-                            reason::POLICY_DENIED,
-                            Some(&pkt),
-                        );
+                        let why = if overflow { reason::NO_MAP_SPACE } else { reason::POLICY_DENIED };
+                        return drop(ctx, &ep, ifindex, direction, remote_identity, why, Some(&pkt));
                     }
                 }
             }
