@@ -6,7 +6,7 @@
 
 mod bed_state;
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use bed_state::{PodPolicy, isolated, open};
 
@@ -88,20 +88,11 @@ fn egress_through_a_service_is_judged_on_the_backend() {
         allow(WEB, Protocol::Tcp, 9090),
     ];
     write(&state(&bed, 1, web_ports));
-    let binary = Path::new(env!("CARGO_BIN_EXE_agent"));
-    let state_path = file.path();
-    let args = [
-        "run".as_ref(),
-        "--state".as_ref(),
-        state_path.as_os_str(),
-        "--pin-dir".as_ref(),
-        pins.path.as_os_str(),
-    ];
-    let mut agent = AgentProcess::start(&bed.node, binary, args).expect("start agent");
+    let args = bed_state::run_args(&file, &pins);
+    let mut agent = bed_state::start_agent(&bed, &args, 1);
     let wait = |agent: &mut AgentProcess, parts: &[&str], secs: u64| {
         agent.wait_for(parts, Duration::from_secs(secs)).expect("agent line")
     };
-    wait(&mut agent, &["enforced revision 1"], 20);
 
     use Transport::{Tcp, Udp};
     let [web4, web6] = cluster_ips("web");

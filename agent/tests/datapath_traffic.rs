@@ -4,7 +4,7 @@
 
 mod bed_state;
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use bed_state::{PodPolicy, isolated, open};
 
@@ -57,20 +57,11 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     ];
     write(&state(&bed, 1, frontend_rules.clone()));
 
-    let binary = Path::new(env!("CARGO_BIN_EXE_agent"));
-    let state_path = file.path();
-    let args = [
-        "run".as_ref(),
-        "--state".as_ref(),
-        state_path.as_os_str(),
-        "--pin-dir".as_ref(),
-        pins.path.as_os_str(),
-    ];
-    let mut agent = AgentProcess::start(&bed.node, binary, args).expect("start agent");
+    let args = bed_state::run_args(&file, &pins);
+    let mut agent = bed_state::start_agent(&bed, &args, 1);
     let wait = |agent: &mut AgentProcess, parts: &[&str], secs: u64| {
         agent.wait_for(parts, Duration::from_secs(secs)).expect("agent line")
     };
-    wait(&mut agent, &["enforced revision 1"], 20);
 
     let backend = bed.pod("backend");
     let (b4, b6) = (IpAddr::from(backend.ipv4), IpAddr::from(backend.ipv6));
@@ -138,8 +129,7 @@ fn agent_enforces_tcp_and_udp_between_pods() {
 
     // A new agent (an upgrade) takes over the pinned state and moves it on.
     write(&state(&bed, 4, vec![allow(OTHER, Protocol::Tcp, 80)]));
-    let mut agent = AgentProcess::start(&bed.node, binary, args).expect("restart agent");
-    wait(&mut agent, &["enforced revision 4"], 20);
+    let mut agent = bed_state::start_agent(&bed, &args, 4);
     assert!(reaches(&bed, "other", b4, Tcp, 80), "allowed by revision 4");
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "still revoked");
     assert!(!reaches(&bed, "frontend", b4, Udp, 53), "revoked by revision 4");
@@ -148,7 +138,7 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     // Uninstalling removes the pins, and with them enforcement.
     let out = bed
         .node
-        .command(&binary.to_string_lossy())
+        .command(env!("CARGO_BIN_EXE_agent"))
         .args(["uninstall", "--pin-dir"])
         .arg(&pins.path)
         .output()

@@ -4,7 +4,10 @@
 use std::net::IpAddr;
 
 use portcullis_agent::compiled::{CompiledState, DirectionPolicy, EndpointState, IpcacheEntry};
-use portcullis_testbed::{Bed, NODE_IPV4};
+use portcullis_testbed::{
+    Bed, NODE_IPV4, PinDir,
+    agent::{AgentProcess, StateFile},
+};
 
 /// A pod of the bed as an endpoint: its name, identity and policy.
 pub struct PodPolicy<'a> {
@@ -47,4 +50,20 @@ pub fn isolated(allow: Vec<portcullis_agent::compiled::AllowEntry>) -> Direction
 /// A pod whose policy isolates nothing.
 pub fn open(pod: &str, identity: u32) -> PodPolicy<'_> {
     PodPolicy { pod, identity, ingress: DirectionPolicy::default(), egress: DirectionPolicy::default() }
+}
+
+/// `agent run --state FILE --pin-dir DIR`.
+pub fn run_args(state: &StateFile, pins: &PinDir) -> Vec<std::ffi::OsString> {
+    let state = state.path();
+    vec!["run".into(), "--state".into(), state.into_os_string(), "--pin-dir".into(), pins.path.clone().into()]
+}
+
+/// Starts the agent binary in the bed's node with `args` and waits for it
+/// to report `revision` enforced.
+pub fn start_agent(bed: &Bed, args: &[std::ffi::OsString], revision: u64) -> AgentProcess {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_agent"));
+    let mut agent = AgentProcess::start(&bed.node, binary, args).expect("start agent");
+    let line = format!("enforced revision {revision}");
+    agent.wait_for(&[&line], std::time::Duration::from_secs(20)).expect("agent line");
+    agent
 }
