@@ -127,10 +127,34 @@ pub struct Pod {
     pub ipv6: Ipv6Addr,
 }
 
+/// How pods are wired to their node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// A veth per pod with a host route to it, the pod's gateway a link-local
+    /// address on every host-side veth (kindnet, Calico).
+    Routed,
+    /// A veth per pod enslaved to the bridge `cni0`, which holds the pods'
+    /// gateway addresses (the bridge CNI plugin, flannel): `(gateway,
+    /// prefix length)` per family, the pods' subnets.
+    Bridge { v4: (Ipv4Addr, u8), v6: (Ipv6Addr, u8) },
+}
+
+impl Network {
+    /// A bridge for the default pod addresses (10.244.0.N, fd00:10::N).
+    pub const DEFAULT_BRIDGE: Network = Network::Bridge {
+        v4: (Ipv4Addr::new(10, 244, 0, 254), 24),
+        v6: (Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 1, 0xfffe), 64),
+    };
+}
+
+/// The bridge of `Network::Bridge`.
+pub const BRIDGE: &str = "cni0";
+
 /// One node and its pods.
 pub struct Bed {
     /// Unique prefix of this bed's namespace names.
     pub id: String,
+    pub network: Network,
     // Fields drop in order: servers stop, pods go (with their veths), then the node.
     servers: Vec<Server>,
     pub pods: Vec<Pod>,
@@ -140,7 +164,12 @@ pub struct Bed {
 }
 
 impl Bed {
+    /// A node with routed pods.
     pub fn new() -> Result<Bed> {
+        Bed::with_network(Network::Routed)
+    }
+
+    pub fn with_network(network: Network) -> Result<Bed> {
         let id = format!("pc{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let node = Netns::create(format!("{id}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -148,7 +177,17 @@ impl Bed {
         // The node's addresses live on its loopback (no dummy driver needed).
         node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
         node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo", "nodad"])?;
-        Ok(Bed { id, servers: Vec::new(), pods: Vec::new(), node, kube_services: [false; 2] })
+        if let Network::Bridge { v4, v6 } = network {
+            node.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+            node.ip(&["link", "set", BRIDGE, "up"])?;
+            node.ip(&["addr", "add", &format!("{}/{}", v4.0, v4.1), "dev", BRIDGE])?;
+            node.ip(&["-6", "addr", "add", &format!("{}/{}", v6.0, v6.1), "dev", BRIDGE, "nodad"])?;
+            // kube-proxy on a bridge needs bridged frames to meet netfilter
+            // (replies from a Service backend are un-DNATed there).
+            node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            node.sysctl("net.bridge.bridge-nf-call-ip6tables", "1")?;
+        }
+        Ok(Bed { id, network, servers: Vec::new(), pods: Vec::new(), node, kube_services: [false; 2] })
     }
 
     /// Adds a pod with the next free addresses (10.244.0.N, fd00:10::N).
@@ -184,6 +223,14 @@ impl Bed {
             netns.name(),
         ])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
+        if let Network::Bridge { v4, v6 } = self.network {
+            netns.ip(&["addr", "add", &format!("{ipv4}/{}", v4.1), "dev", "eth0"])?;
+            netns.ip(&["-6", "addr", "add", &format!("{ipv6}/{}", v6.1), "dev", "eth0", "nodad"])?;
+            netns.ip(&["route", "add", "default", "via", &v4.0.to_string(), "dev", "eth0"])?;
+            netns.ip(&["-6", "route", "add", "default", "via", &v6.0.to_string(), "dev", "eth0"])?;
+            self.node.ip(&["link", "set", host_if, "master", BRIDGE, "up"])?;
+            return Ok(());
+        }
         netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"])?;
         netns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"])?;
         netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
