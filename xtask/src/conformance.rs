@@ -21,7 +21,7 @@ use portcullis_conformance::{
     report::{CaseOutcome, ProbeResult, render},
     world::{Family, World},
 };
-use portcullis_testbed::{Bed, PinDir, ServiceSpec, Transport, agent::AgentProcess, probe};
+use portcullis_testbed::{Bed, Network, PinDir, ServiceSpec, Transport, agent::AgentProcess, probe};
 
 use crate::{build_agent, handle_interrupts, interrupted, require_root};
 
@@ -33,6 +33,8 @@ const ENFORCE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Options {
     pub target: Option<Target>,
     pub ipv6: bool,
+    /// Pods on a bridge (`cni0`) instead of routed veths.
+    pub bridge: bool,
     pub source: String,
     pub paths: Vec<PathBuf>,
 }
@@ -63,7 +65,8 @@ pub fn run(opts: Options) -> Result<i32> {
                 continue;
             }
         };
-        let outcome = match run_case(&case, family, opts.target, &agent, Show::Outcome) {
+        let outcome = match run_case(&case, family, opts.target, network(opts.bridge), &agent, Show::Outcome)
+        {
             Ok(o) => o,
             Err(e) => match e.downcast::<CaseError>() {
                 Ok(case_error) => {
@@ -123,6 +126,18 @@ fn kernel_has_sctp() -> bool {
     true
 }
 
+/// How the lab wires pods: routed veths, or a bridge holding the gateways of
+/// the world's pod subnets (10.64.0.0/16, fd00:64::/64).
+pub fn network(bridge: bool) -> Network {
+    if !bridge {
+        return Network::Routed;
+    }
+    Network::Bridge {
+        v4: (std::net::Ipv4Addr::new(10, 64, 255, 254), 16),
+        v6: (std::net::Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 1, 0xfffe), 64),
+    }
+}
+
 fn bed_name(id: &str) -> String {
     id.replace('/', "-")
 }
@@ -140,6 +155,7 @@ pub fn run_case(
     case: &Case,
     family: Family,
     target: Option<Target>,
+    network: Network,
     agent: &Path,
     show: Show,
 ) -> Result<CaseOutcome> {
@@ -147,7 +163,7 @@ pub fn run_case(
         return Ok(CaseOutcome::Skip(why));
     }
     let mut world = World::new(case, family, false);
-    let mut bed = Bed::new()?;
+    let mut bed = Bed::with_network(network)?;
     for pod in &world.pods {
         bed.add_pod_at(&bed_name(&pod.id()), pod.ipv4, pod.ipv6)?;
         let ports: BTreeSet<u16> = pod.ports.iter().map(|p| p.port).collect();

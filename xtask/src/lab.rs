@@ -17,14 +17,14 @@ use portcullis_conformance::{Case, report::CaseOutcome, world::Family};
 
 use crate::{
     build_agent,
-    conformance::{Show, run_case},
+    conformance::{self, Show, run_case},
     handle_interrupts, interrupted, require_root, root,
 };
 
 const SEEDS: [&str; 3] =
     ["seed-frontend-backend.yaml", "seed-backend-allow-frontend.yaml", "seed-cassandra-namespace.yaml"];
 
-pub fn run(cases: Vec<PathBuf>, ipv6: bool) -> Result<()> {
+pub fn run(cases: Vec<PathBuf>, ipv6: bool, bridge: bool) -> Result<()> {
     require_root("cargo xtask lab")?;
     handle_interrupts()?;
     let cases = if cases.is_empty() {
@@ -46,7 +46,7 @@ pub fn run(cases: Vec<PathBuf>, ipv6: bool) -> Result<()> {
         if let Some(d) = &case.description {
             println!("{}", d.trim());
         }
-        match run_case(&case, family, None, &agent, Show::Steps)? {
+        match run_case(&case, family, None, conformance::network(bridge), &agent, Show::Steps)? {
             CaseOutcome::Pass => println!("\nlab: {}: every table as expected", case.name),
             CaseOutcome::Skip(why) => println!("\nlab: {}: skipped: {why}", case.name),
             CaseOutcome::Fail(_) => {

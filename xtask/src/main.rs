@@ -38,6 +38,10 @@ enum Cmd {
         /// Over IPv6.
         #[arg(long)]
         ipv6: bool,
+        /// How pods are wired: routed veths (kindnet) or a bridge (flannel,
+        /// the bridge CNI plugin).
+        #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
+        network: String,
     },
     /// Run every test.
     Test,
@@ -49,6 +53,10 @@ enum Cmd {
         /// Run the whole suite over IPv6.
         #[arg(long)]
         ipv6: bool,
+        /// How pods are wired: routed veths (kindnet) or a bridge (flannel,
+        /// the bridge CNI plugin).
+        #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
+        network: String,
         /// How the agent learns the objects.
         #[arg(long, default_value = "files", value_parser = ["files", "kube"])]
         source: String,
@@ -67,11 +75,12 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Lab { cases, ipv6 } => lab::run(cases, ipv6),
+        Cmd::Lab { cases, ipv6, network } => lab::run(cases, ipv6, network == "bridge"),
         Cmd::Test => test::run(),
-        Cmd::Conformance { target, ipv6, source, paths } => {
+        Cmd::Conformance { target, ipv6, network, source, paths } => {
             let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });
-            let code = conformance::run(conformance::Options { target, ipv6, source, paths })?;
+            let bridge = network == "bridge";
+            let code = conformance::run(conformance::Options { target, ipv6, bridge, source, paths })?;
             std::process::exit(code);
         }
         Cmd::Bench { which } => {

@@ -41,7 +41,8 @@ pub fn run() -> Result<()> {
                 if ipv6 { " --ipv6" } else { "" }
             );
             let paths = vec![root().join("tests/conformance/cases")];
-            let code = conformance::run(Options { target, ipv6, source: "files".into(), paths })?;
+            let code =
+                conformance::run(Options { target, ipv6, bridge: false, source: "files".into(), paths })?;
             if code != 0 {
                 anyhow::bail!("conformance over {mode} failed (exit {code})");
             }

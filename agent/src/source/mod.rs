@@ -46,12 +46,17 @@ impl StateBuilder {
         let live: BTreeSet<&PodKey> = engine.endpoints().keys().collect();
         self.ids.retain(|k, _| live.contains(k));
         let mut endpoints = Vec::new();
-        let routes = node::Routes::read();
+        let interfaces = node::Interfaces::read();
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
-            let Some(interface) = pod.ips.iter().find_map(|ip| routes.interface_for(*ip)).map(str::to_string)
-            else {
-                errors.push(format!("endpoint {key}: no interface routes to {:?} yet", pod.ips));
+            let Some(interface) = pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)) else {
+                // Behind a bridge, a pod that has not spoken yet has no
+                // neighbour entry: ask the kernel to resolve it for the next
+                // pass. (The CNI plugin closes this window at pod start.)
+                for ip in pod.ips.iter().filter(|ip| interfaces.unresolved_on_bridge(**ip)) {
+                    node::resolve(*ip);
+                }
+                errors.push(format!("endpoint {key}: no interface found for {:?} yet", pod.ips));
                 continue;
             };
             let Some(id) = self.id_for(key) else {

@@ -1,7 +1,8 @@
 //! Facts about the node the agent runs on: its addresses, and which interface
-//! leads to a local pod (the host route to its address: routed veths, as
-//! kindnet and Calico make them; bridged networks come with the Kubernetes
-//! issue).
+//! leads to a local pod (a host route to its address, or the bridge port its
+//! MAC address is behind).
+
+mod netlink;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -93,6 +94,85 @@ impl Routes {
             }
         };
         dev.map(String::as_str).filter(|dev| *dev != "lo")
+    }
+
+    /// The device of the longest route to `ip` (not `lo`).
+    pub fn device_for(&self, ip: IpAddr) -> Option<&str> {
+        let dev = match ip {
+            IpAddr::V4(a) => {
+                let addr = u32::from(a);
+                self.v4
+                    .iter()
+                    .filter(|(dest, mask, _)| addr & mask == *dest)
+                    .max_by_key(|(_, mask, _)| mask.count_ones())
+                    .map(|(_, _, d)| d)
+            }
+            IpAddr::V6(a) => {
+                let addr = u128::from(a);
+                let mask = |bits: u32| if bits == 0 { 0 } else { u128::MAX << (128 - bits.min(128)) };
+                self.v6
+                    .iter()
+                    .filter(|(dest, bits, _)| addr & mask(*bits) == *dest)
+                    .max_by_key(|(_, bits, _)| *bits)
+                    .map(|(_, _, d)| d)
+            }
+        };
+        dev.map(String::as_str).filter(|dev| *dev != "lo")
+    }
+}
+
+/// Finds local pods' host-side interfaces: a host route to the pod's address
+/// (routed veths, as kindnet and Calico make them), or, behind a bridge (the
+/// bridge CNI plugin, flannel), the bridge port that forwards to the MAC
+/// address the neighbour table has for it.
+pub struct Interfaces {
+    routes: Routes,
+    neighbours: Vec<netlink::Neighbour>,
+    forwarding: Vec<netlink::Forwarding>,
+}
+
+impl Interfaces {
+    /// Reads the routes, neighbours and bridge forwarding entries once.
+    pub fn read() -> Interfaces {
+        let neighbours = netlink::neighbours().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the neighbour table");
+            Vec::new()
+        });
+        let forwarding = netlink::forwarding().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading bridge forwarding entries");
+            Vec::new()
+        });
+        Interfaces { routes: Routes::read(), neighbours, forwarding }
+    }
+
+    /// The host-side interface of the local pod with address `ip`.
+    pub fn interface_for(&self, ip: IpAddr) -> Option<String> {
+        if let Some(dev) = self.routes.interface_for(ip) {
+            return Some(dev.to_string());
+        }
+        let bridge = crate::datapath::ifindex(self.routes.device_for(ip)?)?;
+        let mac = self.neighbours.iter().find(|n| n.ifindex == bridge && n.ip == ip)?.mac;
+        let port = self.forwarding.iter().find(|f| f.master == bridge && f.mac == mac)?.port;
+        crate::datapath::ifname(port)
+    }
+
+    /// Whether `ip` lies behind a bridge of this node without a neighbour
+    /// entry yet: `resolve` makes the kernel look it up.
+    pub fn unresolved_on_bridge(&self, ip: IpAddr) -> bool {
+        let Some(bridge) = self.routes.device_for(ip).and_then(crate::datapath::ifindex) else {
+            return false;
+        };
+        self.forwarding.iter().any(|f| f.master == bridge) && !self.neighbours.iter().any(|n| n.ip == ip)
+    }
+}
+
+/// Sends one datagram to `ip` (port 9, discard) so the kernel resolves its
+/// neighbour entry; the next pass then finds the pod's bridge port.
+pub fn resolve(ip: IpAddr) {
+    let bind: std::net::SocketAddr =
+        if ip.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
+        let _ = socket.send_to(b"", (ip, 9));
     }
 }
 

@@ -1,0 +1,185 @@
+//! Neighbour and bridge forwarding entries, read with one rtnetlink dump
+//! each (`RTM_GETNEIGH`): enough to find the bridge port behind which a pod's
+//! address lives, without a netlink crate.
+
+use std::{io, mem::size_of, net::IpAddr};
+
+const RTM_GETNEIGH: u16 = 30;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+/// Neighbour states without a usable link-layer address.
+const NUD_INCOMPLETE: u16 = 0x01;
+const NUD_FAILED: u16 = 0x20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NdMsg {
+    family: u8,
+    _pad1: u8,
+    _pad2: u16,
+    ifindex: i32,
+    state: u16,
+    flags: u8,
+    kind: u8,
+}
+
+#[repr(C)]
+struct Request {
+    header: libc::nlmsghdr,
+    body: NdMsg,
+}
+
+/// An IP neighbour: which link-layer address answers for `ip` on `ifindex`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// A bridge forwarding entry: frames for `mac` leave through port `port`
+/// of bridge `master`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forwarding {
+    pub port: u32,
+    pub master: u32,
+    pub mac: [u8; 6],
+}
+
+/// The IPv4 and IPv6 neighbour tables of this network namespace.
+pub fn neighbours() -> io::Result<Vec<Neighbour>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for (msg, attrs) in dump(family as u8)? {
+            if msg.state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
+                continue;
+            }
+            let ip = attrs.iter().find(|(t, _)| *t == NDA_DST).and_then(|(_, v)| match v.len() {
+                4 => Some(IpAddr::from(<[u8; 4]>::try_from(&v[..]).ok()?)),
+                16 => Some(IpAddr::from(<[u8; 16]>::try_from(&v[..]).ok()?)),
+                _ => None,
+            });
+            let mac = attrs
+                .iter()
+                .find(|(t, _)| *t == NDA_LLADDR)
+                .and_then(|(_, v)| <[u8; 6]>::try_from(&v[..]).ok());
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push(Neighbour { ifindex: msg.ifindex as u32, ip, mac });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every bridge forwarding entry of this network namespace.
+pub fn forwarding() -> io::Result<Vec<Forwarding>> {
+    let mut out = Vec::new();
+    for (msg, attrs) in dump(libc::AF_BRIDGE as u8)? {
+        let mac =
+            attrs.iter().find(|(t, _)| *t == NDA_LLADDR).and_then(|(_, v)| <[u8; 6]>::try_from(&v[..]).ok());
+        let master = attrs
+            .iter()
+            .find(|(t, _)| *t == NDA_MASTER)
+            .and_then(|(_, v)| <[u8; 4]>::try_from(&v[..]).ok())
+            .map(u32::from_ne_bytes);
+        if let (Some(mac), Some(master)) = (mac, master) {
+            out.push(Forwarding { port: msg.ifindex as u32, master, mac });
+        }
+    }
+    Ok(out)
+}
+
+/// Attributes of one message: `(type, value)`.
+type Attributes = Vec<(u16, Vec<u8>)>;
+
+fn align(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// One `RTM_GETNEIGH` dump for `family`.
+fn dump(family: u8) -> io::Result<Vec<(NdMsg, Attributes)>> {
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let fd =
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own; closed on drop.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd as _;
+    let request = Request {
+        header: libc::nlmsghdr {
+            nlmsg_len: size_of::<Request>() as u32,
+            nlmsg_type: RTM_GETNEIGH,
+            nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        body: NdMsg { family, ..NdMsg::default() },
+    };
+    // SAFETY: sends the bytes of a plain repr(C) struct.
+    let sent =
+        unsafe { libc::send(fd.as_raw_fd(), (&request as *const Request).cast(), size_of::<Request>(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receives into a buffer of the length given.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let data = &buf[..n as usize];
+        let mut off = 0;
+        while off + size_of::<libc::nlmsghdr>() <= data.len() {
+            // SAFETY: in bounds (checked above); read unaligned.
+            let header: libc::nlmsghdr = unsafe { std::ptr::read_unaligned(data[off..].as_ptr().cast()) };
+            let len = header.nlmsg_len as usize;
+            if len < size_of::<libc::nlmsghdr>() || off + len > data.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+            }
+            match i32::from(header.nlmsg_type) {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR => {
+                    let code: i32 = if len >= size_of::<libc::nlmsghdr>() + 4 {
+                        // SAFETY: in bounds (checked).
+                        unsafe {
+                            std::ptr::read_unaligned(
+                                data[off + size_of::<libc::nlmsghdr>()..].as_ptr().cast(),
+                            )
+                        }
+                    } else {
+                        0
+                    };
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                }
+                _ if header.nlmsg_type == libc::RTM_NEWNEIGH => {
+                    let body_at = off + size_of::<libc::nlmsghdr>();
+                    if body_at + size_of::<NdMsg>() <= off + len {
+                        // SAFETY: in bounds (checked).
+                        let msg: NdMsg = unsafe { std::ptr::read_unaligned(data[body_at..].as_ptr().cast()) };
+                        let mut attrs = Vec::new();
+                        let mut a = body_at + align(size_of::<NdMsg>());
+                        while a + 4 <= off + len {
+                            let alen = u16::from_ne_bytes([data[a], data[a + 1]]) as usize;
+                            let kind = u16::from_ne_bytes([data[a + 2], data[a + 3]]) & 0x3fff;
+                            if alen < 4 || a + alen > off + len {
+                                break;
+                            }
+                            attrs.push((kind, data[a + 4..a + alen].to_vec()));
+                            a += align(alen);
+                        }
+                        out.push((msg, attrs));
+                    }
+                }
+                _ => {}
+            }
+            off += align(len);
+        }
+    }
+}
