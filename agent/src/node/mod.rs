@@ -181,6 +181,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_longest_route_names_the_device_and_only_host_routes_name_endpoints() {
+        let routes = Routes {
+            v4: vec![
+                (0, 0, "eth0".into()),
+                (u32::from(Ipv4Addr::new(10, 64, 0, 0)), 0xffff_0000, "cni0".into()),
+                (u32::from(Ipv4Addr::new(10, 64, 0, 7)), u32::MAX, "lxc7".into()),
+            ],
+            v6: vec![(0xfd00_0064u128 << 96, 64, "cni0".into())],
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(routes.device_for(ip("10.64.3.4")), Some("cni0"));
+        assert_eq!(routes.device_for(ip("192.0.2.1")), Some("eth0"));
+        assert_eq!(routes.device_for(ip("fd00:64::5")), Some("cni0"));
+        assert_eq!(routes.interface_for(ip("10.64.0.7")), Some("lxc7"));
+        assert_eq!(routes.interface_for(ip("10.64.3.4")), None, "a subnet route names no endpoint");
+    }
+
+    #[test]
+    fn the_neighbour_and_forwarding_tables_can_be_read() {
+        assert!(netlink::neighbours().is_ok());
+        assert!(netlink::forwarding().is_ok());
+    }
+
+    #[test]
     fn loopback_is_a_local_address_and_no_endpoint() {
         assert!(local_addresses().contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)));
         assert_eq!(Routes::read().interface_for(IpAddr::V4(Ipv4Addr::LOCALHOST)), None);
