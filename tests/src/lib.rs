@@ -149,12 +149,17 @@ impl Network {
 
 /// The bridge of `Network::Bridge`.
 pub const BRIDGE: &str = "cni0";
+/// The link between two nodes joined by `Bed::join`.
+pub const LINK: &str = "nodelink";
 
 /// One node and its pods.
 pub struct Bed {
     /// Unique prefix of this bed's namespace names.
     pub id: String,
     pub network: Network,
+    /// The node's own addresses (on its loopback).
+    pub node_ipv4: Ipv4Addr,
+    pub node_ipv6: Ipv6Addr,
     // Fields drop in order: servers stop, pods go (with their veths), then the node.
     servers: Vec<Server>,
     pub pods: Vec<Pod>,
@@ -170,13 +175,21 @@ impl Bed {
     }
 
     pub fn with_network(network: Network) -> Result<Bed> {
+        Bed::node(network, 0)
+    }
+
+    /// Node number `index` of a cluster (0 is the one `with_network` makes):
+    /// its own addresses are `NODE_IPV4`/`NODE_IPV6` minus `index`.
+    pub fn node(network: Network, index: u8) -> Result<Bed> {
         let id = format!("pc{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let node = Netns::create(format!("{id}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let node_ipv4 = Ipv4Addr::from(u32::from(NODE_IPV4) - u32::from(index));
+        let node_ipv6 = Ipv6Addr::from(u128::from(NODE_IPV6) - u128::from(index));
         // The node's addresses live on its loopback (no dummy driver needed).
-        node.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", "lo"])?;
-        node.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", "lo", "nodad"])?;
+        node.ip(&["addr", "add", &format!("{node_ipv4}/32"), "dev", "lo"])?;
+        node.ip(&["-6", "addr", "add", &format!("{node_ipv6}/128"), "dev", "lo", "nodad"])?;
         if let Network::Bridge { v4, v6 } = network {
             node.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
             node.ip(&["link", "set", BRIDGE, "up"])?;
@@ -187,7 +200,16 @@ impl Bed {
             node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
             node.sysctl("net.bridge.bridge-nf-call-ip6tables", "1")?;
         }
-        Ok(Bed { id, network, servers: Vec::new(), pods: Vec::new(), node, kube_services: [false; 2] })
+        Ok(Bed {
+            id,
+            network,
+            node_ipv4,
+            node_ipv6,
+            servers: Vec::new(),
+            pods: Vec::new(),
+            node,
+            kube_services: [false; 2],
+        })
     }
 
     /// Adds a pod with the next free addresses (10.244.0.N, fd00:10::N).
@@ -240,11 +262,38 @@ impl Bed {
         // 169.254.1.1); the node talks to pods from its own address.
         self.node.ip(&["addr", "add", "169.254.1.1/32", "dev", host_if])?;
         self.node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", host_if, "nodad"])?;
-        let (src4, src6) = (NODE_IPV4.to_string(), NODE_IPV6.to_string());
+        let (src4, src6) = (self.node_ipv4.to_string(), self.node_ipv6.to_string());
         self.node.ip(&["route", "add", &format!("{ipv4}/32"), "dev", host_if, "src", &src4])?;
         self.node.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", host_if, "src", &src6])?;
         // The pod routes IPv6 through fe80::1 on its eth0.
         netns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Joins two routed nodes with a link (`nodelink` on both sides) and
+    /// routes each node's pods and addresses through it from the other, as
+    /// kindnet routes between nodes. Call once both have their pods.
+    pub fn join(a: &Bed, b: &Bed) -> Result<()> {
+        if a.network != Network::Routed || b.network != Network::Routed {
+            bail!("only routed nodes can be joined");
+        }
+        a.node.ip(&["link", "add", LINK, "type", "veth", "peer", "name", LINK, "netns", b.node.name()])?;
+        let ends = [(a, "192.0.2.1", "fd00:ff::1"), (b, "192.0.2.2", "fd00:ff::2")];
+        for (bed, v4, v6) in ends {
+            bed.node.ip(&["link", "set", LINK, "up"])?;
+            bed.node.ip(&["addr", "add", &format!("{v4}/24"), "dev", LINK])?;
+            bed.node.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", LINK, "nodad"])?;
+        }
+        for ((from, _, _), (to, via4, via6)) in [(ends[0], ends[1]), (ends[1], ends[0])] {
+            let v4: Vec<Ipv4Addr> = to.pods.iter().map(|p| p.ipv4).chain([to.node_ipv4]).collect();
+            let v6: Vec<Ipv6Addr> = to.pods.iter().map(|p| p.ipv6).chain([to.node_ipv6]).collect();
+            for ip in v4 {
+                from.node.ip(&["route", "add", &format!("{ip}/32"), "via", via4, "dev", LINK])?;
+            }
+            for ip in v6 {
+                from.node.ip(&["-6", "route", "add", &format!("{ip}/128"), "via", via6, "dev", LINK])?;
+            }
+        }
         Ok(())
     }
 

@@ -35,6 +35,8 @@ pub struct Options {
     pub ipv6: bool,
     /// Pods on a bridge (`cni0`) instead of routed veths.
     pub bridge: bool,
+    /// Nodes the pods spread over (1 or 2).
+    pub nodes: usize,
     pub source: String,
     pub paths: Vec<PathBuf>,
 }
@@ -65,8 +67,8 @@ pub fn run(opts: Options) -> Result<i32> {
                 continue;
             }
         };
-        let outcome = match run_case(&case, family, opts.target, network(opts.bridge), &agent, Show::Outcome)
-        {
+        let shape = Shape { network: network(opts.bridge), nodes: opts.nodes };
+        let outcome = match run_case(&case, family, opts.target, shape, &agent, Show::Outcome) {
             Ok(o) => o,
             Err(e) => match e.downcast::<CaseError>() {
                 Ok(case_error) => {
@@ -151,11 +153,25 @@ pub enum Show {
     Steps,
 }
 
+/// The lab's shape: how pods are wired, and over how many nodes they spread.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub network: Network,
+    /// 1, or 2: pods alternate between two routed nodes joined by a link,
+    /// each node with its own agent.
+    pub nodes: usize,
+}
+
+/// The name of node `index` in the objects.
+fn node_name(index: usize) -> String {
+    if index == 0 { portcullis_conformance::world::NODE.to_string() } else { format!("node-{}", index + 1) }
+}
+
 pub fn run_case(
     case: &Case,
     family: Family,
     target: Option<Target>,
-    network: Network,
+    shape: Shape,
     agent: &Path,
     show: Show,
 ) -> Result<CaseOutcome> {
@@ -163,16 +179,25 @@ pub fn run_case(
         return Ok(CaseOutcome::Skip(why));
     }
     let mut world = World::new(case, family, false);
-    let mut bed = Bed::with_network(network)?;
-    for pod in &world.pods {
+    let nodes = shape.nodes.clamp(1, 2);
+    let mut beds = Vec::new();
+    for n in 0..nodes {
+        beds.push(Bed::node(shape.network, n as u8)?);
+    }
+    for (i, pod) in world.pods.iter_mut().enumerate() {
+        pod.node = node_name(i % nodes);
+        let bed = &mut beds[i % nodes];
         bed.add_pod_at(&bed_name(&pod.id()), pod.ipv4, pod.ipv6)?;
         let ports: BTreeSet<u16> = pod.ports.iter().map(|p| p.port).collect();
         for port in ports {
             bed.serve(&bed_name(&pod.id()), port)?;
         }
     }
-    // Each pod's Service, translated the way kube-proxy translates it, when
-    // some probe goes through Services.
+    if nodes == 2 {
+        Bed::join(&beds[0], &beds[1])?;
+    }
+    // Each pod's Service, translated the way kube-proxy translates it (on
+    // every node), when some probe goes through Services.
     let via_service = |p: &Probe| target.unwrap_or(p.target) == Target::Service;
     if case.steps.iter().flat_map(|s| &s.probes).any(via_service) {
         let mut services = Vec::new();
@@ -192,10 +217,11 @@ pub fn run_case(
                 });
             }
         }
-        bed.add_services(&services)?;
+        for bed in &mut beds {
+            bed.add_services(&services)?;
+        }
     }
-    let pins = PinDir::new();
-    let dir = std::env::temp_dir().join(format!("portcullis-{}-manifests", bed.id));
+    let dir = std::env::temp_dir().join(format!("portcullis-{}-manifests", beds[0].id));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let write = |world: &World, revision: usize| -> Result<()> {
@@ -203,15 +229,30 @@ pub fn run_case(
         atomic_write(&dir.join("revision"), revision.to_string().as_bytes())
     };
     write(&world, 1)?;
-    let args = [
-        "run".as_ref(),
-        "--manifests".as_ref(),
-        dir.as_os_str(),
-        "--pin-dir".as_ref(),
-        pins.path.as_os_str(),
-    ];
-    let mut agent = AgentProcess::start(&bed.node, agent, args)?;
-    agent.wait_for(&["enforced revision 1"], ENFORCE_TIMEOUT)?;
+    // One agent per node, each enforcing on its own pods and judging
+    // Service connections that leave through the link.
+    let mut pins = Vec::new();
+    let mut agents = Vec::new();
+    for (n, bed) in beds.iter().enumerate() {
+        let pin = PinDir::new();
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--manifests".into(),
+            dir.clone().into(),
+            "--node".into(),
+            node_name(n).into(),
+            "--pin-dir".into(),
+            pin.path.clone().into(),
+        ];
+        if nodes == 2 {
+            args.extend(["--netdev".into(), portcullis_testbed::LINK.into()]);
+        }
+        agents.push(AgentProcess::start(&bed.node, agent, args)?);
+        pins.push(pin);
+    }
+    for a in &mut agents {
+        a.wait_for(&["enforced revision 1"], ENFORCE_TIMEOUT)?;
+    }
 
     let mut failures = Vec::new();
     for (s, step) in case.steps.iter().enumerate() {
@@ -221,14 +262,20 @@ pub fn run_case(
         }
         let revision = s + 2;
         write(&world, revision)?;
-        let enforced = agent.wait_for(&[&format!("enforced revision {revision}")], ENFORCE_TIMEOUT)?;
-        agent.take_new(Duration::ZERO);
+        let mut enforced = Vec::new();
+        for a in &mut agents {
+            enforced.push(a.wait_for(&[&format!("enforced revision {revision}")], ENFORCE_TIMEOUT)?);
+            a.take_new(Duration::ZERO);
+        }
         if show == Show::Steps {
             println!("\n== {} step {}: {}", case.name, s + 1, describe(step));
-            println!("agent: {enforced}");
+            for (n, line) in enforced.iter().enumerate() {
+                let who = if nodes == 1 { "agent".to_string() } else { format!("agent on {}", node_name(n)) };
+                println!("{who}: {line}");
+            }
         }
         for (p, probe) in step.probes.iter().enumerate() {
-            let (want, got) = probe_all(&world, &bed, s, p, probe, target)?;
+            let (want, got) = probe_all(&world, &beds, s, p, probe, target)?;
             // Reported with the target it really used.
             let used = Probe { target: target.unwrap_or(probe.target), ..probe.clone() };
             let result = ProbeResult::new(s, p, &used, &world, want, got, vec![]);
@@ -240,18 +287,22 @@ pub fn run_case(
             }
         }
         if show == Show::Steps {
-            let drops: Vec<String> = agent
-                .take_new(Duration::from_millis(200))
-                .into_iter()
-                .filter(|l| l.contains("DROPPED"))
-                .collect();
+            let mut drops = Vec::new();
+            for a in &mut agents {
+                drops.extend(
+                    a.take_new(Duration::from_millis(200)).into_iter().filter(|l| l.contains("DROPPED")),
+                );
+            }
             println!("  dropped flows ({}):", drops.len());
             for line in drops {
                 println!("    {line}");
             }
         }
     }
-    agent.stop();
+    for a in &mut agents {
+        a.stop();
+    }
+    drop(pins);
     Ok(if failures.is_empty() { CaseOutcome::Pass } else { CaseOutcome::Fail(failures) })
 }
 
@@ -283,7 +334,7 @@ fn describe(step: &portcullis_conformance::case::Step) -> String {
 /// Probes every pair of one probe at once; returns expected and observed.
 fn probe_all(
     world: &World,
-    bed: &Bed,
+    beds: &[Bed],
     s: usize,
     p: usize,
     spec: &Probe,
@@ -307,7 +358,10 @@ fn probe_all(
         let handles: Vec<_> = jobs
             .into_iter()
             .map(|(client, server, ip, port)| {
-                let from = &bed.pod(&bed_name(&client)).netns;
+                let name = bed_name(&client);
+                let bed =
+                    beds.iter().find(|b| b.pods.iter().any(|p| p.name == name)).expect("the client's node");
+                let from = &bed.pod(&name).netns;
                 scope.spawn(move || {
                     let reply = probe(from, transport, ip, port, PROBE_TIMEOUT).ok().flatten();
                     // Reached means the right server answered.

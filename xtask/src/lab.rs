@@ -24,7 +24,7 @@ use crate::{
 const SEEDS: [&str; 3] =
     ["seed-frontend-backend.yaml", "seed-backend-allow-frontend.yaml", "seed-cassandra-namespace.yaml"];
 
-pub fn run(cases: Vec<PathBuf>, ipv6: bool, bridge: bool) -> Result<()> {
+pub fn run(cases: Vec<PathBuf>, ipv6: bool, bridge: bool, nodes: usize) -> Result<()> {
     require_root("cargo xtask lab")?;
     handle_interrupts()?;
     let cases = if cases.is_empty() {
@@ -46,7 +46,8 @@ pub fn run(cases: Vec<PathBuf>, ipv6: bool, bridge: bool) -> Result<()> {
         if let Some(d) = &case.description {
             println!("{}", d.trim());
         }
-        match run_case(&case, family, None, conformance::network(bridge), &agent, Show::Steps)? {
+        let shape = conformance::Shape { network: conformance::network(bridge), nodes };
+        match run_case(&case, family, None, shape, &agent, Show::Steps)? {
             CaseOutcome::Pass => println!("\nlab: {}: every table as expected", case.name),
             CaseOutcome::Skip(why) => println!("\nlab: {}: skipped: {why}", case.name),
             CaseOutcome::Fail(_) => {

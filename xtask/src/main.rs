@@ -42,6 +42,9 @@ enum Cmd {
         /// the bridge CNI plugin).
         #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
         network: String,
+        /// Spread the pods over two nodes (routed), each with its own agent.
+        #[arg(long)]
+        two_nodes: bool,
     },
     /// Run every test.
     Test,
@@ -57,6 +60,9 @@ enum Cmd {
         /// the bridge CNI plugin).
         #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
         network: String,
+        /// Spread the pods over two nodes (routed), each with its own agent.
+        #[arg(long)]
+        two_nodes: bool,
         /// How the agent learns the objects.
         #[arg(long, default_value = "files", value_parser = ["files", "kube"])]
         source: String,
@@ -75,12 +81,15 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Lab { cases, ipv6, network } => lab::run(cases, ipv6, network == "bridge"),
+        Cmd::Lab { cases, ipv6, network, two_nodes } => {
+            lab::run(cases, ipv6, network == "bridge", if two_nodes { 2 } else { 1 })
+        }
         Cmd::Test => test::run(),
-        Cmd::Conformance { target, ipv6, network, source, paths } => {
+        Cmd::Conformance { target, ipv6, network, two_nodes, source, paths } => {
             let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });
             let bridge = network == "bridge";
-            let code = conformance::run(conformance::Options { target, ipv6, bridge, source, paths })?;
+            let nodes = if two_nodes { 2 } else { 1 };
+            let code = conformance::run(conformance::Options { target, ipv6, bridge, nodes, source, paths })?;
             std::process::exit(code);
         }
         Cmd::Bench { which } => {

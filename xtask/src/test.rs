@@ -27,27 +27,41 @@ pub fn run() -> Result<()> {
         eprintln!("xtask test: {name} passed in {:.1}s", t.elapsed().as_secs_f64());
     }
     // The conformance suite with real traffic: via pod IPs and via
-    // Services, over both families.
-    for (target, target_arg) in [(None, ""), (Some(Target::Service), " --target service")] {
-        for ipv6 in [false, true] {
-            let t = Instant::now();
-            let mode = format!(
-                "{}{}",
-                if ipv6 { "IPv6" } else { "IPv4" },
-                if target.is_some() { ", via Services" } else { "" }
-            );
-            eprintln!(
-                "xtask test: conformance over {mode}: cargo xtask conformance{target_arg}{} tests/conformance/cases",
-                if ipv6 { " --ipv6" } else { "" }
-            );
-            let paths = vec![root().join("tests/conformance/cases")];
-            let code =
-                conformance::run(Options { target, ipv6, bridge: false, source: "files".into(), paths })?;
-            if code != 0 {
-                anyhow::bail!("conformance over {mode} failed (exit {code})");
-            }
-            eprintln!("xtask test: conformance over {mode} passed in {:.1}s", t.elapsed().as_secs_f64());
+    // Services, over both families, on one node with routed veths; then
+    // with the pods on a bridge (IPv6 through Services: neighbour discovery,
+    // bridged netfilter and ip6tables at once), and spread over two nodes
+    // (IPv4 through Services: remote identities, the node link's hook).
+    let service = Some(Target::Service);
+    let modes = [
+        (None, false, false, 1),
+        (None, true, false, 1),
+        (service, false, false, 1),
+        (service, true, false, 1),
+        (service, true, true, 1),
+        (service, false, false, 2),
+    ];
+    for (target, ipv6, bridge, nodes) in modes {
+        let t = Instant::now();
+        let mode = format!(
+            "{}{}{}{}",
+            if ipv6 { "IPv6" } else { "IPv4" },
+            if target.is_some() { ", via Services" } else { "" },
+            if bridge { ", pods on a bridge" } else { "" },
+            if nodes == 2 { ", two nodes" } else { "" }
+        );
+        eprintln!(
+            "xtask test: conformance over {mode}: cargo xtask conformance{}{}{}{} tests/conformance/cases",
+            if target.is_some() { " --target service" } else { "" },
+            if ipv6 { " --ipv6" } else { "" },
+            if bridge { " --network bridge" } else { "" },
+            if nodes == 2 { " --two-nodes" } else { "" }
+        );
+        let paths = vec![root().join("tests/conformance/cases")];
+        let code = conformance::run(Options { target, ipv6, bridge, nodes, source: "files".into(), paths })?;
+        if code != 0 {
+            anyhow::bail!("conformance over {mode} failed (exit {code})");
         }
+        eprintln!("xtask test: conformance over {mode} passed in {:.1}s", t.elapsed().as_secs_f64());
     }
     eprintln!("xtask test: all passed in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())

@@ -45,6 +45,8 @@ pub struct WorldPod {
     pub service_ipv4: Ipv4Addr,
     pub service_ipv6: Ipv6Addr,
     pub service_ip: IpAddr,
+    /// The node it runs on (`NODE` unless the lab spreads pods over nodes).
+    pub node: String,
 }
 
 impl WorldPod {
@@ -64,7 +66,7 @@ impl WorldPod {
             name: self.name.clone(),
             labels: self.labels.clone().into(),
             ips: vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)],
-            node: Some(NODE.into()),
+            node: Some(self.node.clone()),
             host_network: false,
             ports: self
                 .ports
@@ -183,6 +185,7 @@ impl World {
                     service_ipv4,
                     service_ipv6,
                     service_ip,
+                    node: NODE.into(),
                 }
             })
             .collect();
@@ -378,7 +381,7 @@ fn self_invalid(file: &str, field: &str, what: &str, kind: &str) -> CaseError {
 
 impl World {
     /// Every object as Kubernetes would hold it (multi-document YAML):
-    /// namespaces, pods on `NODE` with their addresses and container ports,
+    /// namespaces, pods on their nodes with their addresses and container ports,
     /// each pod's Service (dual-stack ClusterIPs, its ports, no selector: the
     /// lab writes the backends into DNAT rules itself), and the applied
     /// policies.
@@ -408,7 +411,7 @@ impl World {
             docs.push(serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
-                "spec": {"nodeName": NODE, "containers": [{"name": "server", "image": "server", "ports": ports}]},
+                "spec": {"nodeName": pod.node, "containers": [{"name": "server", "image": "server", "ports": ports}]},
                 "status": {
                     "phase": "Running",
                     "podIP": pod.ip.to_string(),
