@@ -795,3 +795,39 @@ fn sctp_ports_and_ranges_are_judged_and_tracked_like_tcp() {
         assert_eq!(ct_entry(dp, 5000, 40000).value.origin, DIR_INGRESS);
     });
 }
+
+#[test]
+fn icmp_errors_about_tracked_flows_pass_as_related() {
+    // Ingress isolated and allowing nothing: an ICMP error reaches the pod
+    // only as related to a flow it opened.
+    with_datapath(backend_state(vec![]), |dp, _| {
+        for (me, peer, router) in [
+            (ip("10.0.0.2"), ip("10.0.0.1"), ip("192.0.2.254")),
+            (ip("fd00::2"), ip("fd00::1"), ip("2001:db8::fe")),
+        ] {
+            let udp = Frame { src_port: 43000, ..Frame::udp(me, peer, 53) };
+            assert_eq!(verdict(dp, Hook::FromContainer, &udp), TC_PASS, "egress is open");
+            // Port unreachable from the peer, and from a router on the way.
+            assert_eq!(ingress(dp, Frame::icmp_error(peer, me, &udp)), TC_PASS, "{me}: related");
+            assert_eq!(
+                ingress(dp, Frame::icmp_error(router, me, &udp)),
+                TC_PASS,
+                "{me}: related, from a router"
+            );
+            // About a flow the pod never opened: judged as ICMP, and denied.
+            let other = Frame { src_port: 43001, ..Frame::udp(me, peer, 53) };
+            assert_eq!(ingress(dp, Frame::icmp_error(peer, me, &other)), TC_ACT_SHOT, "{me}: unrelated");
+            // About a TCP connection and an echo request the pod made.
+            let tcp = Frame { src_port: 43002, ..Frame::tcp(me, peer, 443) };
+            assert_eq!(verdict(dp, Hook::FromContainer, &tcp), TC_PASS);
+            assert_eq!(ingress(dp, Frame::icmp_error(router, me, &tcp)), TC_PASS, "{me}: TCP related");
+            let ping = Frame {
+                src_port: 9,
+                dst_port: 9,
+                ..Frame::icmp(me, peer, if me.is_ipv4() { 8 } else { 128 })
+            };
+            assert_eq!(verdict(dp, Hook::FromContainer, &ping), TC_PASS);
+            assert_eq!(ingress(dp, Frame::icmp_error(router, me, &ping)), TC_PASS, "{me}: echo related");
+        }
+    });
+}

@@ -27,7 +27,7 @@ mod datapath {
         mark, reason,
     };
 
-    use crate::packet::{Packet, Parsed, parse};
+    use crate::packet::{Packet, Parsed, parse, quoted_key};
 
     #[map]
     static PC_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(map_sizes::ENDPOINTS, 0);
@@ -206,6 +206,16 @@ mod datapath {
         // resolution, no clock read) is enough.
         // SAFETY: plain helper call without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
+        // An ICMP error about a tracked flow (unreachable, too big, time
+        // exceeded) is related to it and passes like its replies.
+        if !overflow
+            && pkt.quoted_off != 0
+            && quoted_key(ctx, &pkt, ep.endpoint_id, direction == DIR_INGRESS)
+                .is_some_and(|k| ct_live(&k, now))
+        {
+            count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
+            return TC_PASS;
+        }
         let key = ct_key(ep.endpoint_id, direction, &pkt);
         if !overflow && ct_hit(&key, &pkt, direction, now) {
             remember_first_fragment(&pkt);
@@ -419,6 +429,13 @@ mod datapath {
             family: pkt.family,
             protocol: pkt.protocol,
         }
+    }
+
+    /// Whether a live entry tracks the flow (without moving its state).
+    #[inline(always)]
+    fn ct_live(key: &CtKey, now: u64) -> bool {
+        // SAFETY: the map value stays valid for this program run.
+        PC_CT.get_ptr(key).is_some_and(|e| unsafe { (*e).expires_ns } > now)
     }
 
     #[inline(always)]

@@ -5,7 +5,7 @@
 
 use aya_ebpf::programs::TcContext;
 use portcullis_common::{
-    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, AF_INET6, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 const ETH_HLEN: usize = 14;
@@ -40,6 +40,8 @@ pub struct Packet {
     pub fragment: bool,
     /// IPv4 identification or IPv6 fragment identification, when `fragment`.
     pub frag_id: u32,
+    /// For an ICMP error: the offset of the packet it quotes (0: none).
+    pub quoted_off: u16,
 }
 
 pub enum Parsed {
@@ -111,6 +113,7 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
         // More fragments, or an offset: a piece of a larger datagram.
         fragment: u16::from_be(frag) & 0x3fff != 0,
         frag_id: u32::from(u16::from_be(id)),
+        quoted_off: 0,
     };
     pkt.src[..4].copy_from_slice(&src4);
     pkt.dst[..4].copy_from_slice(&dst4);
@@ -182,6 +185,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
         has_l4,
         fragment,
         frag_id,
+        quoted_off: 0,
     };
     // Keep the offset provably bounded for the verifier.
     if off > 512 {
@@ -222,11 +226,79 @@ fn parse_l4(ctx: &TcContext, off: usize, mut pkt: Packet) -> Parsed {
                 };
                 pkt.src_port = u16::from_be(id);
                 pkt.dst_port = pkt.src_port;
+            } else if is_error(pkt.protocol, ty) {
+                // The quoted packet follows the 8-byte ICMP header. One we
+                // cannot read is no malformation: the error is then judged
+                // on its own.
+                // Read later, and only when it matters (`quoted_key`).
+                pkt.quoted_off = (off + 8) as u16;
             }
         }
         _ => {}
     }
     Parsed::Ip(pkt)
+}
+
+/// Errors that quote the packet they report on: destination unreachable
+/// (incl. fragmentation needed), time exceeded, parameter problem; ICMPv6
+/// also packet too big.
+#[inline(always)]
+fn is_error(protocol: u8, ty: u8) -> bool {
+    match protocol {
+        IPPROTO_ICMP => matches!(ty, 3 | 11 | 12),
+        _ => matches!(ty, 1..=4),
+    }
+}
+
+/// The conntrack key of the flow an ICMP error quotes (its IP header and the
+/// first bytes of its transport header), as endpoint `endpoint_id` sees that
+/// flow. Coming in (`ingress`), the error reports on a packet the endpoint
+/// sent; going out, on one it received. `None` when there is no quote or it
+/// cannot be read.
+#[inline(always)]
+pub fn quoted_key(ctx: &TcContext, pkt: &Packet, endpoint_id: u16, ingress: bool) -> Option<CtKey> {
+    let off = pkt.quoted_off as usize;
+    if off == 0 || off > 512 {
+        return None;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (protocol, l4) = if pkt.family == AF_INET {
+        let vihl = load::<u8>(ctx, off)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        src[..4].copy_from_slice(&load::<[u8; 4]>(ctx, off + 12)?);
+        dst[..4].copy_from_slice(&load::<[u8; 4]>(ctx, off + 16)?);
+        (load::<u8>(ctx, off + 9)?, off + (ihl & 0x3c))
+    } else {
+        // Extension headers in the quoted packet are not walked.
+        src = load::<[u8; 16]>(ctx, off + 8)?;
+        dst = load::<[u8; 16]>(ctx, off + 24)?;
+        (load::<u8>(ctx, off + 6)?, off + IPV6_HLEN)
+    };
+    let head = load::<[u8; 6]>(ctx, l4)?;
+    let (src_port, dst_port) = match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]))
+        }
+        // An error about an echo request: the identifier is its "port".
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_echo(protocol, head[0]) => {
+            let id = u16::from_be_bytes([head[4], head[5]]);
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(CtKey {
+        local_addr: if ingress { src } else { dst },
+        remote_addr: if ingress { dst } else { src },
+        local_port: if ingress { src_port } else { dst_port },
+        remote_port: if ingress { dst_port } else { src_port },
+        endpoint_id,
+        family: pkt.family,
+        protocol,
+    })
 }
 
 /// ICMP or ICMPv6 echo request or reply.

@@ -40,6 +40,8 @@ pub struct Frame {
     /// The more-fragments flag (IPv4 header, or the IPv6 fragment header
     /// when `v6_ext` has one, type 44).
     pub more_fragments: bool,
+    /// For ICMP errors: the quoted packet after the 8-byte ICMP header.
+    pub icmp_payload: Vec<u8>,
 }
 
 impl Frame {
@@ -58,6 +60,7 @@ impl Frame {
             tcp_flags: SYN,
             ip_id: 1,
             more_fragments: false,
+            icmp_payload: Vec::new(),
         }
     }
 
@@ -72,6 +75,16 @@ impl Frame {
     pub fn icmp(src: IpAddr, dst: IpAddr, icmp_type: u8) -> Frame {
         let protocol = if src.is_ipv4() { ICMP } else { ICMPV6 };
         Frame { icmp_type, ..Frame::new(src, dst, protocol, 0) }
+    }
+
+    /// An ICMP port unreachable (ICMPv6: destination unreachable, port)
+    /// from `src` to `dst` about `quoted`: its IP header and 8 bytes more.
+    pub fn icmp_error(src: IpAddr, dst: IpAddr, quoted: &Frame) -> Frame {
+        let bytes = quoted.bytes();
+        let ip_len = if quoted.src.is_ipv4() { 20 } else { 40 };
+        let end = (14 + ip_len + 8).min(bytes.len());
+        let icmp_type = if src.is_ipv4() { 3 } else { 1 };
+        Frame { icmp_payload: bytes[14..end].to_vec(), ..Frame::icmp(src, dst, icmp_type) }
     }
 
     fn l4(&self) -> Vec<u8> {
@@ -95,10 +108,12 @@ impl Frame {
                 l4.extend_from_slice(&[0; 8]); // verification tag, checksum
             }
             _ => {
-                // Type, code, checksum, then the echo identifier (`src_port`).
+                // Type, code, checksum, then the echo identifier (`src_port`)
+                // and sequence; an error's quote follows.
                 l4.extend_from_slice(&[self.icmp_type, 0, 0, 0]);
                 l4.extend_from_slice(&self.src_port.to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(&self.icmp_payload);
             }
         }
         l4
