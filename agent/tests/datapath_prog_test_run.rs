@@ -831,3 +831,30 @@ fn icmp_errors_about_tracked_flows_pass_as_related() {
         }
     });
 }
+
+#[test]
+fn a_pinned_map_of_another_size_is_replaced_at_load() {
+    let ns = Netns::create(format!("pc{}-resize-{}", std::process::id(), unique())).expect("netns");
+    let pins = PinDir::new();
+    let pin_dir = pins.path.clone();
+    ns.run(move || {
+        let mut small = DatapathConfig { pin_dir, ..Default::default() };
+        small.map_sizes.set("policy=8").expect("size");
+        let many: Vec<AllowEntry> =
+            (0..20).map(|i| allow(FRONTEND, Some(Protocol::Tcp), Some((80 + i, 80 + i)), 1)).collect();
+        {
+            let mut dp = Datapath::load(&small).expect("load");
+            let report = dp.apply(&backend_state(many.clone()));
+            assert_eq!(report.errors.len(), 1, "20 rules do not fit 8 entries: {:?}", report.errors);
+        } // the agent exits; the 8-entry map stays pinned
+
+        // A new agent with a larger policy map: the pinned one is replaced,
+        // so the same state now fits.
+        let larger = DatapathConfig { map_sizes: Default::default(), ..small };
+        let mut dp = Datapath::load(&larger).expect("reload with another size");
+        let report = dp.apply(&backend_state(many));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(ingress(&dp, Frame::tcp(ip("10.0.0.1"), ip("10.0.0.2"), 99)), TC_PASS);
+    })
+    .expect("test body");
+}
