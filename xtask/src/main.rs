@@ -27,6 +27,46 @@ struct Cli {
     command: Cmd,
 }
 
+/// The lab's world, for the lab and the conformance runner alike.
+#[derive(clap::Args)]
+struct WorldArgs {
+    /// Over IPv6.
+    #[arg(long)]
+    ipv6: bool,
+    /// How pods are wired: routed veths (kindnet) or a bridge (flannel, the
+    /// bridge CNI plugin).
+    #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
+    network: String,
+    /// Spread the pods over two nodes (routed), each with its own agent.
+    #[arg(long)]
+    two_nodes: bool,
+}
+
+impl WorldArgs {
+    fn bridge(&self) -> bool {
+        self.network == "bridge"
+    }
+
+    fn nodes(&self) -> usize {
+        if self.two_nodes { 2 } else { 1 }
+    }
+
+    /// What the lab cannot run yet.
+    fn check(&self) -> Result<()> {
+        if self.two_nodes && self.ipv6 {
+            bail!(
+                "--two-nodes runs over IPv4 only for now: between nodes, IPv6 probes go unanswered (a known bug)"
+            );
+        }
+        if self.two_nodes && self.bridge() {
+            bail!(
+                "--two-nodes needs routed pods (--network routed): the nodes' bridges would share one subnet"
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the lab: pods as network namespaces, the agent enforcing
@@ -35,16 +75,8 @@ enum Cmd {
         /// Conformance cases to run instead of the seed scenario.
         #[arg(long = "case")]
         cases: Vec<PathBuf>,
-        /// Over IPv6.
-        #[arg(long)]
-        ipv6: bool,
-        /// How pods are wired: routed veths (kindnet) or a bridge (flannel,
-        /// the bridge CNI plugin).
-        #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
-        network: String,
-        /// Spread the pods over two nodes (routed), each with its own agent.
-        #[arg(long)]
-        two_nodes: bool,
+        #[command(flatten)]
+        world: WorldArgs,
     },
     /// Run every test.
     Test,
@@ -53,16 +85,8 @@ enum Cmd {
         /// Override every probe's target.
         #[arg(long, value_parser = ["pod-ip", "service"])]
         target: Option<String>,
-        /// Run the whole suite over IPv6.
-        #[arg(long)]
-        ipv6: bool,
-        /// How pods are wired: routed veths (kindnet) or a bridge (flannel,
-        /// the bridge CNI plugin).
-        #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
-        network: String,
-        /// Spread the pods over two nodes (routed), each with its own agent.
-        #[arg(long)]
-        two_nodes: bool,
+        #[command(flatten)]
+        world: WorldArgs,
         /// How the agent learns the objects.
         #[arg(long, default_value = "files", value_parser = ["files", "kube"])]
         source: String,
@@ -81,14 +105,15 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Lab { cases, ipv6, network, two_nodes } => {
-            lab::run(cases, ipv6, network == "bridge", if two_nodes { 2 } else { 1 })
+        Cmd::Lab { cases, world } => {
+            world.check()?;
+            lab::run(cases, world.ipv6, world.bridge(), world.nodes())
         }
         Cmd::Test => test::run(),
-        Cmd::Conformance { target, ipv6, network, two_nodes, source, paths } => {
+        Cmd::Conformance { target, world, source, paths } => {
+            world.check()?;
             let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });
-            let bridge = network == "bridge";
-            let nodes = if two_nodes { 2 } else { 1 };
+            let (ipv6, bridge, nodes) = (world.ipv6, world.bridge(), world.nodes());
             let code = conformance::run(conformance::Options { target, ipv6, bridge, nodes, source, paths })?;
             std::process::exit(code);
         }
