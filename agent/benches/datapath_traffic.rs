@@ -105,7 +105,7 @@ fn main() {
             }
         };
         let label = format!("iptables + ipset, {} entries", thousands(entries));
-        rows.push(compare(&bed, &label, server_ip, &mut |on| toggle(on), None));
+        rows.push(compare(&bed, &label, server_ip, &mut |on| toggle(on)));
         iptables_remove(&bed.node);
     }
 
@@ -144,7 +144,7 @@ fn main() {
                 }
             }
         };
-        let mut row = compare(&bed, &label, server_ip, &mut toggle, None);
+        let mut row = compare(&bed, &label, server_ip, &mut toggle);
         // The programs' own cost, from the kernel's statistics, in a
         // separate TCP_RR run: keeping statistics costs time itself.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
@@ -202,7 +202,7 @@ fn floor(bed: &Bed, server: IpAddr) -> Row {
         }
     };
     toggle(true);
-    let mut row = compare(bed, "an empty TC program (pass_all: the hooks' floor)", server, &mut toggle, None);
+    let mut row = compare(bed, "an empty TC program (pass_all: the hooks' floor)", server, &mut toggle);
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run-time statistics");
     let info = || {
         aya::programs::loaded_programs()
@@ -412,13 +412,7 @@ type Workload = fn(SocketAddr) -> f64;
 
 /// Measures each figure `PAIRS` times with the setup on, each time right
 /// after a run with it off.
-fn compare(
-    bed: &Bed,
-    label: &str,
-    server: IpAddr,
-    toggle: &mut dyn FnMut(bool),
-    prog_ns: Option<(f64, f64)>,
-) -> Row {
+fn compare(bed: &Bed, label: &str, server: IpAddr, toggle: &mut dyn FnMut(bool)) -> Row {
     let netns = &bed.pod("client").netns;
     let run = |f: Workload, port| {
         netns
@@ -448,7 +442,7 @@ fn compare(
     }
     let [(rr, _), (crr, _), (bulk, _)] = figures;
     eprintln!("  {label}: {rr:.0} req/s, {crr:.0} conn/s, {bulk:.2} Gbit/s");
-    Row { label: label.to_string(), figures, prog_ns }
+    Row { label: label.to_string(), figures, prog_ns: None }
 }
 
 fn run_rr(to: SocketAddr) -> f64 {

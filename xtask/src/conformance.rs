@@ -103,7 +103,7 @@ pub fn run(opts: Options) -> Result<i32> {
 }
 
 /// Why this machine's lab cannot run a case, if it cannot.
-fn skip_reason(case: &Case, target: Option<Target>) -> Option<String> {
+fn skip_reason(case: &Case) -> Option<String> {
     // Every target runs here: pod IPs directly, Services through
     // kube-proxy-style DNAT.
     if case.requires.contains(&Requirement::Sctp) {
@@ -113,7 +113,6 @@ fn skip_reason(case: &Case, target: Option<Target>) -> Option<String> {
             "this kernel has no SCTP (its policies are covered by the crafted-packet tests)".into()
         });
     }
-    let _ = target;
     None
 }
 
@@ -175,7 +174,7 @@ pub fn run_case(
     agent: &Path,
     show: Show,
 ) -> Result<CaseOutcome> {
-    if let Some(why) = skip_reason(case, target) {
+    if let Some(why) = skip_reason(case) {
         return Ok(CaseOutcome::Skip(why));
     }
     let mut world = World::new(case, family, false);
