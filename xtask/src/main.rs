@@ -4,9 +4,13 @@
 //!   enforcing policy on them, the reachability matrix and dropped flows.
 //! - `cargo xtask test`: every test (format, lints, unit, datapath with real
 //!   packets). Needs root: tests load BPF programs and make network namespaces.
+//! - `cargo xtask cluster install|up|down|e2e|test`: a real single-node
+//!   Kubernetes built from Debian's packages, and the upstream NetworkPolicy
+//!   e2e suite against it.
 //! - `cargo xtask bench`: the benchmarks, as tables with ratios to baselines
 //!   measured in the same run.
 
+mod cluster;
 mod conformance;
 mod lab;
 mod test;
@@ -93,6 +97,11 @@ enum Cmd {
         /// Case files or directories.
         paths: Vec<PathBuf>,
     },
+    /// A real single-node Kubernetes 1.20 on this machine, from Debian's
+    /// packages: install, up, down, e2e (the upstream NetworkPolicy suite),
+    /// test (the cluster's own check), env.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Run the benchmarks and print their tables: `policy` (the engine at
     /// cluster scale), `datapath` (per-packet verdict cost, then real traffic
     /// against no program and iptables+ipset; needs root, takes ~6 min).
@@ -110,6 +119,7 @@ fn main() -> Result<()> {
             lab::run(cases, world.ipv6, world.bridge(), world.nodes())
         }
         Cmd::Test => test::run(),
+        Cmd::Cluster(cmd) => cluster::run(cmd),
         Cmd::Conformance { target, world, source, paths } => {
             world.check()?;
             let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });

@@ -1,0 +1,143 @@
+//! `cargo xtask cluster`: a real single-node Kubernetes 1.20 on this
+//! machine, built from Debian bookworm (scripts/cluster/*.sh do the system
+//! work; this module drives them, writes the images and runs the checks).
+
+mod check;
+mod e2e;
+mod images;
+mod oci;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, require_root, root};
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCmd {
+    /// Install the packages and build Kubernetes 1.20 from Debian's source
+    /// (cached by version; ~15 min once on 2 cores).
+    Install,
+    /// Start the cluster: control plane, containerd, kubelet, kube-proxy,
+    /// bridge CNI; import the images; wait for the node to be Ready.
+    Up {
+        /// Skip building and importing Portcullis' own image.
+        #[arg(long)]
+        no_agent_image: bool,
+    },
+    /// Stop the cluster and remove everything `up` created.
+    Down,
+    /// Run the Kubernetes 1.20 NetworkPolicy e2e suite against the cluster
+    /// and report its counts.
+    E2e {
+        /// Ginkgo focus regex.
+        #[arg(long, default_value = "NetworkPolicy")]
+        focus: String,
+    },
+    /// The cluster's own test: up on a clean machine, a Ready node, pods
+    /// reaching each other by IP and ClusterIP, a privileged hostNetwork
+    /// DaemonSet with /sys/fs/bpf, then down leaving the machine as it was.
+    Test,
+    /// Print the shell lines that point kubectl at the cluster.
+    Env,
+}
+
+/// Where the scripts keep things; read from scripts/cluster/env.sh, the
+/// one place they are defined.
+pub struct Paths {
+    pub k8s_bin: PathBuf,
+    pub work: PathBuf,
+    pub node_name: String,
+}
+
+impl Paths {
+    pub fn read() -> Result<Self> {
+        let env = root().join("scripts/cluster/env.sh");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(". '{}' && printf '%s\\n' \"$k8s_bin\" \"$work\" \"$node_name\"", env.display()))
+            .output()
+            .context("reading scripts/cluster/env.sh")?;
+        if !out.status.success() {
+            bail!("scripts/cluster/env.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let mut next = || lines.next().map(str::to_owned).context("env.sh printed too little");
+        Ok(Paths { k8s_bin: next()?.into(), work: next()?.into(), node_name: next()? })
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.work.join("kubeconfig")
+    }
+
+    /// `kubectl` against the cluster, as admin.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.k8s_bin.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(self.kubeconfig());
+        cmd
+    }
+}
+
+fn script(name: &str, args: &[&Path]) -> Result<()> {
+    let path = root().join("scripts/cluster").join(name);
+    let status =
+        Command::new(&path).args(args).status().with_context(|| format!("running {}", path.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", path.display());
+    }
+    Ok(())
+}
+
+pub fn run(cmd: ClusterCmd) -> Result<()> {
+    require_root("cargo xtask cluster")?;
+    match cmd {
+        ClusterCmd::Install => script("install.sh", &[]),
+        ClusterCmd::Up { no_agent_image } => up(!no_agent_image),
+        ClusterCmd::Down => script("down.sh", &[]),
+        ClusterCmd::E2e { focus } => {
+            let report = e2e::run(&Paths::read()?, &focus)?;
+            println!("{report}");
+            if report.failed > 0 {
+                bail!("{} of {} e2e specs failed", report.failed, report.ran);
+            }
+            Ok(())
+        }
+        ClusterCmd::Test => check::run(),
+        ClusterCmd::Env => {
+            let paths = Paths::read()?;
+            println!("export KUBECONFIG={}", paths.kubeconfig().display());
+            println!("export PATH={}:$PATH", paths.k8s_bin.display());
+            Ok(())
+        }
+    }
+}
+
+/// Writes the image archives, then runs up.sh (which imports them).
+pub fn up(agent_image: bool) -> Result<()> {
+    let paths = Paths::read()?;
+    if !paths.k8s_bin.join("kubelet").exists() {
+        bail!("{} has no kubelet: run `cargo xtask cluster install` first", paths.k8s_bin.display());
+    }
+    let agent = if agent_image { Some(build_release_agent()?) } else { None };
+    // Outside the work dir: up.sh may take a half-up cluster down first.
+    let dir = target_dir().join("cluster-images");
+    images::write_all(&paths, agent.as_deref(), &dir)?;
+    script("up.sh", &[&dir])
+}
+
+fn build_release_agent() -> Result<PathBuf> {
+    cargo(&["build", "--quiet", "--release", "--package", "portcullis-agent", "--bin", "agent"])?;
+    let agent = target_dir().join("release").join("agent");
+    if !Path::new(&agent).exists() {
+        bail!("no agent binary at {}", agent.display());
+    }
+    Ok(agent)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
