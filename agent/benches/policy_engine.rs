@@ -84,6 +84,7 @@ fn pod(ns: usize, i: usize, app_override: Option<&str>) -> Pod {
         ips: vec![IpAddr::V4(Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8))],
         node: Some(node),
         host_network: false,
+        finished: false,
         ports: vec![
             ContainerPort {
                 name: Some("http".into()),

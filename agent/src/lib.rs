@@ -2,6 +2,8 @@
 //! datapath. Data flows one way: compiled endpoint state -> BPF maps ->
 //! packets -> flow events.
 
+pub mod api;
+pub mod cni;
 pub mod compiled;
 pub mod datapath;
 pub mod flows;

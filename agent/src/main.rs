@@ -8,13 +8,16 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use portcullis_agent::{
+    api, cni,
     compiled::CompiledState,
     datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
     flows::{Flow, FlowReader, Names, monotonic_epoch},
+    model::PodKey,
     node,
     policy::Engine,
     source::{
-        StateBuilder,
+        Hint, Hints, StateBuilder,
+        kube::KubeSource,
         manifests::{self, ManifestsSource},
     },
 };
@@ -34,10 +37,18 @@ enum Command {
         /// Kubernetes objects (Namespaces, Pods, NetworkPolicies as YAML) in
         /// a directory, re-read whenever they change; a file `revision` in it
         /// names the revision reported once enforced.
-        #[arg(long, conflicts_with = "state", required_unless_present = "state")]
+        #[arg(long, conflicts_with_all = ["state", "kube"], required_unless_present_any = ["state", "kube"])]
         manifests: Option<PathBuf>,
-        /// The node whose pods are this agent's endpoints (with --manifests).
-        #[arg(long, requires = "manifests", default_value = "node")]
+        /// Watch the Kubernetes API server (in-cluster credentials, or
+        /// KUBECONFIG / --kubeconfig).
+        #[arg(long, conflicts_with = "state")]
+        kube: bool,
+        /// A kubeconfig file for --kube (default: in-cluster, then KUBECONFIG).
+        #[arg(long, requires = "kube")]
+        kubeconfig: Option<PathBuf>,
+        /// The node whose pods are this agent's endpoints (with --manifests
+        /// or --kube; a DaemonSet passes spec.nodeName as NODE_NAME).
+        #[arg(long, env = "NODE_NAME", default_value = "node")]
         node: String,
         /// Compiled endpoint state (JSON) instead of objects, re-read whenever
         /// it changes.
@@ -66,16 +77,44 @@ enum Command {
         /// backends off this node (e.g. eth0; repeatable).
         #[arg(long = "netdev", value_name = "INTERFACE")]
         netdevs: Vec<String>,
+        /// The local API's unix socket (root-only); the CNI plugin asks it.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        /// Install the chained CNI plugin: this binary into DIR (the node's
+        /// CNI bin dir, e.g. /opt/cni/bin) ...
+        #[arg(long, requires = "cni_conf_dir", value_name = "DIR")]
+        cni_bin_dir: Option<PathBuf>,
+        /// ... and `{"type": "portcullis"}` into the first conflist of DIR
+        /// (e.g. /etc/cni/net.d). Pods then start only once enforced.
+        #[arg(long, requires = "cni_bin_dir", value_name = "DIR")]
+        cni_conf_dir: Option<PathBuf>,
     },
     /// Stop enforcing on this node: remove every pinned map and link.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Also remove the CNI plugin from these directories.
+        #[arg(long, requires = "cni_conf_dir", value_name = "DIR")]
+        cni_bin_dir: Option<PathBuf>,
+        #[arg(long, requires = "cni_bin_dir", value_name = "DIR")]
+        cni_conf_dir: Option<PathBuf>,
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Called by the container runtime as the chained CNI plugin: no
+    // arguments, the request in the environment and on stdin.
+    if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
+        std::process::exit(cni::plugin_main());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -87,6 +126,8 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run {
             manifests,
+            kube,
+            kubeconfig,
             node,
             state,
             pin_dir,
@@ -95,6 +136,9 @@ async fn main() -> Result<()> {
             map_sizes,
             ct_sweep_interval,
             netdevs,
+            api_socket,
+            cni_bin_dir,
+            cni_conf_dir,
         } => {
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
@@ -103,7 +147,16 @@ async fn main() -> Result<()> {
                     builder: StateBuilder::default(),
                 },
                 (None, Some(path)) => Source::StateFile { path, last: None },
-                (None, None) => anyhow::bail!("--manifests or --state is required"),
+                (None, None) if kube => {
+                    let client = kube_client(kubeconfig.as_deref()).await?;
+                    tracing::info!(node = %node, "watching the API server");
+                    Source::Kube {
+                        source: KubeSource::start(client),
+                        engine: Box::new(Engine::new(node)),
+                        builder: StateBuilder::default(),
+                    }
+                }
+                (None, None) => anyhow::bail!("--manifests, --kube or --state is required"),
             };
             let mut sizes = MapSizes::default();
             for spec in &map_sizes {
@@ -114,15 +167,39 @@ async fn main() -> Result<()> {
                 revoke_flows,
                 ct_sweep_interval: Duration::from_secs(ct_sweep_interval.max(1)),
                 netdevs,
+                api_socket,
+                cni: cni_bin_dir.zip(cni_conf_dir),
             };
             run(source, config, options).await
         }
-        Command::Uninstall { pin_dir } => uninstall(&pin_dir),
+        Command::Uninstall { pin_dir, cni_bin_dir, cni_conf_dir } => {
+            if let (Some(bin), Some(conf)) = (&cni_bin_dir, &cni_conf_dir) {
+                cni::uninstall(bin, conf).context("removing the CNI plugin")?;
+                eprintln!("removed the CNI plugin from {} and {}", bin.display(), conf.display());
+            }
+            uninstall(&pin_dir)
+        }
     }
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no in-cluster credentials and no usable KUBECONFIG")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Where the state to enforce comes from.
 enum Source {
+    /// The API server's objects, through watchers, compiled by the engine.
+    Kube { source: KubeSource, engine: Box<Engine>, builder: StateBuilder },
     /// Objects in a directory, compiled by the engine.
     Manifests { source: ManifestsSource, engine: Box<Engine>, builder: StateBuilder },
     /// Compiled state written by someone else.
@@ -133,18 +210,49 @@ impl Source {
     /// The state to enforce, and whether it is news (to report) rather than
     /// a periodic re-check; `None` when nothing moved. `reconcile`: also
     /// rebuild what depends on the node (interfaces, addresses).
-    fn poll(&mut self, reconcile: bool) -> Option<(CompiledState, bool)> {
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
         match self {
+            Source::Kube { engine, .. } | Source::Manifests { engine, .. } => Some(engine),
+            Source::StateFile { .. } => None,
+        }
+    }
+
+    fn poll(&mut self, reconcile: bool, hints: &mut Hints) -> Option<(CompiledState, bool)> {
+        match self {
+            Source::Kube { source, engine, builder } => {
+                let mut poll = source.poll();
+                for e in &poll.watch_errors {
+                    tracing::warn!("{e} (retrying; the last state stays enforced)");
+                }
+                for r in &poll.rejected {
+                    tracing::error!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "{} (its last good version stays)", r.error);
+                }
+                // Until every kind is listed, the pinned state stays as it is.
+                if !source.synced() {
+                    return None;
+                }
+                hints.patch(&mut poll.changes);
+                let moved = source.feed(engine, &mut poll);
+                if !moved && !reconcile {
+                    return None;
+                }
+                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses(), hints);
+                for e in &errors {
+                    tracing::debug!("{e}");
+                }
+                Some((state, moved))
+            }
             Source::Manifests { source, engine, builder } => {
                 let mut poll = source.poll();
                 for e in &poll.errors {
                     tracing::error!("{e}");
                 }
+                hints.patch(&mut poll.changes);
                 let moved = manifests::feed(engine, &mut poll) || poll.revision_changed;
                 if !moved && !reconcile {
                     return None;
                 }
-                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses());
+                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses(), hints);
                 for e in &errors {
                     tracing::debug!("{e}");
                 }
@@ -173,10 +281,20 @@ struct RunOptions {
     revoke_flows: bool,
     ct_sweep_interval: Duration,
     netdevs: Vec<String>,
+    api_socket: PathBuf,
+    /// (bin dir, conf dir) to install the CNI plugin into.
+    cni: Option<(PathBuf, PathBuf)>,
+}
+
+/// A CNI ADD waiting for its endpoint to be enforced.
+struct PendingAdd {
+    pod: PodKey,
+    interface: String,
+    reply: tokio::sync::oneshot::Sender<Result<api::CniReady, String>>,
 }
 
 async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) -> Result<()> {
-    let RunOptions { revoke_flows, ct_sweep_interval, netdevs } = options;
+    let RunOptions { revoke_flows, ct_sweep_interval, netdevs, api_socket, cni } = options;
     let mut dp = Datapath::load(&config).context("loading the datapath")?;
     for dev in &netdevs {
         dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
@@ -200,6 +318,19 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             }
         }
     });
+
+    let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(64);
+    let api_server = api::serve(&api_socket, api_tx)?;
+    tracing::info!(socket = %api_socket.display(), "local API listening");
+    // The plugin goes in only once the socket answers: from here on, pods
+    // on this node start only when enforced.
+    if let Some((bin, conf)) = &cni {
+        let conflist = cni::install(bin, conf, &api_socket).context("installing the CNI plugin")?;
+        tracing::info!(conflist = %conflist.display(), "CNI plugin chained");
+    }
+    let mut hints = Hints::default();
+    let mut pending: Vec<PendingAdd> = Vec::new();
+    let mut cni_dirty = false;
 
     // Made once, so a signal that arrives while a pass runs is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -226,11 +357,37 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 }
                 continue;
             }
+            Some(request) = api_rx.recv() => {
+                match request {
+                    api::Request::CniAdd(add, reply) => {
+                        let pod = PodKey { namespace: add.namespace.clone(), name: add.name.clone() };
+                        tracing::info!(pod = %pod, interface = %add.interface, ips = ?add.ips, "CNI ADD: enforcing before the pod starts");
+                        let hint = Hint { container_id: add.container_id, interface: add.interface.clone(), ips: add.ips };
+                        match source.engine_mut() {
+                            Some(engine) => {
+                                hints.insert(pod.clone(), hint, engine);
+                                pending.push(PendingAdd { pod, interface: add.interface, reply });
+                                cni_dirty = true;
+                            }
+                            None => {
+                                let _ = reply.send(Err("the agent runs from a state file: no pods to enforce".into()));
+                            }
+                        }
+                    }
+                    api::Request::CniDel(del) => {
+                        let pod = PodKey { namespace: del.namespace, name: del.name };
+                        hints.remove(&pod, &del.container_id);
+                    }
+                }
+                continue;
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
         ticks += 1;
-        let (state, news) = match source.poll(ticks.is_multiple_of(10)) {
+        pending.retain(|p| !p.reply.is_closed());
+        let reconcile = ticks.is_multiple_of(10) || std::mem::take(&mut cni_dirty);
+        let (state, news) = match source.poll(reconcile, &mut hints) {
             Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
@@ -249,6 +406,21 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             last_errors = report.errors.clone();
         }
         names_tx.send_replace(Names::from_state(&state));
+        // CNI ADDs whose endpoint is now in the maps, on its interface.
+        let enforced = |p: &PendingAdd| {
+            let name = p.pod.to_string();
+            let ep = state.endpoints.iter().find(|e| e.name == name && e.interface == p.interface)?;
+            (!report.failed.contains(&name)).then_some(ep.id)
+        };
+        for p in std::mem::take(&mut pending) {
+            match enforced(&p) {
+                Some(endpoint_id) => {
+                    tracing::info!(pod = %p.pod, endpoint = endpoint_id, "CNI ADD answered: enforced");
+                    let _ = p.reply.send(Ok(api::CniReady { endpoint_id }));
+                }
+                None => pending.push(p),
+            }
+        }
         if revoke_flows && (news || report.endpoints_written > 0 || report.endpoints_removed > 0) {
             let revoked = dp.revoke_flows();
             if revoked > 0 {
@@ -276,6 +448,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         good = Some(state);
     }
     printer.abort();
+    api_server.abort();
     // Pins keep enforcing after we exit; `agent uninstall` removes them.
     Ok(())
 }

@@ -200,6 +200,7 @@ fn cluster(seed: u64) -> Cluster {
             ],
             node: Some(if rng.chance(70) { "node" } else { "other" }.into()),
             host_network: false,
+            finished: false,
             ports,
         });
     }

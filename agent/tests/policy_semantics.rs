@@ -50,6 +50,7 @@ fn e2e_model() -> Cluster {
                 ],
                 node: Some("node".into()),
                 host_network: false,
+                finished: false,
                 ports,
             });
         }

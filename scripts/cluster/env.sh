@@ -14,6 +14,8 @@ service_cidr="10.96.0.0/16"
 api_cluster_ip="10.96.0.1"
 node_name="portcullis-node"
 bridge="cni0"
+cni_bin_dir=/opt/cni/bin
+cni_conf_dir=/etc/cni/net.d
 # Image names need a registry host, or containerd prefixes docker.io/.
 registry="registry.portcullis.test"
 

@@ -44,13 +44,14 @@ node_ip="${PORTCULLIS_NODE_IP:-$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's
 [ -n "$node_ip" ] || node_ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
 [ -n "$node_ip" ] || die "no global IPv4 address for the node; set PORTCULLIS_NODE_IP"
 
-mkdir -p "$work"/{pids,logs,pki,state,etcd,cni/net.d,cni/ipam,containerd,kubelet}
+mkdir -p "$work"/{pids,logs,pki,state,etcd,cni/ipam,containerd,kubelet}
 echo "$node_ip" >"$work/state/node-ip"
 # What `down` must leave as it found: pod namespaces that are not ours, and
 # paths the kubelet, containerd and CNI write outside the work dir.
 ip netns list 2>/dev/null | awk '{print $1}' >"$work/state/netns-before"
 : >"$work/state/created-paths"
-for p in /var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet /etc/cni; do
+for p in /var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet /etc/cni /opt/cni \
+  "$cni_conf_dir/10-portcullis-test.conflist" "$cni_bin_dir/portcullis"; do
   [ -e "$p" ] || echo "$p" >>"$work/state/created-paths"
 done
 
@@ -187,10 +188,17 @@ state = "$work/containerd/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
       SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$work/cni/net.d"
+    bin_dir = "$cni_bin_dir"
+    conf_dir = "$cni_conf_dir"
 TOML
-cat >"$work/cni/net.d/10-portcullis-test.conflist" <<JSON
+# The conventional CNI directories, where a DaemonSet (Portcullis' chained
+# plugin) expects them; Debian's plugins linked in, nothing overwritten.
+mkdir -p "$cni_bin_dir" "$cni_conf_dir"
+for plugin in /usr/lib/cni/*; do
+  target="$cni_bin_dir/$(basename "$plugin")"
+  [ -e "$target" ] || { ln -s "$plugin" "$target"; echo "$target" >>"$work/state/created-paths"; }
+done
+cat >"$cni_conf_dir/10-portcullis-test.conflist" <<JSON
 {
   "cniVersion": "0.4.0",
   "name": "portcullis-test",

@@ -8,6 +8,7 @@ use portcullis_conformance::case::Target;
 
 use crate::{
     cargo,
+    cluster::{self, ClusterCmd},
     conformance::{self, Options},
     require_root, root,
 };
@@ -62,6 +63,14 @@ pub fn run() -> Result<()> {
             anyhow::bail!("conformance over {mode} failed (exit {code})");
         }
         eprintln!("xtask test: conformance over {mode} passed in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    // The real cluster (scripts/cluster): built once from Debian's source
+    // package and cached, then up, checked and down on this machine.
+    for (name, cmd) in [("install", ClusterCmd::Install), ("test", ClusterCmd::Test)] {
+        let t = Instant::now();
+        eprintln!("xtask test: cluster: cargo xtask cluster {name}");
+        cluster::run(cmd)?;
+        eprintln!("xtask test: cluster {name} passed in {:.1}s", t.elapsed().as_secs_f64());
     }
     eprintln!("xtask test: all passed in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())

@@ -103,6 +103,8 @@ pub struct ApplyReport {
     pub services: usize,
     /// Endpoints left as they were (last good state), with why.
     pub errors: Vec<String>,
+    /// Names of the endpoints among `errors`.
+    pub failed: std::collections::BTreeSet<String>,
 }
 
 impl Datapath {
@@ -145,6 +147,7 @@ impl Datapath {
             if !seen.insert(ep.id) {
                 let why = format!("endpoint id {} is used twice", ep.id);
                 report.errors.push(WriteError::Invalid { endpoint: ep.name.clone(), why }.to_string());
+                report.failed.insert(ep.name.clone());
                 continue;
             }
             match self.apply_endpoint(ep, &mut stale) {
@@ -153,6 +156,7 @@ impl Datapath {
                 Err(e) => {
                     tracing::warn!(error = %e, "endpoint kept at its last good state");
                     report.errors.push(e.to_string());
+                    report.failed.insert(ep.name.clone());
                 }
             }
         }

@@ -134,6 +134,7 @@ pub fn pod_from_api(pod: &core::Pod) -> Result<Pod, ModelError> {
         ips,
         node: spec.node_name.clone(),
         host_network: spec.host_network.unwrap_or(false),
+        finished,
         ports,
     })
 }

@@ -95,6 +95,9 @@ pub struct Pod {
     /// Pods on the host network share the node's addresses; policy does not
     /// apply to them (as upstream).
     pub host_network: bool,
+    /// Succeeded or Failed: its addresses are given back (and may be reused
+    /// by another pod), so it has none here.
+    pub finished: bool,
     pub ports: Vec<ContainerPort>,
 }
 

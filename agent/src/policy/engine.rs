@@ -380,6 +380,7 @@ mod tests {
             ips: vec![IpAddr::from([10, 0, 0, n])],
             node: Some(node.into()),
             host_network: false,
+            finished: false,
             ports: vec![],
         }
     }

@@ -1,6 +1,7 @@
 //! Where the agent learns the cluster, and how the engine's result becomes the
 //! compiled state the datapath loads.
 
+pub mod kube;
 pub mod manifests;
 
 use std::{
@@ -14,8 +15,70 @@ use crate::{
     compiled::{CompiledState, EndpointState, IpcacheEntry, ServiceFrontend},
     model::PodKey,
     node,
-    policy::Engine,
+    policy::{Change, Engine},
 };
+
+/// What the chained CNI plugin told the agent about a pod it is starting:
+/// its host-side interface and addresses, before the API server has them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hint {
+    pub container_id: String,
+    pub interface: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Hints by pod, kept from CNI ADD until CNI DEL or the pod's deletion.
+#[derive(Default, Debug)]
+pub struct Hints {
+    by_pod: BTreeMap<PodKey, Hint>,
+}
+
+impl Hints {
+    pub fn get(&self, pod: &PodKey) -> Option<&Hint> {
+        self.by_pod.get(pod)
+    }
+
+    /// Records a hint; when the engine already has the pod without
+    /// addresses (the API server learns them only after CNI ADD returns),
+    /// gives it the hinted ones so it becomes an endpoint now.
+    pub fn insert(&mut self, pod: PodKey, hint: Hint, engine: &mut Engine) {
+        let patched = engine.cluster().pods.get(&pod).filter(|p| p.ips.is_empty() && !p.finished).map(|p| {
+            let mut p = p.clone();
+            p.ips = hint.ips.clone();
+            p
+        });
+        self.by_pod.insert(pod, hint);
+        if let Some(p) = patched {
+            engine.apply([Change::UpsertPod(p)]);
+        }
+    }
+
+    /// Forgets the hint of a sandbox (CNI DEL names the container).
+    pub fn remove(&mut self, pod: &PodKey, container_id: &str) {
+        if self.by_pod.get(pod).is_some_and(|h| h.container_id == container_id) {
+            self.by_pod.remove(pod);
+        }
+    }
+
+    /// Fills in the hinted addresses of pods the API server reports without
+    /// any yet, and forgets hints of deleted pods. A pod whose object has
+    /// addresses keeps those: the API server is the truth once it knows.
+    pub fn patch(&mut self, changes: &mut [Change]) {
+        for change in changes {
+            match change {
+                Change::UpsertPod(pod) if pod.ips.is_empty() && !pod.finished => {
+                    if let Some(h) = self.by_pod.get(&pod.key()) {
+                        pod.ips = h.ips.clone();
+                    }
+                }
+                Change::DeletePod(key) => {
+                    self.by_pod.remove(key);
+                }
+                _ => {}
+            }
+        }
+    }
+}
 
 /// Builds compiled state from the engine, with stable endpoint ids.
 #[derive(Default)]
@@ -41,6 +104,7 @@ impl StateBuilder {
         engine: &Engine,
         revision: u64,
         node_ips: &[IpAddr],
+        hints: &Hints,
     ) -> (CompiledState, Vec<String>) {
         let mut errors = Vec::new();
         let live: BTreeSet<&PodKey> = engine.endpoints().keys().collect();
@@ -49,7 +113,12 @@ impl StateBuilder {
         let interfaces = node::Interfaces::read();
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
-            let Some(interface) = pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)) else {
+            // The CNI plugin names the interface at pod start; otherwise
+            // routes, neighbours and the bridge's forwarding table tell.
+            let hinted = hints.get(key).map(|h| h.interface.clone());
+            let Some(interface) =
+                hinted.or_else(|| pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)))
+            else {
                 // Behind a bridge, a pod that has not spoken yet has no
                 // neighbour entry: ask the kernel to resolve it for the next
                 // pass. (The CNI plugin closes this window at pod start.)

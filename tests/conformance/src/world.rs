@@ -68,6 +68,7 @@ impl WorldPod {
             ips: vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)],
             node: Some(self.node.clone()),
             host_network: false,
+            finished: false,
             ports: self
                 .ports
                 .iter()

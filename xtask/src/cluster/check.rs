@@ -21,9 +21,13 @@ const NS: &str = "portcullis-check";
 pub fn run() -> Result<()> {
     let paths = Paths::read()?;
     if paths.work.exists() {
-        eprintln!("cluster test: a cluster is (partly) up; taking it down first");
-        script("down.sh", &[])?;
+        bail!(
+            "a cluster is (partly) up in {}: this test starts from none (`cargo xtask cluster down`)",
+            paths.work.display()
+        );
     }
+    // Ctrl-C stops the step under way; `down` still runs.
+    crate::handle_interrupts()?;
     let before = Snapshot::take(&paths)?;
     let t = Instant::now();
     up(true)?;
@@ -368,6 +372,7 @@ impl Snapshot {
             "/run/containerd",
             "/var/lib/kubelet",
             "/etc/cni",
+            "/opt/cni",
         ]
         .iter()
         .map(|p| p.to_string())

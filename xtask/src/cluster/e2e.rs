@@ -69,21 +69,23 @@ pub fn run(paths: &Paths, focus: &str) -> Result<Report> {
     }
     let log = target_dir().join("cluster-e2e.log");
     eprintln!("e2e: {focus} specs (SCTP skipped: no SCTP in this kernel); output in {}", log.display());
-    let out = Command::new(&e2e)
+    fs::create_dir_all(target_dir()).ok();
+    // Straight to the log, so a long run can be followed with `tail -f`.
+    let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let status = Command::new(&e2e)
         .arg(format!("--kubeconfig={}", paths.kubeconfig().display()))
         .arg(format!("--kubectl-path={}", paths.k8s_bin.join("kubectl").display()))
         .args(["--provider=skeleton", "--num-nodes=1", "--minStartupPods=0", "--disable-log-dump"])
         .args(["--ginkgo.noColor", "--ginkgo.skip=SCTP|Feature:SCTPConnectivity"])
         .arg(format!("--ginkgo.focus={focus}"))
         .arg(format!("--report-dir={}", target_dir().join("cluster-e2e").display()))
-        .output()
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
         .with_context(|| format!("running {}", e2e.display()))?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    fs::create_dir_all(target_dir()).ok();
-    fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
+    let text = fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
     let mut report = parse(&text).with_context(|| {
-        format!("the e2e suite ended ({}) without a summary; see {}", out.status, log.display())
+        format!("the e2e suite ended ({status}) without a summary; see {}", log.display())
     })?;
     report.log = log.display().to_string();
     Ok(report)

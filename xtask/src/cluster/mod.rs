@@ -30,6 +30,9 @@ pub enum ClusterCmd {
     },
     /// Stop the cluster and remove everything `up` created.
     Down,
+    /// Deploy the agent (deploy/kubernetes/portcullis.yaml, the image `up`
+    /// imported) and wait until it enforces on the node.
+    Deploy,
     /// Run the Kubernetes 1.20 NetworkPolicy e2e suite against the cluster
     /// and report its counts.
     E2e {
@@ -98,6 +101,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Install => script("install.sh", &[]),
         ClusterCmd::Up { no_agent_image } => up(!no_agent_image),
         ClusterCmd::Down => script("down.sh", &[]),
+        ClusterCmd::Deploy => deploy(&Paths::read()?),
         ClusterCmd::E2e { focus } => {
             let report = e2e::run(&Paths::read()?, &focus)?;
             println!("{report}");
@@ -140,4 +144,42 @@ fn build_release_agent() -> Result<PathBuf> {
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// Applies the agent's manifests and waits for its first "enforced" line.
+pub fn deploy(paths: &Paths) -> Result<()> {
+    let manifest = root().join("deploy/kubernetes/portcullis.yaml");
+    let status =
+        paths.kubectl().arg("apply").arg("-f").arg(&manifest).status().context("running kubectl apply")?;
+    if !status.success() {
+        bail!("kubectl apply -f {} failed", manifest.display());
+    }
+    let status = paths
+        .kubectl()
+        .args(["rollout", "status", "-n", "kube-system", "daemonset/portcullis-agent", "--timeout=120s"])
+        .status()
+        .context("running kubectl rollout status")?;
+    if !status.success() {
+        bail!("the portcullis-agent DaemonSet did not become ready");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = paths
+            .kubectl()
+            .args(["logs", "-n", "kube-system", "daemonset/portcullis-agent"])
+            .output()
+            .context("running kubectl logs")?;
+        if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("enforced revision")) {
+            eprintln!("cluster: portcullis-agent enforces on {}", paths.node_name);
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "portcullis-agent has not enforced after 60 s; its log:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
