@@ -66,7 +66,13 @@ pub fn run() -> Result<()> {
     }
     // The real cluster (scripts/cluster): built once from Debian's source
     // package and cached, then up, checked and down on this machine.
-    for (name, cmd) in [("install", ClusterCmd::Install), ("test", ClusterCmd::Test)] {
+    // Then the tree's own NetworkPolicy e2e suite, with the agent deployed
+    // as a DaemonSet enforcing on the node.
+    for (name, cmd) in [
+        ("install", ClusterCmd::Install),
+        ("test", ClusterCmd::Test),
+        ("e2e-with-agent", ClusterCmd::E2eWithAgent),
+    ] {
         let t = Instant::now();
         eprintln!("xtask test: cluster: cargo xtask cluster {name}");
         cluster::run(cmd)?;

@@ -401,3 +401,109 @@ impl Snapshot {
         out
     }
 }
+
+/// Pods start enforced: with the agent deployed, `count` pods created at
+/// once, each probing from the first instant of its container a server its
+/// egress policy forbids (must fail) and one it allows (must succeed).
+pub fn pods_start_enforced(paths: &Paths, count: usize) -> Result<()> {
+    const NS: &str = "portcullis-start";
+    let kube = Kube(paths);
+    let agnhost = images::AGNHOST;
+    let server = |name: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
+spec:
+  containers:
+  - name: netexec
+    image: {agnhost}
+    args: ["netexec", "--http-port=8080"]
+    readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
+---"#
+        )
+    };
+    let setup = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---{}{}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: clients-reach-allowed-only, namespace: {NS}}}
+spec:
+  podSelector: {{matchLabels: {{role: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: allowed}}}}}}]
+"#,
+        server("allowed"),
+        server("forbidden")
+    );
+    kube.apply(&setup)?;
+    kube.run(&["wait", "-n", NS, "--for=condition=Ready", "pod/allowed", "pod/forbidden", "--timeout=120s"])?;
+    let ip = |pod: &str| kube.run(&["get", "pod", "-n", NS, pod, "-o", "jsonpath={.status.podIP}"]);
+    let (allowed, forbidden) = (ip("allowed")?, ip("forbidden")?);
+    // The first thing each container does is the forbidden probe.
+    let probe = format!(
+        "if /agnhost connect {forbidden}:8080 --timeout=2s 2>/dev/null; then echo LEAKED; else echo denied; fi; \
+         if /agnhost connect {allowed}:8080 --timeout=10s 2>/dev/null; then echo allowed; else echo BLOCKED; fi"
+    );
+    let clients: String = (0..count)
+        .map(|i| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: client-{i}, namespace: {NS}, labels: {{role: client}}}}
+spec:
+  restartPolicy: Never
+  containers:
+  - {{name: probe, image: {agnhost}, command: ["/bin/sh", "-c", {probe:?}]}}
+---"#
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    kube.apply(&clients)?;
+    let mut done = BTreeSet::new();
+    let mut failures = Vec::new();
+    while done.len() < count {
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("{} of {count} client pods finished within 300 s", done.len());
+        }
+        let phases = kube.run(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "role=client",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{\"\\n\"}{end}",
+        ])?;
+        for line in phases.lines() {
+            let Some((name, phase)) = line.split_once(' ') else { continue };
+            if (phase == "Succeeded" || phase == "Failed") && done.insert(name.to_owned()) {
+                let log = kube.run(&["logs", "-n", NS, name])?;
+                let words: Vec<&str> = log.split_whitespace().collect();
+                if words != ["denied", "allowed"] {
+                    failures.push(format!("{name}: {}", log.replace('\n', " ")));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    kube.run(&["delete", "namespace", NS, "--timeout=180s"])?;
+    if !failures.is_empty() {
+        bail!("pods that did not start enforced (want \"denied allowed\"):\n  {}", failures.join("\n  "));
+    }
+    eprintln!(
+        "cluster test: {count} pods started at once: each one's first packet to a forbidden server dropped, \
+         the allowed one reached ({:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -69,10 +69,18 @@ pub fn run(paths: &Paths, focus: &str) -> Result<Report> {
     }
     let log = target_dir().join("cluster-e2e.log");
     eprintln!("e2e: {focus} specs (SCTP skipped: no SCTP in this kernel); output in {}", log.display());
+    if !paths.k8s_bin.join("ginkgo").exists() {
+        bail!("{} missing: run `cargo xtask cluster install`", paths.k8s_bin.join("ginkgo").display());
+    }
     fs::create_dir_all(target_dir()).ok();
     // Straight to the log, so a long run can be followed with `tail -f`.
     let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let status = Command::new(&e2e)
+    // The specs wait on clients more than they compute: ginkgo runs them
+    // in parallel processes, each in its own namespaces.
+    let nodes: u32 = std::env::var("PORTCULLIS_E2E_NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(4);
+    let mut cmd = Command::new(paths.k8s_bin.join("ginkgo"));
+    cmd.args([format!("--nodes={nodes}"), "--noColor".into()]).arg(&e2e).arg("--");
+    let status = cmd
         .arg(format!("--kubeconfig={}", paths.kubeconfig().display()))
         .arg(format!("--kubectl-path={}", paths.k8s_bin.join("kubectl").display()))
         .args(["--provider=skeleton", "--num-nodes=1", "--minStartupPods=0", "--disable-log-dump"])
@@ -82,7 +90,7 @@ pub fn run(paths: &Paths, focus: &str) -> Result<Report> {
         .stdout(file.try_clone()?)
         .stderr(file)
         .status()
-        .with_context(|| format!("running {}", e2e.display()))?;
+        .with_context(|| format!("running ginkgo with {}", e2e.display()))?;
     let text = fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
     let mut report = parse(&text).with_context(|| {
         format!("the e2e suite ended ({status}) without a summary; see {}", log.display())

@@ -40,6 +40,15 @@ pub enum ClusterCmd {
         #[arg(long, default_value = "NetworkPolicy")]
         focus: String,
     },
+    /// The agent on the cluster: up, deploy it, 50 pods that must start
+    /// enforced, the e2e suite (every spec must pass), down.
+    E2eWithAgent,
+    /// With the agent deployed: N pods created at once must each start
+    /// enforced (a forbidden server unreachable from their first packet).
+    StartEnforced {
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+    },
     /// The cluster's own test: up on a clean machine, a Ready node, pods
     /// reaching each other by IP and ClusterIP, a privileged hostNetwork
     /// DaemonSet with /sys/fs/bpf, then down leaving the machine as it was.
@@ -111,6 +120,8 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
             Ok(())
         }
         ClusterCmd::Test => check::run(),
+        ClusterCmd::E2eWithAgent => e2e_with_agent(),
+        ClusterCmd::StartEnforced { pods } => check::pods_start_enforced(&Paths::read()?, pods),
         ClusterCmd::Env => {
             let paths = Paths::read()?;
             println!("export KUBECONFIG={}", paths.kubeconfig().display());
@@ -182,4 +193,34 @@ pub fn deploy(paths: &Paths) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+/// The upstream suite as CI runs it: a fresh cluster with the agent, every
+/// spec must pass; the cluster is taken down whatever happens.
+pub fn e2e_with_agent() -> Result<()> {
+    let paths = Paths::read()?;
+    if paths.work.exists() {
+        bail!("a cluster is (partly) up in {}: `cargo xtask cluster down` first", paths.work.display());
+    }
+    crate::handle_interrupts()?;
+    let result = up(true)
+        .and_then(|()| deploy(&paths))
+        .and_then(|()| check::pods_start_enforced(&paths, 50))
+        .and_then(|()| e2e::run(&paths, "NetworkPolicy"));
+    if result.is_err() || result.as_ref().is_ok_and(|r| r.failed > 0) {
+        let log = paths
+            .kubectl()
+            .args(["logs", "-n", "kube-system", "daemonset/portcullis-agent", "--tail=60"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        eprintln!("--- the agent's last log lines ---\n{log}");
+    }
+    script("down.sh", &[])?;
+    let report = result?;
+    println!("{report}");
+    if report.failed > 0 || report.ran == 0 {
+        bail!("{} of {} e2e specs failed with the agent enforcing", report.failed, report.ran);
+    }
+    Ok(())
 }
