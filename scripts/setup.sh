@@ -19,17 +19,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-apt_updated=
-apt_install() {
-  log "apt: installing $*"
-  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
-missing=()
-for p in "${apt_packages[@]}"; do installed "$p" || missing+=("$p"); done
-[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+. "$(dirname "$0")/lib/apt.sh"
+apt_ensure "${apt_packages[@]}"
 
 # The eBPF crate is compiled by Debian's rustc; bpf-linker must use its LLVM.
 llvm_major=$(/usr/bin/rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')

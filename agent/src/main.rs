@@ -17,7 +17,7 @@ use portcullis_agent::{
     policy::Engine,
     source::{
         Hint, Hints, StateBuilder,
-        kube::KubeSource,
+        kube::{Events, KubeSource},
         manifests::{self, ManifestsSource},
     },
 };
@@ -78,7 +78,7 @@ enum Command {
         #[arg(long = "netdev", value_name = "INTERFACE")]
         netdevs: Vec<String>,
         /// The local API's unix socket (root-only); the CNI plugin asks it.
-        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        #[arg(long, env = "PORTCULLIS_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
         /// Install the chained CNI plugin: this binary into DIR (the node's
         /// CNI bin dir, e.g. /opt/cni/bin) ...
@@ -151,6 +151,7 @@ async fn agent_main() -> Result<()> {
                     let client = kube_client(kubeconfig.as_deref()).await?;
                     tracing::info!(node = %node, "watching the API server");
                     Source::Kube {
+                        events: Events::new(client.clone(), &node),
                         source: KubeSource::start(client),
                         engine: Box::new(Engine::new(node)),
                         builder: StateBuilder::default(),
@@ -199,7 +200,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 /// Where the state to enforce comes from.
 enum Source {
     /// The API server's objects, through watchers, compiled by the engine.
-    Kube { source: KubeSource, engine: Box<Engine>, builder: StateBuilder },
+    Kube { source: KubeSource, events: Events, engine: Box<Engine>, builder: StateBuilder },
     /// Objects in a directory, compiled by the engine.
     Manifests { source: ManifestsSource, engine: Box<Engine>, builder: StateBuilder },
     /// Compiled state written by someone else.
@@ -207,9 +208,7 @@ enum Source {
 }
 
 impl Source {
-    /// The state to enforce, and whether it is news (to report) rather than
-    /// a periodic re-check; `None` when nothing moved. `reconcile`: also
-    /// rebuild what depends on the node (interfaces, addresses).
+    /// The engine the objects feed, when there is one (CNI hints go there).
     fn engine_mut(&mut self) -> Option<&mut Engine> {
         match self {
             Source::Kube { engine, .. } | Source::Manifests { engine, .. } => Some(engine),
@@ -217,15 +216,19 @@ impl Source {
         }
     }
 
+    /// The state to enforce, and whether it is news (to report) rather than
+    /// a periodic re-check; `None` when nothing moved. `reconcile`: also
+    /// rebuild what depends on the node (interfaces, addresses).
     fn poll(&mut self, reconcile: bool, hints: &mut Hints) -> Option<(CompiledState, bool)> {
-        match self {
-            Source::Kube { source, engine, builder } => {
+        let (engine, builder, revision, moved) = match self {
+            Source::Kube { source, events, engine, builder } => {
                 let mut poll = source.poll();
                 for e in &poll.watch_errors {
                     tracing::warn!("{e} (retrying; the last state stays enforced)");
                 }
                 for r in &poll.rejected {
                     tracing::error!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "{} (its last good version stays)", r.error);
+                    events.rejected(r);
                 }
                 // Until every kind is listed, the pinned state stays as it is.
                 if !source.synced() {
@@ -233,14 +236,7 @@ impl Source {
                 }
                 hints.patch(&mut poll.changes);
                 let moved = source.feed(engine, &mut poll);
-                if !moved && !reconcile {
-                    return None;
-                }
-                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses(), hints);
-                for e in &errors {
-                    tracing::debug!("{e}");
-                }
-                Some((state, moved))
+                (engine, builder, source.revision, moved)
             }
             Source::Manifests { source, engine, builder } => {
                 let mut poll = source.poll();
@@ -249,14 +245,7 @@ impl Source {
                 }
                 hints.patch(&mut poll.changes);
                 let moved = manifests::feed(engine, &mut poll) || poll.revision_changed;
-                if !moved && !reconcile {
-                    return None;
-                }
-                let (state, errors) = builder.build(engine, source.revision, &node::local_addresses(), hints);
-                for e in &errors {
-                    tracing::debug!("{e}");
-                }
-                Some((state, moved))
+                (engine, builder, source.revision, moved)
             }
             Source::StateFile { path, last } => {
                 let text = std::fs::read_to_string(&*path).ok()?;
@@ -264,16 +253,24 @@ impl Source {
                     return None;
                 }
                 *last = Some(text.clone());
-                match serde_json::from_str::<CompiledState>(&text) {
+                return match serde_json::from_str::<CompiledState>(&text) {
                     Ok(state) => Some((state, true)),
                     // Keep enforcing the last good state.
                     Err(e) => {
                         tracing::error!(file = %path.display(), error = %e, "invalid state, keeping the last good one");
                         None
                     }
-                }
+                };
             }
+        };
+        if !moved && !reconcile {
+            return None;
         }
+        let (state, errors) = builder.build(engine, revision, &node::local_addresses(), hints);
+        for e in &errors {
+            tracing::debug!("{e}");
+        }
+        Some((state, moved))
     }
 }
 
@@ -449,6 +446,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     }
     printer.abort();
     api_server.abort();
+    // A CNI ADD now fails at once (no socket) instead of waiting for us.
+    let _ = std::fs::remove_file(&api_socket);
     // Pins keep enforcing after we exit; `agent uninstall` removes them.
     Ok(())
 }

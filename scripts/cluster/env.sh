@@ -22,4 +22,3 @@ registry="registry.portcullis.test"
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 need_root() { [ "$(id -u)" -eq 0 ] || die "run as root: the cluster runs kubelet, containerd and kube-proxy"; }
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }

@@ -5,6 +5,7 @@
 # GOPROXY=off). Idempotent: builds are cached under $k8s_cache by version.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
+. "$(dirname "$0")/../lib/apt.sh"
 need_root
 
 # containerd 1.6 serves CRI v1alpha2, which kubelet 1.20 speaks; the CNI
@@ -15,16 +16,8 @@ apt_packages=(golang-go rsync dpkg-dev make gcc libc6-dev containerd runc
   containernetworking-plugins iptables conntrack socat busybox-static openssl
   iproute2 util-linux procps)
 
-apt_updated=
-apt_install() {
-  log "apt: installing $*"
-  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-  # No init system here to start containerd's unit; `up` runs it itself.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-missing=()
-for p in "${apt_packages[@]}"; do installed "$p" || missing+=("$p"); done
-[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+# No init system here starts containerd's unit; `up` runs it itself.
+apt_ensure "${apt_packages[@]}"
 
 mkdir -p "$k8s_cache"
 

@@ -16,6 +16,8 @@ use crate::Netns;
 
 pub struct AgentProcess {
     child: Child,
+    /// The agent's own API socket directory (agents here run side by side).
+    api_dir: PathBuf,
     lines: Receiver<String>,
     /// Every line read so far.
     pub seen: Vec<String>,
@@ -27,9 +29,14 @@ impl AgentProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let api_dir =
+            std::env::temp_dir().join(format!("portcullis-api-{}-{}-{n}", node.name(), std::process::id()));
         let mut child = node
             .command(&binary.to_string_lossy())
             .args(args)
+            .env("PORTCULLIS_API_SOCKET", api_dir.join("agent.sock"))
             // Flow lines and reports come on stdout; keep its logs to warnings.
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
@@ -44,7 +51,7 @@ impl AgentProcess {
                 }
             }
         });
-        Ok(AgentProcess { child, lines, seen: Vec::new() })
+        Ok(AgentProcess { child, api_dir, lines, seen: Vec::new() })
     }
 
     /// Waits for a line containing every one of `parts`, and returns it.
@@ -111,6 +118,7 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.api_dir);
     }
 }
 

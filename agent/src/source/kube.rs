@@ -50,7 +50,69 @@ pub struct Rejected {
     pub kind: Kind,
     pub namespace: String,
     pub name: String,
+    pub uid: Option<String>,
     pub error: String,
+}
+
+impl Rejected {
+    /// The object, as an Event's regarding reference.
+    pub fn reference(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        let (api_version, kind) = match self.kind {
+            Kind::Namespace => ("v1", "Namespace"),
+            Kind::Pod => ("v1", "Pod"),
+            Kind::NetworkPolicy => ("networking.k8s.io/v1", "NetworkPolicy"),
+            Kind::Service => ("v1", "Service"),
+        };
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            namespace: (!self.namespace.is_empty()).then(|| self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Publishes a Kubernetes Event (Warning, reason `PolicyRejected`) on each
+/// object the agent refuses, so `kubectl describe` shows why.
+#[derive(Clone)]
+pub struct Events {
+    recorder: kube::runtime::events::Recorder,
+}
+
+impl Events {
+    pub fn new(client: Client, node: &str) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "portcullis-agent".into(),
+            instance: Some(node.to_string()),
+        };
+        Events { recorder: kube::runtime::events::Recorder::new(client, reporter) }
+    }
+
+    /// Fire and forget: a failure to publish is logged, never blocks enforcement.
+    pub fn rejected(&self, r: &Rejected) {
+        use kube::runtime::events::{Event, EventType};
+        let recorder = self.recorder.clone();
+        let reference = r.reference();
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PolicyRejected".into(),
+            note: Some(
+                format!("{} (portcullis keeps enforcing its last good version)", r.error)
+                    .chars()
+                    .take(1000)
+                    .collect(),
+            ),
+            action: "Compile".into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, "publishing an Event");
+            }
+        });
+    }
 }
 
 /// What a watcher task reports.
@@ -204,7 +266,8 @@ impl<K: Resource> KindState<K> {
             Ok(change) => changes.push(change),
             Err(e) => {
                 let (namespace, name) = key_of(obj);
-                rejected.push(Rejected { kind: self.kind, namespace, name, error: e.to_string() });
+                let uid = obj.meta().uid.clone();
+                rejected.push(Rejected { kind: self.kind, namespace, name, uid, error: e.to_string() });
             }
         }
     }
@@ -385,6 +448,7 @@ mod tests {
                         kind: Kind::NetworkPolicy,
                         namespace: "x".into(),
                         name: "web".into(),
+                        uid: None,
                         error: "NetworkPolicy x/web: spec.ingress[0].ports[0].endPort: 70 is below port 80"
                             .into(),
                     }]

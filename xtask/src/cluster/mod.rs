@@ -153,7 +153,7 @@ fn build_release_agent() -> Result<PathBuf> {
     Ok(agent)
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
@@ -206,6 +206,7 @@ pub fn e2e_with_agent() -> Result<()> {
     let result = up(true)
         .and_then(|()| deploy(&paths))
         .and_then(|()| check::pods_start_enforced(&paths, 50))
+        .and_then(|()| check::refused_policy_is_reported(&paths))
         .and_then(|()| e2e::run(&paths, "NetworkPolicy"));
     if result.is_err() || result.as_ref().is_ok_and(|r| r.failed > 0) {
         let log = paths
@@ -221,6 +222,33 @@ pub fn e2e_with_agent() -> Result<()> {
     println!("{report}");
     if report.failed > 0 || report.ran == 0 {
         bail!("{} of {} e2e specs failed with the agent enforcing", report.failed, report.ran);
+    }
+    Ok(())
+}
+
+/// Starts `install.sh` niced in the background, its output in `log`.
+pub fn install_in_background(log: &Path) -> Result<std::process::Child> {
+    require_root("cargo xtask cluster install")?;
+    std::fs::create_dir_all(target_dir()).ok();
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let script = root().join("scripts/cluster/install.sh");
+    Command::new("nice")
+        .args(["-n", "15"])
+        .arg(&script)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", script.display()))
+}
+
+/// Waits for a background install; on failure, shows its log's end.
+pub fn wait_install(mut child: std::process::Child, log: &Path) -> Result<()> {
+    let status = child.wait().context("waiting for install.sh")?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("cluster install failed ({status}); end of {}:\n{}", log.display(), tail.join("\n"));
     }
     Ok(())
 }
