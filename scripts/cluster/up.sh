@@ -50,8 +50,9 @@ echo "$node_ip" >"$work/state/node-ip"
 # paths the kubelet, containerd and CNI write outside the work dir.
 ip netns list 2>/dev/null | awk '{print $1}' >"$work/state/netns-before"
 : >"$work/state/created-paths"
+# The last two are the Portcullis DaemonSet's (its pins and API socket).
 for p in /var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet /etc/cni /opt/cni \
-  "$cni_conf_dir/10-portcullis-test.conflist" "$cni_bin_dir/portcullis"; do
+  "$cni_conf_dir/10-portcullis-test.conflist" "$cni_bin_dir/portcullis" /sys/fs/bpf/portcullis /var/run/portcullis; do
   [ -e "$p" ] || echo "$p" >>"$work/state/created-paths"
 done
 
