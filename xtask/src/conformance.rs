@@ -50,7 +50,7 @@ pub fn run(opts: Options) -> Result<i32> {
     if opts.paths.is_empty() {
         bail!("give case files or directories");
     }
-    let agent = build_agent()?;
+    let agent = build_agent(false)?;
     let family = if opts.ipv6 { Family::V6 } else { Family::V4 };
     let files = case_files(&opts.paths).context("listing case files")?;
     let (mut passed, mut failed, mut skipped, mut malformed) = (0, 0, 0, 0);

@@ -196,10 +196,21 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the agent binary and returns its path.
-pub fn build_agent() -> Result<PathBuf> {
-    cargo(&["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent"])?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    Ok(target.join("debug").join("agent"))
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds the agent binary (debug, or release for images) and returns its path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    let agent = target_dir().join(if release { "release" } else { "debug" }).join("agent");
+    if !agent.exists() {
+        bail!("no agent binary at {}", agent.display());
+    }
+    Ok(agent)
 }

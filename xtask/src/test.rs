@@ -30,7 +30,7 @@ pub fn run() -> Result<()> {
     // The test cluster's build (Kubernetes from source, ~7 min on a fresh
     // machine, a no-op when cached) runs beside the conformance suite, which
     // mostly waits on probes; niced, so the probes keep their timing.
-    let install_log = crate::cluster::target_dir().join("cluster-install.log");
+    let install_log = crate::target_dir().join("cluster-install.log");
     let install = cluster::install_in_background(&install_log)?;
     // The conformance suite with real traffic: via pod IPs and via
     // Services, over both families, on one node with routed veths; then

@@ -5,7 +5,8 @@ use std::{fmt, fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Paths, target_dir};
+use super::Paths;
+use crate::target_dir;
 
 /// What ginkgo reported.
 #[derive(Debug, Default, PartialEq)]

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, require_root, root};
+use crate::{build_agent, require_root, root, target_dir};
 
 #[derive(clap::Subcommand)]
 pub enum ClusterCmd {
@@ -137,24 +137,11 @@ pub fn up(agent_image: bool) -> Result<()> {
     if !paths.k8s_bin.join("kubelet").exists() {
         bail!("{} has no kubelet: run `cargo xtask cluster install` first", paths.k8s_bin.display());
     }
-    let agent = if agent_image { Some(build_release_agent()?) } else { None };
+    let agent = if agent_image { Some(build_agent(true)?) } else { None };
     // Outside the work dir: up.sh may take a half-up cluster down first.
     let dir = target_dir().join("cluster-images");
     images::write_all(&paths, agent.as_deref(), &dir)?;
     script("up.sh", &[&dir])
-}
-
-fn build_release_agent() -> Result<PathBuf> {
-    cargo(&["build", "--quiet", "--release", "--package", "portcullis-agent", "--bin", "agent"])?;
-    let agent = target_dir().join("release").join("agent");
-    if !Path::new(&agent).exists() {
-        bail!("no agent binary at {}", agent.display());
-    }
-    Ok(agent)
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
 /// Applies the agent's manifests and waits for its first "enforced" line.
