@@ -230,6 +230,10 @@ authentication:
 authorization: {mode: Webhook}
 # A test node on a shared disk: evict only when truly out of room.
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+# The images are imported, not pulled: one garbage-collected while no pod
+# uses it (the disk is over 85% full with build output) cannot come back.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 YAML
 start kubelet "$k8s_bin/kubelet" --config "$work/kubelet/config.yaml" \
   --kubeconfig "$work/kubelet.kubeconfig" --root-dir "$work/kubelet" \

@@ -41,17 +41,49 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A named network namespace (`ip netns`), deleted on drop.
+/// A named network namespace (`ip netns`), deleted on drop if this handle
+/// created it.
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
     pub fn create(name: String) -> Result<Netns> {
         sh("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace somebody else made (a CRI pod sandbox's `cni-…`), left
+    /// in place on drop.
+    pub fn existing(name: &str) -> Result<Netns> {
+        if !std::path::Path::new("/run/netns").join(name).exists() {
+            bail!("no network namespace /run/netns/{name}");
+        }
+        Ok(Netns { name: name.to_owned(), owned: false })
+    }
+
+    /// The named namespace that holds `ip` on one of its interfaces: how a
+    /// test finds a Kubernetes pod's sandbox from its pod IP.
+    pub fn holding(ip: IpAddr) -> Result<Netns> {
+        let wanted = ip.to_string();
+        for entry in std::fs::read_dir("/run/netns").context("reading /run/netns")?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(addrs) = sh("ip", &["-n", &name, "-o", "addr", "show"]) else { continue };
+            let holds = addrs.lines().any(|l| {
+                l.split_whitespace()
+                    .skip_while(|w| *w != "inet" && *w != "inet6")
+                    .nth(1)
+                    .and_then(|a| a.split('/').next())
+                    .is_some_and(|a| a == wanted)
+            });
+            if holds {
+                return Ok(Netns { name, owned: false });
+            }
+        }
+        bail!("no network namespace under /run/netns holds {ip}")
     }
 
     pub fn name(&self) -> &str {
@@ -113,6 +145,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = sh("ip", &["netns", "del", &self.name]);
     }
 }
@@ -456,6 +491,16 @@ impl Conversation {
             }
         }
         got == msg.as_bytes()
+    }
+}
+
+/// A TCP echo server in a namespace that keeps its connections open;
+/// stopped on drop (the only use of the field).
+pub struct EchoServer(#[allow(dead_code)] Server);
+
+impl EchoServer {
+    pub fn start(netns: &Netns, port: u16) -> Result<EchoServer> {
+        Server::echo(netns, port).map(EchoServer)
     }
 }
 

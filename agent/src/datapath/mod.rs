@@ -24,7 +24,7 @@ use portcullis_common::{
 pub use attach::{AttachError, ifindex, ifname};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
-pub use writer::{ApplyReport, WriteError};
+pub use writer::{ApplyReport, Placement, WriteError};
 
 /// The eBPF object, built by `build.rs`. Public for tools and benchmarks
 /// that load its `pass_all` program (load it with a pin directory of their

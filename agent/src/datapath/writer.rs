@@ -93,6 +93,17 @@ struct Stale {
     keys: EndpointKeys,
 }
 
+/// Where an endpoint is enforced: what a restarted agent needs to keep
+/// each running pod on its interface and endpoint id before it can find
+/// the interface itself (a bridged pod the node has not spoken to has no
+/// neighbour entry yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub ifindex: u32,
+    pub endpoint_id: u16,
+    pub addresses: Vec<IpAddr>,
+}
+
 /// What one `apply` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -201,6 +212,19 @@ impl Datapath {
         report.policy_entries = self.loaded.endpoints.values().map(|e| e.keys.len()).sum();
         report.ipcache_entries = self.loaded.ipcache.len();
         report
+    }
+
+    /// The endpoints loaded now, with their interfaces and addresses.
+    pub fn placements(&self) -> Vec<Placement> {
+        self.loaded
+            .endpoints
+            .iter()
+            .map(|(id, l)| Placement {
+                ifindex: l.ifindex,
+                endpoint_id: *id,
+                addresses: l.addresses.iter().filter_map(|(f, a)| super::keys::ip_from(*f, a)).collect(),
+            })
+            .collect()
     }
 
     /// Policy and CIDR entries loaded, over all endpoints.

@@ -13,6 +13,7 @@ use portcullis_common::identity;
 
 use crate::{
     compiled::{CompiledState, EndpointState, IpcacheEntry, ServiceFrontend},
+    datapath::{self, Placement},
     model::PodKey,
     node,
     policy::{Change, Engine},
@@ -27,13 +28,30 @@ pub struct Hint {
     pub ips: Vec<IpAddr>,
 }
 
-/// Hints by pod, kept from CNI ADD until CNI DEL or the pod's deletion.
+/// Hints by pod, kept from CNI ADD until CNI DEL or the pod's deletion;
+/// and where the pinned state enforced each endpoint when the agent started.
 #[derive(Default, Debug)]
 pub struct Hints {
     by_pod: BTreeMap<PodKey, Hint>,
+    restored: Vec<Placement>,
 }
 
 impl Hints {
+    /// What the datapath recovered from its pins: a restarted agent keeps
+    /// each running pod on its interface and endpoint id, instead of
+    /// detaching a pod it cannot place yet (which would leave it open).
+    pub fn restore(&mut self, placements: Vec<Placement>) {
+        self.restored = placements;
+    }
+
+    /// The recovered placement of an endpoint with one of `ips`, if its
+    /// interface still exists (a pod deleted meanwhile took its veth along,
+    /// so its address, reused by a new pod, never leads there).
+    fn restored_for(&self, ips: &[IpAddr]) -> Option<(&Placement, String)> {
+        let p = self.restored.iter().find(|p| p.addresses.iter().any(|a| ips.contains(a)))?;
+        Some((p, datapath::ifname(p.ifindex)?))
+    }
+
     pub fn get(&self, pod: &PodKey) -> Option<&Hint> {
         self.by_pod.get(pod)
     }
@@ -84,15 +102,21 @@ impl Hints {
 #[derive(Default)]
 pub struct StateBuilder {
     ids: BTreeMap<PodKey, u16>,
+    /// The interface each endpoint was last placed on (by ifindex).
+    placed: BTreeMap<PodKey, u32>,
 }
 
 impl StateBuilder {
-    fn id_for(&mut self, pod: &PodKey) -> Option<u16> {
+    /// The pod's id: the one it has, else `preferred` (its id in the pinned
+    /// state) when free, else the lowest id neither used nor `reserved`.
+    fn id_for(&mut self, pod: &PodKey, preferred: Option<u16>, reserved: &BTreeSet<u16>) -> Option<u16> {
         if let Some(id) = self.ids.get(pod) {
             return Some(*id);
         }
         let used: BTreeSet<u16> = self.ids.values().copied().collect();
-        let id = (1..=u16::MAX).find(|i| !used.contains(i))?;
+        let id = preferred
+            .filter(|p| !used.contains(p))
+            .or_else(|| (1..=u16::MAX).find(|i| !used.contains(i) && !reserved.contains(i)))?;
         self.ids.insert(pod.clone(), id);
         Some(id)
     }
@@ -109,16 +133,31 @@ impl StateBuilder {
         let mut errors = Vec::new();
         let live: BTreeSet<&PodKey> = engine.endpoints().keys().collect();
         self.ids.retain(|k, _| live.contains(k));
+        self.placed.retain(|k, _| live.contains(k));
+        // Pinned ids of interfaces that still exist: fresh ids avoid them,
+        // so that no running pod's id goes to another pod while it waits.
+        let reserved: BTreeSet<u16> = hints
+            .restored
+            .iter()
+            .filter(|p| datapath::ifname(p.ifindex).is_some())
+            .map(|p| p.endpoint_id)
+            .collect();
         let mut endpoints = Vec::new();
         let interfaces = node::Interfaces::read();
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
+            let restored = hints.restored_for(&pod.ips);
             // The CNI plugin names the interface at pod start; otherwise
             // routes, neighbours and the bridge's forwarding table tell.
+            // When they cannot (yet), the interface it was last enforced on
+            // (by this agent, or the one before it) keeps it: never detach a
+            // running pod for want of a neighbour entry.
             let hinted = hints.get(key).map(|h| h.interface.clone());
-            let Some(interface) =
-                hinted.or_else(|| pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)))
-            else {
+            let found = hinted
+                .or_else(|| pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)))
+                .or_else(|| self.placed.get(key).and_then(|idx| datapath::ifname(*idx)))
+                .or_else(|| restored.as_ref().map(|(_, name)| name.clone()));
+            let Some(interface) = found else {
                 // Behind a bridge, a pod that has not spoken yet has no
                 // neighbour entry: ask the kernel to resolve it for the next
                 // pass. (The CNI plugin closes this window at pod start.)
@@ -128,7 +167,11 @@ impl StateBuilder {
                 errors.push(format!("endpoint {key}: no interface found for {:?} yet", pod.ips));
                 continue;
             };
-            let Some(id) = self.id_for(key) else {
+            let preferred = restored.filter(|(_, name)| *name == interface).map(|(p, _)| p.endpoint_id);
+            if let Some(idx) = datapath::ifindex(&interface) {
+                self.placed.insert(key.clone(), idx);
+            }
+            let Some(id) = self.id_for(key, preferred, &reserved) else {
                 errors.push(format!("endpoint {key}: no endpoint id left"));
                 continue;
             };
@@ -177,5 +220,71 @@ impl StateBuilder {
         services.sort();
         services.dedup();
         (CompiledState { revision, identities, ipcache, endpoints, services }, errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Labels, Namespace, Pod};
+
+    // TEST-NET-2: no route or neighbour on any machine names these.
+    fn pod(name: &str, n: u8) -> Pod {
+        Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Labels::default(),
+            ips: vec![IpAddr::from([198, 51, 100, n])],
+            node: Some("node".into()),
+            host_network: false,
+            finished: false,
+            ports: vec![],
+        }
+    }
+
+    fn key(name: &str) -> PodKey {
+        PodKey { namespace: "x".into(), name: name.into() }
+    }
+
+    fn engine(pods: &[Pod]) -> Engine {
+        let mut engine = Engine::new("node");
+        engine.apply([Change::UpsertNamespace(Namespace { name: "x".into(), labels: Labels::default() })]);
+        engine.apply(pods.iter().cloned().map(Change::UpsertPod));
+        engine
+    }
+
+    fn placed(state: &CompiledState) -> Vec<(String, String, u16)> {
+        state.endpoints.iter().map(|e| (e.name.clone(), e.interface.clone(), e.id)).collect()
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_running_pods_on_their_pinned_interface_and_id() {
+        let lo = datapath::ifindex("lo").expect("lo");
+        let engine = engine(&[pod("a", 10), pod("b", 11), pod("c", 12)]);
+        let mut hints = Hints::default();
+        hints.restore(vec![
+            Placement { ifindex: lo, endpoint_id: 1, addresses: vec![IpAddr::from([198, 51, 100, 11])] },
+            // Its veth went away while no agent ran: neither its interface
+            // nor its id count any more.
+            Placement { ifindex: u32::MAX - 7, endpoint_id: 2, addresses: vec![IpAddr::from([198, 51, 100, 12])] },
+        ]);
+        // `a` has no interface anywhere, `b` only its pinned one.
+        let (state, errors) = StateBuilder::default().build(&engine, 1, &[], &hints);
+        assert_eq!(placed(&state), vec![("x/b".into(), "lo".into(), 1)]);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+
+        // A hint for `a` places it; its fresh id avoids b's pinned one.
+        let mut builder = StateBuilder::default();
+        let mut engine = engine;
+        let hint = Hint { container_id: "c1".into(), interface: "lo".into(), ips: pod("a", 10).ips };
+        hints.insert(key("a"), hint, &mut engine);
+        let (state, _) = builder.build(&engine, 2, &[], &hints);
+        assert_eq!(placed(&state), vec![("x/a".into(), "lo".into(), 2), ("x/b".into(), "lo".into(), 1)]);
+
+        // Once placed, a pod stays on its interface when nothing else
+        // names it any more (a neighbour entry that expired).
+        hints.remove(&key("a"), "c1");
+        let (state, _) = builder.build(&engine, 3, &[], &hints);
+        assert_eq!(placed(&state)[0], ("x/a".into(), "lo".into(), 2));
     }
 }

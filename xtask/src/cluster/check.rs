@@ -265,10 +265,10 @@ spec:
 }
 
 /// kubectl as admin, with errors that carry what kubectl said.
-struct Kube<'a>(&'a Paths);
+pub(super) struct Kube<'a>(pub(super) &'a Paths);
 
 impl Kube<'_> {
-    fn run(&self, args: &[&str]) -> Result<String> {
+    pub(super) fn run(&self, args: &[&str]) -> Result<String> {
         let out = self.0.kubectl().args(args).output().context("running kubectl")?;
         if !out.status.success() {
             bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -276,7 +276,7 @@ impl Kube<'_> {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    fn apply(&self, yaml: &str) -> Result<()> {
+    pub(super) fn apply(&self, yaml: &str) -> Result<()> {
         let mut child = self
             .0
             .kubectl()

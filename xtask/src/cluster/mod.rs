@@ -6,6 +6,7 @@ mod check;
 mod e2e;
 mod images;
 mod oci;
+mod reliability;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,8 +42,20 @@ pub enum ClusterCmd {
         focus: String,
     },
     /// The agent on the cluster: up, deploy it, 50 pods that must start
-    /// enforced, the e2e suite (every spec must pass), down.
+    /// enforced, a refused policy reported, the agent killed 20× and the
+    /// API server stopped for 60 s during traffic, the e2e suite (every
+    /// spec must pass), down.
     E2eWithAgent,
+    /// With the agent deployed, traffic flowing and judged throughout: a
+    /// fresh agent adopts running pods, the agent is SIGKILLed and
+    /// restarted KILLS times, then the API server is stopped for
+    /// OUTAGE seconds and a policy changed right after it returns.
+    Reliability {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        #[arg(long, default_value_t = 60)]
+        outage: u64,
+    },
     /// With the agent deployed: N pods created at once must each start
     /// enforced (a forbidden server unreachable from their first packet).
     StartEnforced {
@@ -121,6 +134,7 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::Test => check::run(),
         ClusterCmd::E2eWithAgent => e2e_with_agent(),
+        ClusterCmd::Reliability { kills, outage } => reliability(&Paths::read()?, kills, outage),
         ClusterCmd::StartEnforced { pods } => check::pods_start_enforced(&Paths::read()?, pods),
         ClusterCmd::Env => {
             let paths = Paths::read()?;
@@ -160,7 +174,12 @@ pub fn deploy(paths: &Paths) -> Result<()> {
     if !status.success() {
         bail!("the portcullis-agent DaemonSet did not become ready");
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    wait_agent_enforces(paths, std::time::Duration::from_secs(60))
+}
+
+/// Waits for the DaemonSet agent's first "enforced" line.
+pub fn wait_agent_enforces(paths: &Paths, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         let out = paths
             .kubectl()
@@ -173,7 +192,7 @@ pub fn deploy(paths: &Paths) -> Result<()> {
         }
         if std::time::Instant::now() > deadline {
             bail!(
-                "portcullis-agent has not enforced after 60 s; its log:\n{}{}",
+                "portcullis-agent has not enforced after {timeout:?}; its log:\n{}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -194,6 +213,7 @@ pub fn e2e_with_agent() -> Result<()> {
         .and_then(|()| deploy(&paths))
         .and_then(|()| check::pods_start_enforced(&paths, 50))
         .and_then(|()| check::refused_policy_is_reported(&paths))
+        .and_then(|()| reliability(&paths, 20, 60))
         .and_then(|()| e2e::run(&paths, "NetworkPolicy"));
     if result.is_err() || result.as_ref().is_ok_and(|r| r.failed > 0) {
         let log = paths
@@ -213,6 +233,11 @@ pub fn e2e_with_agent() -> Result<()> {
     Ok(())
 }
 
+fn reliability(paths: &Paths, kills: usize, outage: u64) -> Result<()> {
+    reliability::agent_restarts(paths, kills)?;
+    reliability::api_server_outage(paths, std::time::Duration::from_secs(outage))
+}
+
 /// Starts `install.sh` niced in the background, its output in `log`.
 pub fn install_in_background(log: &Path) -> Result<std::process::Child> {
     require_root("cargo xtask cluster install")?;
@@ -228,14 +253,30 @@ pub fn install_in_background(log: &Path) -> Result<std::process::Child> {
         .with_context(|| format!("starting {}", script.display()))
 }
 
-/// Waits for a background install; on failure, shows its log's end.
-pub fn wait_install(mut child: std::process::Child, log: &Path) -> Result<()> {
-    let status = child.wait().context("waiting for install.sh")?;
+/// Starts the release build of the agent for its image, niced in the
+/// background, its output in `log`. Cargo locks each profile's directory
+/// on its own, so debug builds meanwhile do not wait for it.
+pub fn build_image_agent_in_background(log: &Path) -> Result<std::process::Child> {
+    std::fs::create_dir_all(target_dir()).ok();
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    Command::new("nice")
+        .args(["-n", "15", &cargo, "build", "--release", "--package", "portcullis-agent", "--bin", "agent"])
+        .current_dir(root())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting the agent's release build")
+}
+
+/// Waits for a background job; on failure, shows its log's end.
+pub fn wait_background(mut child: std::process::Child, what: &str, log: &Path) -> Result<()> {
+    let status = child.wait().with_context(|| format!("waiting for {what}"))?;
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("cluster install failed ({status}); end of {}:\n{}", log.display(), tail.join("\n"));
+        bail!("{what} failed ({status}); end of {}:\n{}", log.display(), tail.join("\n"));
     }
     Ok(())
 }
