@@ -266,7 +266,11 @@ mod tests {
             Placement { ifindex: lo, endpoint_id: 1, addresses: vec![IpAddr::from([198, 51, 100, 11])] },
             // Its veth went away while no agent ran: neither its interface
             // nor its id count any more.
-            Placement { ifindex: u32::MAX - 7, endpoint_id: 2, addresses: vec![IpAddr::from([198, 51, 100, 12])] },
+            Placement {
+                ifindex: u32::MAX - 7,
+                endpoint_id: 2,
+                addresses: vec![IpAddr::from([198, 51, 100, 12])],
+            },
         ]);
         // `a` has no interface anywhere, `b` only its pinned one.
         let (state, errors) = StateBuilder::default().build(&engine, 1, &[], &hints);

@@ -193,7 +193,11 @@ impl Traffic {
                 let ok = Conversation::open(&allowed, server, PORT, Duration::from_secs(2))
                     .is_ok_and(|mut conv| conv.exchange("new connection"));
                 let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                if ok { c.new_ok += 1 } else { c.new_failed += 1 }
+                if ok {
+                    c.new_ok += 1
+                } else {
+                    c.new_failed += 1
+                }
                 drop(c);
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -232,7 +236,11 @@ impl Traffic {
         let c = self.finish();
         let mut wrong = c.broken.clone();
         if c.new_failed > 0 {
-            wrong.push(format!("{} of {} new allowed connections failed", c.new_failed, c.new_ok + c.new_failed));
+            wrong.push(format!(
+                "{} of {} new allowed connections failed",
+                c.new_failed,
+                c.new_ok + c.new_failed
+            ));
         }
         if c.leaks > 0 {
             wrong.push(format!("{} of {} denied connection attempts got through", c.leaks, c.denied_tries));
@@ -402,7 +410,8 @@ fn wait_daemonset(kube: &Kube, want: u32) -> Result<()> {
             "-o",
             "jsonpath={range .items[*]}{.status.containerStatuses[0].ready}{\"\\n\"}{end}",
         ])?;
-        let (total, ready) = (pods.lines().count() as u32, pods.lines().filter(|l| *l == "true").count() as u32);
+        let (total, ready) =
+            (pods.lines().count() as u32, pods.lines().filter(|l| *l == "true").count() as u32);
         if total == want && ready == want {
             return Ok(());
         }
@@ -450,8 +459,9 @@ fn restarts(fx: &Fixture, agent: &mut HostAgent, kills: usize) -> Result<Traffic
     // through (so the check can fail); a new agent finds the pods that are
     // already running (no CNI call for them) and closes it again.
     agent.uninstall()?;
-    fx.wait_until(&fx.denied, true, Duration::from_secs(10))
-        .context("with the agent uninstalled the denied pod still cannot connect: the check proves nothing")?;
+    fx.wait_until(&fx.denied, true, Duration::from_secs(10)).context(
+        "with the agent uninstalled the denied pod still cannot connect: the check proves nothing",
+    )?;
     let started = Instant::now();
     let (mut child, mut log) = agent.start()?;
     let first = wait_enforced(&mut child, &log, Duration::from_secs(60))?;
@@ -499,7 +509,8 @@ fn restarts(fx: &Fixture, agent: &mut HostAgent, kills: usize) -> Result<Traffic
         }
     }
     to_enforce.sort();
-    let ms = |d: Option<&Duration>| d.map_or("–".to_owned(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
+    let ms =
+        |d: Option<&Duration>| d.map_or("–".to_owned(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
     eprintln!(
         "cluster test: {kills} SIGKILLs in {:.1}s (schedule seed {seed}); restart to enforced: median {}, max {}",
         t.elapsed().as_secs_f64(),
@@ -523,8 +534,11 @@ pub fn api_server_outage(paths: &Paths, outage: Duration) -> Result<()> {
     let pid_file = paths.work.join("pids/kube-apiserver.pid");
     let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse().context("kube-apiserver.pid")?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).context("the API server is not running")?;
-    let argv: Vec<String> =
-        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into())
+        .collect();
     // SIGTERM closes its port at once; its graceful shutdown may then wait
     // on open watches for a minute, so it gets SIGKILL after 10 s.
     let t = Instant::now();
@@ -593,10 +607,10 @@ pub fn api_server_outage(paths: &Paths, outage: Duration) -> Result<()> {
 }
 
 fn utc_now() -> String {
-    Command::new("date").args(["-u", "+%H:%M:%S.%3N"]).output().map_or_else(
-        |_| "?".into(),
-        |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-    )
+    Command::new("date")
+        .args(["-u", "+%H:%M:%S.%3N"])
+        .output()
+        .map_or_else(|_| "?".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
 }
 
 /// Whether `pid` runs (a zombie no longer does).
