@@ -536,31 +536,35 @@ spec:
   - from: [{{ipBlock: {{cidr: 10.0.0.0/8, except: ["::ffff:10.1.0.0/112"]}}}}]
 "#
     ))?;
+    let line = wait_rejected(&kube, NS, "odd-except", "spec.ingress[0].from[0].ipBlock.except[0]")?;
+    eprintln!("cluster test: refused policy reported: {line}");
+    kube.run(&["delete", "namespace", NS, "--timeout=180s"])?;
+    Ok(())
+}
+
+/// Waits for the agent's PolicyRejected Event about NetworkPolicy
+/// `ns/name`, which must name `field`; returns it as a line.
+pub(super) fn wait_rejected(kube: &Kube, ns: &str, name: &str, field: &str) -> Result<String> {
     let t = Instant::now();
+    let wanted = format!("PolicyRejected NetworkPolicy/{name}:");
     loop {
         let events = kube.run(&[
             "get",
             "events.v1.events.k8s.io",
             "-n",
-            NS,
+            ns,
             "-o",
             "jsonpath={range .items[*]}{.reason} {.regarding.kind}/{.regarding.name}: {.note}{\"\\n\"}{end}",
         ])?;
-        if let Some(line) = events.lines().find(|l| l.starts_with("PolicyRejected NetworkPolicy/odd-except"))
-        {
-            if !line.contains("spec.ingress[0].from[0].ipBlock.except[0]") {
-                bail!("the Event does not name the field: {line}");
+        if let Some(line) = events.lines().find(|l| l.starts_with(&wanted)) {
+            if !line.contains(field) {
+                bail!("the Event does not name the field {field}: {line}");
             }
-            eprintln!("cluster test: refused policy reported: {line}");
-            break;
+            return Ok(line.to_owned());
         }
         if t.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "no PolicyRejected Event for NetworkPolicy {NS}/odd-except within 30 s (events: {events:?})"
-            );
+            bail!("no PolicyRejected Event for NetworkPolicy {ns}/{name} within 30 s (events: {events:?})");
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    kube.run(&["delete", "namespace", NS, "--timeout=180s"])?;
-    Ok(())
 }

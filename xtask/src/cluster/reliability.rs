@@ -126,6 +126,32 @@ spec:
     )
 }
 
+/// An update the API server admits and the agent refuses (an `except`
+/// written as an IPv4-mapped IPv6 prefix inside an IPv4 `cidr`): the agent
+/// names it in an Event and keeps the last good version. Had it taken
+/// the new peer without its `except`, the denied pod (in 10.0.0.0/8) would
+/// get in.
+fn bad_update_keeps_last_good(kube: &Kube, fx: &Fixture) -> Result<()> {
+    let bad = policy("allowed").replace(
+        "  - from: [",
+        "  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [\"::ffff:10.1.0.0/112\"]}}, ",
+    );
+    kube.apply(&bad)?;
+    let line =
+        super::check::wait_rejected(kube, NS, "server-ingress", "spec.ingress[0].from[0].ipBlock.except[0]")?;
+    for _ in 0..10 {
+        if connects(&fx.denied, fx.server)? {
+            bail!(
+                "after a refused update of its policy the denied pod gets in: the last good version was not kept"
+            );
+        }
+    }
+    fx.wait_until(&fx.allowed, true, Duration::from_secs(1))?;
+    kube.apply(&policy("allowed"))?;
+    eprintln!("cluster test: a refused update kept the last good policy enforced; reported: {line}");
+    Ok(())
+}
+
 /// Whether a TCP connection from inside `from` to the server completes.
 fn connects(from: &Arc<Netns>, server: IpAddr) -> Result<bool> {
     let target = SocketAddr::new(server, PORT);
@@ -430,6 +456,7 @@ pub fn agent_restarts(paths: &Paths, kills: usize) -> Result<()> {
     let fx = Fixture::create(&kube)?;
     fx.wait_until(&fx.denied, false, Duration::from_secs(30))?;
     fx.wait_until(&fx.allowed, true, Duration::from_secs(30))?;
+    bad_update_keeps_last_good(&kube, &fx)?;
     let mut agent = HostAgent::new(paths, &kube)?;
     set_daemonset(&kube, PAUSED)?;
     let run = wait_daemonset(&kube, 0).and_then(|()| restarts(&fx, &mut agent, kills));
