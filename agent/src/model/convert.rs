@@ -311,6 +311,43 @@ pub fn network_policy_from_api(np: &net::NetworkPolicy) -> Result<NetworkPolicy,
     })
 }
 
+/// What a policy the agent refuses the first time it sees it stands in
+/// for: it isolates the pods it selects, in its directions, and allows
+/// nothing. Ignoring it would leave those pods open to what it was written
+/// to stop; a later valid version replaces it. A selector that cannot be
+/// read selects the whole namespace; unreadable policy types mean both.
+/// `None` only without a namespace to scope it to.
+pub fn network_policy_fail_closed(np: &net::NetworkPolicy) -> Option<NetworkPolicy> {
+    let ctx = Ctx::new("NetworkPolicy", &np.metadata).ok()?;
+    let namespace = namespace_of(&ctx, &np.metadata).ok()?;
+    let spec = np.spec.as_ref();
+    let pod_selector =
+        spec.and_then(|s| s.pod_selector.as_ref()).map_or_else(LabelSelector::everything, |s| {
+            selector(&ctx, "spec.podSelector", s).unwrap_or_else(|_| LabelSelector::everything())
+        });
+    let (affects_ingress, affects_egress) = match spec.and_then(|s| s.policy_types.as_ref()) {
+        None => (true, spec.is_none_or(|s| s.egress.as_ref().is_some_and(|e| !e.is_empty()))),
+        Some(types) => {
+            let ingress = types.iter().any(|t| t == "Ingress");
+            let egress = types.iter().any(|t| t == "Egress");
+            if types.iter().all(|t| t == "Ingress" || t == "Egress") {
+                (ingress, egress)
+            } else {
+                (true, true)
+            }
+        }
+    };
+    Some(NetworkPolicy {
+        namespace,
+        name: np.metadata.name.clone().unwrap_or_default(),
+        pod_selector,
+        affects_ingress,
+        affects_egress,
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    })
+}
+
 pub fn service_from_api(svc: &core::Service) -> Result<Service, ModelError> {
     let ctx = Ctx::new("Service", &svc.metadata)?;
     let namespace = namespace_of(&ctx, &svc.metadata)?;
@@ -365,6 +402,33 @@ mod tests {
 
     fn error(spec: serde_json::Value) -> ModelError {
         network_policy_from_api(&np(spec)).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn a_refused_policy_stands_in_as_isolation_without_rules() {
+        let odd = serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["::ffff:10.1.0.0/112"]}}]}],
+        });
+        assert!(network_policy_from_api(&np(odd.clone())).is_err());
+        let p = network_policy_fail_closed(&np(odd)).expect("stand-in");
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("x", "p"));
+        assert!(p.pod_selector.matches(&Labels::from([("app".to_string(), "db".to_string())])));
+        assert!(!p.pod_selector.matches(&Labels::new()), "it selects what the policy selects");
+        assert!(p.affects_ingress && p.affects_egress, "ingress always, egress as its rules imply");
+        assert!(p.ingress.is_empty() && p.egress.is_empty(), "and allows nothing");
+
+        // An unreadable selector or policy type widens the isolation.
+        let odd = serde_json::json!({
+            "podSelector": {"matchExpressions": [{"key": "a", "operator": "Sometimes"}]},
+            "policyTypes": ["Ingress", "Sideways"],
+        });
+        let p = network_policy_fail_closed(&np(odd)).expect("stand-in");
+        assert!(p.pod_selector.matches(&Labels::new()), "the whole namespace");
+        assert!(p.affects_ingress && p.affects_egress);
+        let p = network_policy_fail_closed(&np(serde_json::json!({"policyTypes": ["Egress"]})))
+            .expect("stand-in");
+        assert!(!p.affects_ingress && p.affects_egress, "readable types are kept");
     }
 
     #[test]

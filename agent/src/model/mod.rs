@@ -13,7 +13,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{Cluster, ObjectKey};
-pub use convert::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api, service_from_api};
+pub use convert::{
+    ModelError, namespace_from_api, network_policy_fail_closed, network_policy_from_api, pod_from_api,
+    service_from_api,
+};
 pub use labels::Labels;
 pub use selector::{LabelSelector, Operator, Requirement};
 

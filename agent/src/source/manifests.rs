@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
 
 use crate::{
-    model::{ModelError, namespace_from_api, network_policy_from_api, pod_from_api, service_from_api},
+    model::{
+        ModelError, namespace_from_api, network_policy_fail_closed, network_policy_from_api, pod_from_api,
+        service_from_api,
+    },
     policy::{Change, Engine},
 };
 
@@ -127,6 +130,25 @@ impl ManifestsSource {
                 Ok(None) => {
                     self.seen.insert(id, value);
                 }
+                // A policy refused the first time stands in as isolation
+                // without rules (see `network_policy_fail_closed`), and
+                // counts as its last good version from then on.
+                Err(e) if id.0 == "NetworkPolicy" && !self.seen.contains_key(&id) => {
+                    match fail_closed_policy(&value) {
+                        Some(p) => {
+                            poll.errors.push(format!(
+                                "{e} (until a valid version replaces it, the pods it selects are isolated \
+                                 with nothing allowed)"
+                            ));
+                            poll.changes.push(Change::UpsertPolicy(p));
+                            self.seen.insert(id, value);
+                        }
+                        None => {
+                            poll.errors.push(e);
+                            self.rejected.insert(id, value);
+                        }
+                    }
+                }
                 // The last good version (if any) stays enforced.
                 Err(e) => {
                     poll.errors.push(e);
@@ -157,6 +179,25 @@ fn convert(kind: &str, value: serde_yaml_ng::Value) -> Result<Option<Change>, St
         // Other kinds are not ours.
         _ => return Ok(None),
     }))
+}
+
+/// The stand-in for a refused policy, read as far as it can be: a
+/// document that is not even a NetworkPolicy in shape still names its
+/// namespace, and then isolates all of it.
+fn fail_closed_policy(value: &serde_yaml_ng::Value) -> Option<crate::model::NetworkPolicy> {
+    let typed = serde_yaml_ng::from_value::<net::NetworkPolicy>(value.clone()).ok().or_else(|| {
+        let meta = value.get("metadata")?;
+        let text = |f: &str| meta.get(f).and_then(|v| v.as_str()).map(str::to_owned);
+        Some(net::NetworkPolicy {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: text("name"),
+                namespace: text("namespace"),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    })?;
+    network_policy_fail_closed(&typed)
 }
 
 /// Applies a poll's changes to the engine; returns whether anything moved.
@@ -217,6 +258,43 @@ mod tests {
         std::fs::write(dir.join("policy.yaml"), policy(81)).expect("write");
         let mut poll = source.poll();
         assert!(poll.errors.is_empty() && feed(&mut engine, &mut poll));
+        std::fs::remove_file(dir.join("policy.yaml")).expect("remove");
+        let mut poll = source.poll();
+        assert!(feed(&mut engine, &mut poll));
+        assert!(!engine.endpoints()[&web].ingress.isolated);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_policy_refused_at_first_sight_isolates_what_it_selects_until_a_good_version() {
+        let dir = std::env::temp_dir().join(format!("portcullis-manifests-first-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("objects.yaml"), OBJECTS).expect("write");
+        std::fs::write(dir.join("policy.yaml"), policy(70)).expect("write");
+        let mut source = ManifestsSource::new(&dir);
+        let mut engine = Engine::new("node");
+        let mut poll = source.poll();
+        assert_eq!(poll.errors.len(), 1);
+        assert!(poll.errors[0].contains("endPort: 70 is below port 80"), "{:?}", poll.errors);
+        assert!(poll.errors[0].contains("isolated"), "{:?}", poll.errors);
+        assert!(feed(&mut engine, &mut poll));
+        let web = PodKey { namespace: "x".into(), name: "web".into() };
+        let ep = engine.endpoints()[&web].clone();
+        assert!(ep.ingress.isolated && ep.ingress.allow.is_empty(), "fail closed, not open: {ep:?}");
+        assert!(!ep.egress.isolated, "only the directions the policy names");
+
+        // A good version replaces it; deleting it deletes the stand-in too.
+        std::fs::write(dir.join("policy.yaml"), policy(81)).expect("write");
+        let mut poll = source.poll();
+        assert!(poll.errors.is_empty() && feed(&mut engine, &mut poll));
+        assert!(!engine.endpoints()[&web].ingress.allow.is_empty());
+        std::fs::write(
+            dir.join("policy.yaml"),
+            "kind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec: 7\n",
+        )
+        .expect("write");
+        let mut poll = source.poll();
+        assert!(!feed(&mut engine, &mut poll), "a refused update keeps the last good version");
         std::fs::remove_file(dir.join("policy.yaml")).expect("remove");
         let mut poll = source.poll();
         assert!(feed(&mut engine, &mut poll));
