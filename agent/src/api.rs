@@ -1,11 +1,13 @@
 //! The agent's local API: HTTP/1.1 with JSON bodies on a root-only unix
-//! socket (`curl --unix-socket` works). For now it serves the chained CNI
-//! plugin: `POST /v1/cni/add` answers once the pod's endpoint is enforced,
-//! `POST /v1/cni/del` forgets the sandbox.
+//! socket (`curl --unix-socket` works). It serves the chained CNI plugin
+//! (`POST /v1/cni/add` answers once the pod's endpoint is enforced,
+//! `POST /v1/cni/del` forgets the sandbox) and `GET /v1/status`: what the
+//! maps hold, so a test can wait for its own writes to be enforced.
 //!
 //! Requests go to the main loop over a channel; the loop owns all state.
 
 use std::{
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -44,11 +46,30 @@ pub struct CniReady {
     pub endpoint_id: u16,
 }
 
+/// The answer to `GET /v1/status`: what the maps hold now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Where the agent learns objects: `kube`, `manifests` or `state`.
+    pub source: String,
+    /// The revision last written to the maps (the `enforced revision N`
+    /// line); none before the first.
+    pub revision: Option<u64>,
+    /// `kube`: every kind has been listed once (nothing is applied before).
+    pub synced: bool,
+    /// `kube`: per watched kind (`Namespace`, `Pod`, `NetworkPolicy`,
+    /// `Service`), the newest resourceVersion the agent has received and
+    /// enforced: the maps are written for a state that contains it and
+    /// everything before it on that kind's watch. Absent until the kind has
+    /// an object.
+    pub resource_versions: BTreeMap<String, String>,
+}
+
 /// What the main loop is asked.
 #[derive(Debug)]
 pub enum Request {
     CniAdd(CniAdd, oneshot::Sender<Result<CniReady, String>>),
     CniDel(CniDel),
+    Status(oneshot::Sender<Status>),
 }
 
 #[derive(Debug, Error)]
@@ -137,6 +158,16 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>) -> std::io::Resul
             }
             Err(e) => respond(stream, 400, &bad(e)).await,
         },
+        ("GET", "/v1/status") => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send(Request::Status(reply_tx)).await.is_err() {
+                return respond(stream, 503, &serde_json::json!({"error": "agent stopping"})).await;
+            }
+            match reply_rx.await {
+                Ok(status) => respond(stream, 200, &serde_json::to_value(status)?).await,
+                Err(_) => respond(stream, 503, &serde_json::json!({"error": "agent stopping"})).await,
+            }
+        }
         _ => respond(stream, 404, &serde_json::json!({"error": format!("no route {method} {path}")})).await,
     }
 }
@@ -178,14 +209,33 @@ pub fn call(
     body: &impl Serialize,
     timeout: std::time::Duration,
 ) -> std::io::Result<(u16, serde_json::Value)> {
+    request(socket, "POST", path, Some(serde_json::to_vec(body)?), timeout)
+}
+
+/// `GET path` as a blocking client: the status and the body.
+pub fn get(
+    socket: &Path,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, serde_json::Value)> {
+    request(socket, "GET", path, None, timeout)
+}
+
+fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, serde_json::Value)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let body = serde_json::to_vec(body)?;
+    let body = body.unwrap_or_default();
     write!(
         stream,
-        "POST {path} HTTP/1.1\r\nhost: portcullis\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: portcullis\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )?;
     stream.write_all(&body)?;
@@ -252,6 +302,40 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(status, 404);
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn status_is_answered_by_the_loop() {
+        let dir = std::env::temp_dir().join(format!("portcullis-api-status-{}", std::process::id()));
+        let socket = dir.join("agent.sock");
+        let (tx, mut rx) = mpsc::channel(8);
+        let server = serve(&socket, tx).unwrap();
+        let client = {
+            let socket = socket.clone();
+            tokio::task::spawn_blocking(move || get(&socket, "/v1/status", std::time::Duration::from_secs(5)))
+        };
+        let status = Status {
+            source: "kube".into(),
+            revision: Some(12),
+            synced: true,
+            resource_versions: BTreeMap::from([("Pod".into(), "4711".into())]),
+        };
+        match rx.recv().await.unwrap() {
+            Request::Status(reply) => reply.send(status.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+        let (code, body) = client.await.unwrap().unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "source": "kube", "revision": 12, "synced": true,
+                "resource_versions": {"Pod": "4711"},
+            })
+        );
+        assert_eq!(serde_json::from_value::<Status>(body).unwrap(), status);
         server.abort();
         let _ = std::fs::remove_dir_all(&dir);
     }

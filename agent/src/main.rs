@@ -152,7 +152,7 @@ async fn agent_main() -> Result<()> {
                     tracing::info!(node = %node, "watching the API server");
                     Source::Kube {
                         events: Events::new(client.clone(), &node),
-                        source: KubeSource::start(client),
+                        source: Box::new(KubeSource::start(client)),
                         engine: Box::new(Engine::new(node)),
                         builder: StateBuilder::default(),
                     }
@@ -200,7 +200,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 /// Where the state to enforce comes from.
 enum Source {
     /// The API server's objects, through watchers, compiled by the engine.
-    Kube { source: KubeSource, events: Events, engine: Box<Engine>, builder: StateBuilder },
+    Kube { source: Box<KubeSource>, events: Events, engine: Box<Engine>, builder: StateBuilder },
     /// Objects in a directory, compiled by the engine.
     Manifests { source: ManifestsSource, engine: Box<Engine>, builder: StateBuilder },
     /// Compiled state written by someone else.
@@ -216,6 +216,25 @@ impl Source {
         }
     }
 
+    /// What `GET /v1/status` answers, given the revision last written.
+    fn status(&self, revision: Option<u64>) -> api::Status {
+        let mut status = api::Status { revision, ..Default::default() };
+        match self {
+            Source::Kube { source, .. } => {
+                status.source = "kube".into();
+                status.synced = source.synced();
+                status.resource_versions = source
+                    .applied_versions()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), v.to_string()))
+                    .collect();
+            }
+            Source::Manifests { .. } => status.source = "manifests".into(),
+            Source::StateFile { .. } => status.source = "state".into(),
+        }
+        status
+    }
+
     /// The state to enforce, and whether it is news (to report) rather than
     /// a periodic re-check; `None` when nothing moved. `reconcile`: also
     /// rebuild what depends on the node (interfaces, addresses).
@@ -227,7 +246,7 @@ impl Source {
                     tracing::warn!("{e} (retrying; the last state stays enforced)");
                 }
                 for r in &poll.rejected {
-                    tracing::error!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "{} (its last good version stays)", r.error);
+                    tracing::error!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "{} ({})", r.error, r.meanwhile);
                     events.rejected(r);
                 }
                 // Until every kind is listed, the pinned state stays as it is.
@@ -326,6 +345,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         tracing::info!(conflist = %conflist.display(), "CNI plugin chained");
     }
     let mut hints = Hints::default();
+    hints.restore(dp.placements());
     let mut pending: Vec<PendingAdd> = Vec::new();
     let mut cni_dirty = false;
 
@@ -374,6 +394,12 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                     api::Request::CniDel(del) => {
                         let pod = PodKey { namespace: del.namespace, name: del.name };
                         hints.remove(&pod, &del.container_id);
+                    }
+                    // Answered between passes, and a pass writes the maps for
+                    // everything it fed the engine: what the source has
+                    // applied is enforced.
+                    api::Request::Status(reply) => {
+                        let _ = reply.send(source.status(good.as_ref().map(|s| s.revision)));
                     }
                 }
                 continue;

@@ -65,12 +65,16 @@ impl Netns {
         Ok(Netns { name: name.to_owned(), owned: false })
     }
 
-    /// The named namespace that holds `ip` on one of its interfaces: how a
-    /// test finds a Kubernetes pod's sandbox from its pod IP.
+    /// The CRI pod sandbox (`cni-…` under /run/netns) that holds `ip` on one
+    /// of its interfaces: how a test finds a Kubernetes pod from its pod IP.
+    /// Other namespaces (a lab's pods may use the same addresses) never match.
     pub fn holding(ip: IpAddr) -> Result<Netns> {
         let wanted = ip.to_string();
         for entry in std::fs::read_dir("/run/netns").context("reading /run/netns")?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("cni-") {
+                continue;
+            }
             let Ok(addrs) = sh("ip", &["-n", &name, "-o", "addr", "show"]) else { continue };
             let holds = addrs.lines().any(|l| {
                 l.split_whitespace()
@@ -83,7 +87,7 @@ impl Netns {
                 return Ok(Netns { name, owned: false });
             }
         }
-        bail!("no network namespace under /run/netns holds {ip}")
+        bail!("no pod sandbox (/run/netns/cni-…) holds {ip}")
     }
 
     pub fn name(&self) -> &str {

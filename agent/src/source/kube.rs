@@ -12,21 +12,32 @@
 //!   for what changed, deletes for what vanished meanwhile;
 //! - an object that does not convert is reported (log line, and the caller
 //!   may raise an Event) and its last good version stays enforced.
+//!
+//! Each kind's newest resourceVersion goes along with its changes, so the
+//! agent can say which writes its maps reflect (`GET /v1/status`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        utils::ResetTimerBackoff,
+        watcher::{self, ExponentialBackoff, watcher},
+    },
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use crate::{
     model::{
-        ModelError, PodKey, namespace_from_api, network_policy_from_api, pod_from_api, service_from_api,
+        ModelError, PodKey, namespace_from_api, network_policy_fail_closed, network_policy_from_api,
+        pod_from_api, service_from_api,
     },
     policy::{Change, Engine},
 };
@@ -42,6 +53,16 @@ pub enum Kind {
 
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::Service];
+
+    /// The API's name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+        }
+    }
 }
 
 /// An object the API server holds that the model refuses.
@@ -52,7 +73,13 @@ pub struct Rejected {
     pub name: String,
     pub uid: Option<String>,
     pub error: String,
+    /// What is enforced for it meanwhile, in words.
+    pub meanwhile: &'static str,
 }
+
+const LAST_GOOD: &str = "portcullis keeps enforcing its last good version";
+const STAND_IN: &str =
+    "until a valid version replaces it, portcullis isolates the pods it selects with nothing allowed";
 
 impl Rejected {
     /// The object, as an Event's regarding reference.
@@ -98,12 +125,7 @@ impl Events {
         let event = Event {
             type_: EventType::Warning,
             reason: "PolicyRejected".into(),
-            note: Some(
-                format!("{} (portcullis keeps enforcing its last good version)", r.error)
-                    .chars()
-                    .take(1000)
-                    .collect(),
-            ),
+            note: Some(format!("{} ({})", r.error, r.meanwhile).chars().take(1000).collect()),
             action: "Compile".into(),
             secondary: None,
         };
@@ -119,7 +141,9 @@ impl Events {
 #[derive(Debug)]
 pub enum Update {
     /// Changes to apply together; `listed` marks the end of a (re)list.
-    Changes { kind: Kind, changes: Vec<Change>, rejected: Vec<Rejected>, listed: bool },
+    /// `version`: the newest resourceVersion among the objects behind them
+    /// (refused and unchanged ones included: they are handled too).
+    Changes { kind: Kind, changes: Vec<Change>, rejected: Vec<Rejected>, listed: bool, version: Option<u64> },
     /// The watch failed; the watcher retries with backoff, the last state stays.
     WatchError { kind: Kind, error: String },
 }
@@ -130,6 +154,10 @@ pub struct KubeSource {
     listed: BTreeSet<Kind>,
     /// Changes held back until every kind has been listed once.
     held: Vec<Change>,
+    /// The newest resourceVersion drained per kind (held changes included).
+    drained: BTreeMap<Kind, u64>,
+    /// The newest resourceVersion per kind whose changes the engine has.
+    applied: BTreeMap<Kind, u64>,
     /// Bumped whenever a batch moves the engine; reported once enforced.
     pub revision: u64,
     /// Watch restarts since start, per kind (for status and metrics).
@@ -142,24 +170,25 @@ pub struct Poll {
     pub changes: Vec<Change>,
     pub rejected: Vec<Rejected>,
     pub watch_errors: Vec<String>,
+    /// The newest resourceVersion per kind that `changes` brings the engine to.
+    pub versions: BTreeMap<Kind, u64>,
 }
 
 impl KubeSource {
     /// Starts the four watchers on the current tokio runtime.
     pub fn start(client: Client) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        spawn_watch::<core::Namespace>(Api::all(client.clone()), Kind::Namespace, tx.clone(), |ns| {
-            namespace_from_api(ns).map(Change::UpsertNamespace)
-        });
-        spawn_watch::<core::Pod>(Api::all(client.clone()), Kind::Pod, tx.clone(), |pod| {
-            pod_from_api(pod).map(Change::UpsertPod)
-        });
-        spawn_watch::<net::NetworkPolicy>(Api::all(client.clone()), Kind::NetworkPolicy, tx.clone(), |np| {
-            network_policy_from_api(np).map(Change::UpsertPolicy)
-        });
-        spawn_watch::<core::Service>(Api::all(client), Kind::Service, tx, |svc| {
-            service_from_api(svc).map(Change::UpsertService)
-        });
+        let namespaces =
+            KindState::new(Kind::Namespace, |ns| namespace_from_api(ns).map(Change::UpsertNamespace));
+        spawn_watch::<core::Namespace>(Api::all(client.clone()), tx.clone(), namespaces);
+        let pods = KindState::new(Kind::Pod, |pod| pod_from_api(pod).map(Change::UpsertPod));
+        spawn_watch::<core::Pod>(Api::all(client.clone()), tx.clone(), pods);
+        let policies =
+            KindState::new(Kind::NetworkPolicy, |np| network_policy_from_api(np).map(Change::UpsertPolicy))
+                .with_fail_closed(|np| network_policy_fail_closed(np).map(Change::UpsertPolicy));
+        spawn_watch::<net::NetworkPolicy>(Api::all(client.clone()), tx.clone(), policies);
+        let services = KindState::new(Kind::Service, |svc| service_from_api(svc).map(Change::UpsertService));
+        spawn_watch::<core::Service>(Api::all(client), tx, services);
         Self::from_updates(rx)
     }
 
@@ -169,6 +198,8 @@ impl KubeSource {
             rx,
             listed: BTreeSet::new(),
             held: Vec::new(),
+            drained: BTreeMap::new(),
+            applied: BTreeMap::new(),
             revision: 0,
             watch_errors: BTreeMap::new(),
         }
@@ -185,11 +216,15 @@ impl KubeSource {
         let mut poll = Poll::default();
         while let Ok(update) = self.rx.try_recv() {
             match update {
-                Update::Changes { kind, changes, rejected, listed } => {
+                Update::Changes { kind, changes, rejected, listed, version } => {
                     self.held.extend(changes);
                     poll.rejected.extend(rejected);
                     if listed {
                         self.listed.insert(kind);
+                    }
+                    if let Some(v) = version {
+                        let newest = self.drained.entry(kind).or_default();
+                        *newest = (*newest).max(v);
                     }
                 }
                 Update::WatchError { kind, error } => {
@@ -206,13 +241,20 @@ impl KubeSource {
                 _ => 2,
             });
             poll.changes = std::mem::take(&mut self.held);
+            poll.versions = self.drained.clone();
         }
         poll
     }
 
     /// Applies a poll's changes; when there were any, bumps the revision
     /// and returns true (the state is rebuilt and reported as enforced).
+    /// The poll's resourceVersions count as applied either way: a relist
+    /// that found nothing new, or a refused update, needs nothing written.
     pub fn feed(&mut self, engine: &mut Engine, poll: &mut Poll) -> bool {
+        for (kind, v) in std::mem::take(&mut poll.versions) {
+            let newest = self.applied.entry(kind).or_default();
+            *newest = (*newest).max(v);
+        }
         if poll.changes.is_empty() {
             return false;
         }
@@ -220,12 +262,26 @@ impl KubeSource {
         self.revision += 1;
         true
     }
+
+    /// The newest resourceVersion per kind that `feed` gave the engine.
+    /// The agent writes the maps in the same pass, so between passes these
+    /// are enforced.
+    pub fn applied_versions(&self) -> &BTreeMap<Kind, u64> {
+        &self.applied
+    }
 }
 
 type Key = (String, String);
 
 fn key_of<K: Resource>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// An object's resourceVersion as a number. The API calls it opaque, but
+/// every API server backed by etcd writes its revision there (ordered across
+/// the cluster); one that does not parse is not counted.
+fn version_of<K: Resource>(obj: &K) -> Option<u64> {
+    obj.meta().resource_version.as_deref()?.parse().ok()
 }
 
 fn delete_change(kind: Kind, (namespace, name): Key) -> Change {
@@ -241,6 +297,9 @@ fn delete_change(kind: Kind, (namespace, name): Key) -> Change {
 pub struct KindState<K> {
     kind: Kind,
     convert: fn(&K) -> Result<Change, ModelError>,
+    /// What stands in for an object refused the first time it is seen
+    /// (policies: isolation without rules), if anything.
+    fail_closed: Option<fn(&K) -> Option<Change>>,
     /// Objects the engine has, by key, with the resourceVersion last seen.
     known: BTreeMap<Key, Option<String>>,
     /// During a relist: what it has listed so far, and the changes found.
@@ -254,20 +313,42 @@ struct Relist {
     listed: BTreeMap<Key, Option<String>>,
     changes: Vec<Change>,
     rejected: Vec<Rejected>,
+    /// The newest resourceVersion listed so far.
+    newest: Option<u64>,
 }
 
 impl<K: Resource> KindState<K> {
     pub fn new(kind: Kind, convert: fn(&K) -> Result<Change, ModelError>) -> Self {
-        KindState { kind, convert, known: BTreeMap::new(), relist: None }
+        KindState { kind, convert, fail_closed: None, known: BTreeMap::new(), relist: None }
+    }
+
+    pub fn with_fail_closed(mut self, stand_in: fn(&K) -> Option<Change>) -> Self {
+        self.fail_closed = Some(stand_in);
+        self
     }
 
     fn upsert(&self, obj: &K, changes: &mut Vec<Change>, rejected: &mut Vec<Rejected>) {
         match (self.convert)(obj) {
             Ok(change) => changes.push(change),
             Err(e) => {
-                let (namespace, name) = key_of(obj);
+                let key = key_of(obj);
+                // Seen before: its last good version (or stand-in) stays.
+                let stand_in = match self.known.contains_key(&key) {
+                    true => None,
+                    false => self.fail_closed.and_then(|f| f(obj)),
+                };
+                let meanwhile = if stand_in.is_some() { STAND_IN } else { LAST_GOOD };
+                changes.extend(stand_in);
+                let (namespace, name) = key;
                 let uid = obj.meta().uid.clone();
-                rejected.push(Rejected { kind: self.kind, namespace, name, uid, error: e.to_string() });
+                rejected.push(Rejected {
+                    kind: self.kind,
+                    namespace,
+                    name,
+                    uid,
+                    error: e.to_string(),
+                    meanwhile,
+                });
             }
         }
     }
@@ -288,25 +369,27 @@ impl<K: Resource> KindState<K> {
                 if !unchanged {
                     self.upsert(&obj, &mut relist.changes, &mut relist.rejected);
                 }
+                relist.newest = relist.newest.max(version_of(&obj));
                 relist.listed.insert(key, version);
                 self.relist = Some(relist);
                 None
             }
             watcher::Event::InitDone => {
-                let Relist { listed, mut changes, rejected } = self.relist.take().unwrap_or_default();
+                let Relist { listed, mut changes, rejected, newest } = self.relist.take().unwrap_or_default();
                 // Gone while we were not watching: deleted now.
                 for key in self.known.keys().filter(|k| !listed.contains_key(*k)) {
                     changes.push(delete_change(kind, key.clone()));
                 }
                 self.known = listed;
-                Some(Update::Changes { kind, changes, rejected, listed: true })
+                Some(Update::Changes { kind, changes, rejected, listed: true, version: newest })
             }
             watcher::Event::Apply(obj) => {
                 let (mut changes, mut rejected) = (Vec::new(), Vec::new());
                 self.upsert(&obj, &mut changes, &mut rejected);
                 self.known.insert(key_of(&obj), obj.meta().resource_version.clone());
-                Some(Update::Changes { kind, changes, rejected, listed: false })
+                Some(Update::Changes { kind, changes, rejected, listed: false, version: version_of(&obj) })
             }
+            // The API server gives a deleted object the deletion's version.
             watcher::Event::Delete(obj) => {
                 let key = key_of(&obj);
                 self.known.remove(&key);
@@ -315,28 +398,60 @@ impl<K: Resource> KindState<K> {
                     changes: vec![delete_change(kind, key)],
                     rejected: vec![],
                     listed: false,
+                    version: version_of(&obj),
                 })
             }
         }
     }
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
-    kind: Kind,
-    tx: mpsc::UnboundedSender<Update>,
-    convert: fn(&K) -> Result<Change, ModelError>,
-) where
+/// Retries of a failed watch: 0.5 s doubling to 4 s (up to twice that with
+/// jitter), reset after a minute of health. client-go's reflectors (and
+/// kube-runtime's default) go up to 30 s; for an agent that must apply
+/// the first policy changes after an API server outage, that is up to a
+/// minute of lag (a refused connection, then 410 Gone, each waits a full
+/// step), measured on the test cluster. A retry is one refused connect
+/// or one list per kind and node, cheap for a recovering API server.
+fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+    let steps = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(4))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(ExponentialBackoff::from(steps), Duration::from_secs(60))
+}
+
+fn spawn_watch<K>(api: Api<K>, tx: mpsc::UnboundedSender<Update>, mut state: KindState<K>)
+where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
+    let kind = state.kind;
     tokio::spawn(async move {
-        let mut state = KindState::new(kind, convert);
         // Bookmarks on (1.17+), plain list+watch (streaming lists need 1.27+).
-        let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        let mut stream = watcher(api, watcher::Config::default()).backoff(watch_backoff()).boxed();
         while let Some(event) = stream.next().await {
             let update = match event {
-                Ok(event) => state.on_event(event),
+                Ok(event) => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let (what, version) = match &event {
+                            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                                ("apply", o.meta().resource_version.clone())
+                            }
+                            watcher::Event::Delete(o) => ("delete", o.meta().resource_version.clone()),
+                            watcher::Event::Init => ("list started", None),
+                            watcher::Event::InitDone => ("list done", None),
+                        };
+                        tracing::debug!(
+                            ?kind,
+                            what,
+                            version = version.as_deref().unwrap_or("-"),
+                            "watch event"
+                        );
+                    }
+                    state.on_event(event)
+                }
                 Err(e) => Some(Update::WatchError { kind, error: e.to_string() }),
             };
             if let Some(update) = update
@@ -432,8 +547,27 @@ mod tests {
             }))
             .unwrap()
         };
-        let mut s: KindState<net::NetworkPolicy> =
-            KindState::new(Kind::NetworkPolicy, |np| network_policy_from_api(np).map(Change::UpsertPolicy));
+        let state = || -> KindState<net::NetworkPolicy> {
+            KindState::new(Kind::NetworkPolicy, |np| network_policy_from_api(np).map(Change::UpsertPolicy))
+                .with_fail_closed(|np| network_policy_fail_closed(np).map(Change::UpsertPolicy))
+        };
+        // Refused at first sight (an agent that never saw a good version):
+        // a stand-in isolates what it selects, allowing nothing.
+        let mut s = state();
+        s.on_event(watcher::Event::Init);
+        s.on_event(watcher::Event::InitApply(policy(70)));
+        match s.on_event(watcher::Event::InitDone) {
+            Some(Update::Changes { changes, rejected, .. }) => {
+                assert!(
+                    matches!(&changes[..], [Change::UpsertPolicy(p)] if p.affects_ingress && p.ingress.is_empty()),
+                    "{changes:?}"
+                );
+                assert_eq!(rejected[0].meanwhile, STAND_IN);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut s = state();
         s.on_event(watcher::Event::Init);
         s.on_event(watcher::Event::InitApply(policy(90)));
         assert!(
@@ -451,6 +585,7 @@ mod tests {
                         uid: None,
                         error: "NetworkPolicy x/web: spec.ingress[0].ports[0].endPort: 70 is below port 80"
                             .into(),
+                        meanwhile: LAST_GOOD,
                     }]
                 );
             }
@@ -466,7 +601,8 @@ mod tests {
         let upsert = |name: &str| Change::UpsertNamespace(namespace_from_api(&ns(name, "1", &[])).unwrap());
         for (i, kind) in Kind::ALL.iter().enumerate() {
             let changes = if *kind == Kind::Namespace { vec![upsert("a")] } else { vec![] };
-            tx.send(Update::Changes { kind: *kind, changes, rejected: vec![], listed: true }).unwrap();
+            tx.send(Update::Changes { kind: *kind, changes, rejected: vec![], listed: true, version: None })
+                .unwrap();
             let mut poll = source.poll();
             if i + 1 < Kind::ALL.len() {
                 assert!(poll.changes.is_empty() && !source.synced(), "held until all kinds are listed");
@@ -481,5 +617,68 @@ mod tests {
         let poll = source.poll();
         assert_eq!(poll.watch_errors, vec!["watching Pods: 410 Gone".to_string()]);
         assert_eq!(source.watch_errors[&Kind::Pod], 1);
+    }
+
+    #[test]
+    fn updates_carry_the_newest_resource_version() {
+        let version = |u: Option<Update>| match u {
+            Some(Update::Changes { version, .. }) => version,
+            other => panic!("expected changes, got {other:?}"),
+        };
+        let mut s = state();
+        s.on_event(watcher::Event::Init);
+        s.on_event(watcher::Event::InitApply(ns("a", "17", &[])));
+        s.on_event(watcher::Event::InitApply(ns("b", "9", &[])));
+        // Listed by name, not by version: the newest is the largest.
+        assert_eq!(version(s.on_event(watcher::Event::InitDone)), Some(17));
+        // A relist that changes nothing still says how far it got.
+        s.on_event(watcher::Event::Init);
+        s.on_event(watcher::Event::InitApply(ns("a", "17", &[])));
+        assert_eq!(version(s.on_event(watcher::Event::InitDone)), Some(17));
+        assert_eq!(version(s.on_event(watcher::Event::Apply(ns("c", "30", &[])))), Some(30));
+        assert_eq!(version(s.on_event(watcher::Event::Delete(ns("c", "31", &[])))), Some(31));
+        assert_eq!(version(s.on_event(watcher::Event::Apply(ns("d", "opaque", &[])))), None);
+        s.on_event(watcher::Event::Init);
+        assert_eq!(version(s.on_event(watcher::Event::InitDone)), None, "an empty list has no version");
+    }
+
+    #[test]
+    fn applied_versions_follow_what_the_engine_has() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = KubeSource::from_updates(rx);
+        let mut engine = Engine::new("node");
+        let send = |kind: Kind, changes: Vec<Change>, listed: bool, version: Option<u64>| {
+            tx.send(Update::Changes { kind, changes, rejected: vec![], listed, version }).unwrap();
+        };
+        let upsert = |name: &str| Change::UpsertNamespace(namespace_from_api(&ns(name, "1", &[])).unwrap());
+        send(Kind::Namespace, vec![upsert("a")], true, Some(10));
+        send(Kind::Pod, vec![], true, Some(12));
+        send(Kind::NetworkPolicy, vec![], true, None);
+        let mut poll = source.poll();
+        assert!(poll.versions.is_empty(), "nothing is applied before every kind is listed");
+        source.feed(&mut engine, &mut poll);
+        assert!(source.applied_versions().is_empty());
+
+        send(Kind::Service, vec![], true, Some(11));
+        let mut poll = source.poll();
+        assert!(source.feed(&mut engine, &mut poll));
+        let want = BTreeMap::from([(Kind::Namespace, 10), (Kind::Pod, 12), (Kind::Service, 11)]);
+        assert_eq!(source.applied_versions(), &want);
+
+        // Nothing to change (a refused object, a relist that found all as it
+        // was): no new revision, but the version is applied all the same.
+        send(Kind::NetworkPolicy, vec![], false, Some(20));
+        // A relist after an outage lists older objects: never backwards.
+        send(Kind::Namespace, vec![], true, Some(5));
+        let mut poll = source.poll();
+        assert!(!source.feed(&mut engine, &mut poll));
+        assert_eq!(source.revision, 1);
+        let want = BTreeMap::from([
+            (Kind::Namespace, 10),
+            (Kind::Pod, 12),
+            (Kind::NetworkPolicy, 20),
+            (Kind::Service, 11),
+        ]);
+        assert_eq!(source.applied_versions(), &want);
     }
 }

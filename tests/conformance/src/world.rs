@@ -219,6 +219,33 @@ impl World {
         self.pods.iter().find(|p| p.id() == id)
     }
 
+    /// Gives pod `id` the addresses a real cluster assigned to it and to its
+    /// Service, in the run's family (the world picks its own otherwise). A
+    /// runner on a cluster calls this once the pods run, before the steps
+    /// resolve templates against them.
+    pub fn set_addresses(&mut self, id: &str, ip: IpAddr, service_ip: IpAddr) -> Result<(), String> {
+        let family = self.family;
+        let pod = self.pods.iter_mut().find(|p| p.id() == id).ok_or_else(|| format!("no pod {id:?}"))?;
+        match (family, ip, service_ip) {
+            (Family::V4, IpAddr::V4(v4), IpAddr::V4(service)) => {
+                pod.ipv4 = v4;
+                pod.service_ipv4 = service;
+            }
+            (Family::V6, IpAddr::V6(v6), IpAddr::V6(service)) => {
+                pod.ipv6 = v6;
+                pod.service_ipv6 = service;
+            }
+            _ => {
+                return Err(format!(
+                    "pod {id}: {ip} and {service_ip} are not both in the run's family {family:?}"
+                ));
+            }
+        }
+        pod.ip = ip;
+        pod.service_ip = service_ip;
+        Ok(())
+    }
+
     /// Applies a step's label, delete and apply, in that order. Returns the
     /// engine changes and notes (objects the API would have refused).
     pub fn step(&mut self, s: usize, step: &Step) -> Result<(Vec<Change>, Vec<String>), CaseError> {
@@ -452,5 +479,47 @@ impl World {
             out.push_str(&serde_yaml_ng::to_string(policy).unwrap_or_default());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_resolve_against_addresses_set_from_a_cluster() {
+        let case = Case::parse(
+            "inline.yaml",
+            r#"
+name: cluster-addresses
+steps:
+  - apply:
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: p, namespace: x}
+        spec:
+          podSelector: {}
+          ingress: [{from: [{ipBlock: {cidr: "$(cidr x/b 16)", except: ["$(host x/b)"]}}]}]
+"#,
+        )
+        .expect("case");
+        let mut world = World::new(&case, Family::V4, false);
+        let (ip, service): (IpAddr, IpAddr) = ("10.244.0.23".parse().unwrap(), "10.96.7.9".parse().unwrap());
+        world.set_addresses("x/b", ip, service).expect("same family");
+        let b = world.pod("x/b").expect("x/b");
+        assert_eq!(
+            (b.ip, b.ipv4, b.service_ip, b.service_ipv4.into()),
+            (ip, Ipv4Addr::new(10, 244, 0, 23), service, service)
+        );
+        world.step(0, &case.steps[0]).expect("step");
+        let policy = &world.api_policies[&("x".to_string(), "p".to_string())];
+        let block = &policy["spec"]["ingress"][0]["from"][0]["ipBlock"];
+        assert_eq!(block["cidr"].as_str(), Some("10.244.0.0/16"));
+        assert_eq!(block["except"][0].as_str(), Some("10.244.0.23/32"));
+
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert!(world.set_addresses("x/b", v6, service).is_err(), "another family");
+        assert!(world.set_addresses("x/nobody", ip, service).is_err());
+        assert_eq!(world.pod("x/b").expect("x/b").ip, ip, "unchanged by a refused call");
     }
 }

@@ -4,7 +4,7 @@
 
 mod check;
 mod e2e;
-mod images;
+pub(crate) mod images;
 mod oci;
 mod reliability;
 
@@ -42,9 +42,9 @@ pub enum ClusterCmd {
         focus: String,
     },
     /// The agent on the cluster: up, deploy it, 50 pods that must start
-    /// enforced, a refused policy reported, the agent killed 20× and the
-    /// API server stopped for 60 s during traffic, the e2e suite (every
-    /// spec must pass), down.
+    /// enforced, a refused policy reported, the conformance cases through
+    /// the cluster, the agent killed 20× and the API server stopped for
+    /// 60 s during traffic, the e2e suite (every spec must pass), down.
     E2eWithAgent,
     /// With the agent deployed, traffic flowing and judged throughout: a
     /// fresh agent adopts running pods, the agent is SIGKILLed and
@@ -213,6 +213,7 @@ pub fn e2e_with_agent() -> Result<()> {
         .and_then(|()| deploy(&paths))
         .and_then(|()| check::pods_start_enforced(&paths, 50))
         .and_then(|()| check::refused_policy_is_reported(&paths))
+        .and_then(|()| conformance_through_the_cluster())
         .and_then(|()| reliability(&paths, 20, 60))
         .and_then(|()| e2e::run(&paths, "NetworkPolicy"));
     if result.is_err() || result.as_ref().is_ok_and(|r| r.failed > 0) {
@@ -230,6 +231,26 @@ pub fn e2e_with_agent() -> Result<()> {
     if report.failed > 0 || report.ran == 0 {
         bail!("{} of {} e2e specs failed with the agent enforcing", report.failed, report.ran);
     }
+    Ok(())
+}
+
+/// The conformance cases with `--source kube`: real pods, the agent as its
+/// DaemonSet, Services through the cluster's kube-proxy.
+fn conformance_through_the_cluster() -> Result<()> {
+    let t = std::time::Instant::now();
+    eprintln!("cluster test: cargo xtask conformance --source kube tests/conformance/cases");
+    let code = crate::conformance::run(crate::conformance::Options {
+        target: None,
+        ipv6: false,
+        bridge: false,
+        nodes: 1,
+        source: "kube".into(),
+        paths: vec![root().join("tests/conformance/cases")],
+    })?;
+    if code != 0 {
+        bail!("conformance through the cluster failed (exit {code})");
+    }
+    eprintln!("cluster test: conformance through the cluster passed in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
 }
 

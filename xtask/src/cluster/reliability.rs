@@ -149,6 +149,27 @@ fn bad_update_keeps_last_good(kube: &Kube, fx: &Fixture) -> Result<()> {
     fx.wait_until(&fx.allowed, true, Duration::from_secs(1))?;
     kube.apply(&policy("allowed"))?;
     eprintln!("cluster test: a refused update kept the last good policy enforced; reported: {line}");
+
+    // A new policy refused outright stands in as isolation without rules:
+    // the allowed pod's egress, which it selects, is shut (had the agent
+    // ignored it the pod would pass; had it dropped the `except`, too).
+    kube.apply(&format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: odd-egress, namespace: {NS}}}
+spec:
+  podSelector: {{matchLabels: {{role: allowed}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 10.0.0.0/8, except: ["::ffff:10.1.0.0/112"]}}}}]
+"#
+    ))?;
+    let line = super::check::wait_rejected(kube, NS, "odd-egress", "spec.egress[0].to[0].ipBlock.except[0]")?;
+    fx.wait_until(&fx.allowed, false, Duration::from_secs(5))
+        .context("a policy refused at first sight left the pods it selects open")?;
+    kube.run(&["delete", "networkpolicy", "-n", NS, "odd-egress"])?;
+    fx.wait_until(&fx.allowed, true, Duration::from_secs(10))?;
+    eprintln!("cluster test: a policy refused at first sight isolated what it selects; reported: {line}");
     Ok(())
 }
 
@@ -346,7 +367,7 @@ impl HostAgent {
         Ok(HostAgent { binary, kubeconfig, node: paths.node_name.clone(), log_dir, starts: 0 })
     }
 
-    fn start(&mut self) -> Result<(Child, PathBuf)> {
+    fn start(&mut self) -> Result<(Running, PathBuf)> {
         self.starts += 1;
         let log = self.log_dir.join(format!("start-{}.log", self.starts));
         let out = std::fs::File::create(&log)?;
@@ -361,7 +382,7 @@ impl HostAgent {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
-        Ok((child, log))
+        Ok((Running(child), log))
     }
 
     fn uninstall(&self) -> Result<()> {
@@ -394,6 +415,17 @@ fn wait_enforced(child: &mut Child, log: &Path, timeout: Duration) -> Result<Dur
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A host agent, SIGKILLed when dropped: none outlives the test (a second
+/// agent would fight the DaemonSet's over the maps).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn sigkill(child: &mut Child) -> Result<()> {
@@ -491,7 +523,7 @@ fn restarts(fx: &Fixture, agent: &mut HostAgent, kills: usize) -> Result<Traffic
     )?;
     let started = Instant::now();
     let (mut child, mut log) = agent.start()?;
-    let first = wait_enforced(&mut child, &log, Duration::from_secs(60))?;
+    let first = wait_enforced(&mut child.0, &log, Duration::from_secs(60))?;
     // Behind a bridge, a pod the node never spoke to has no neighbour
     // entry: the agent asks the kernel to resolve it and places it on the
     // next pass, about a second later.
@@ -513,13 +545,13 @@ fn restarts(fx: &Fixture, agent: &mut HostAgent, kills: usize) -> Result<Traffic
     let t = Instant::now();
     for i in 0..kills {
         if crate::interrupted() {
-            sigkill(&mut child)?;
+            sigkill(&mut child.0)?;
             bail!("interrupted");
         }
         // Half the kills land after the agent enforced, half while it may
         // still be starting (listing, compiling, writing maps).
         if i % 2 == 0 {
-            let took = wait_enforced(&mut child, &log, Duration::from_secs(60))?;
+            let took = wait_enforced(&mut child.0, &log, Duration::from_secs(60))?;
             // The first agent is the adopting one, enforced already.
             if i > 0 {
                 to_enforce.push(took);
@@ -528,7 +560,7 @@ fn restarts(fx: &Fixture, agent: &mut HostAgent, kills: usize) -> Result<Traffic
         } else {
             std::thread::sleep(jitter.millis(0, 800));
         }
-        sigkill(&mut child)?;
+        sigkill(&mut child.0)?;
         // Down for a while: only the pinned programs run.
         std::thread::sleep(jitter.millis(100, 1500));
         if i + 1 < kills {

@@ -1,10 +1,15 @@
 //! `cargo xtask conformance`: conformance cases (tests/conformance/FORMAT.md)
-//! judged with real traffic. Each case gets its own node (a network
+//! judged with real traffic.
+//!
+//! `--source files` (here): each case gets its own node (a network
 //! namespace) with its pods as network namespaces on routed veths, serving
 //! TCP and UDP on their ports; the agent binary enforces, learning the
 //! objects from a manifests directory; after each step the runner waits for
 //! the agent's report that the step's revision is enforced, then probes every
-//! pair in parallel.
+//! pair in parallel. `--source kube` ([`kube`]): the same cases as real pods
+//! on the test cluster, enforced by the agent's DaemonSet.
+
+mod kube;
 
 use std::{
     collections::BTreeSet,
@@ -19,9 +24,9 @@ use portcullis_conformance::{
     case_files,
     expect::Matrix,
     report::{CaseOutcome, ProbeResult, render},
-    world::{Family, World},
+    world::{Family, World, WorldPod},
 };
-use portcullis_testbed::{Bed, Network, PinDir, ServiceSpec, Transport, agent::AgentProcess, probe};
+use portcullis_testbed::{Bed, Netns, Network, PinDir, ServiceSpec, Transport, agent::AgentProcess, probe};
 
 use crate::{build_agent, handle_interrupts, interrupted, require_root};
 
@@ -44,17 +49,29 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<i32> {
     require_root("cargo xtask conformance")?;
     handle_interrupts()?;
-    if opts.source != "files" {
-        bail!("--source {}: only `files` is available until the Kubernetes source lands", opts.source);
-    }
     if opts.paths.is_empty() {
         bail!("give case files or directories");
     }
-    let agent = build_agent(false)?;
-    let family = if opts.ipv6 { Family::V6 } else { Family::V4 };
-    let files = case_files(&opts.paths).context("listing case files")?;
+    match opts.source.as_str() {
+        "files" => {
+            let agent = build_agent(false)?;
+            let family = if opts.ipv6 { Family::V6 } else { Family::V4 };
+            let shape = Shape { network: network(opts.bridge), nodes: opts.nodes };
+            suite(&opts.paths, |case| run_case(case, family, opts.target, shape, &agent, Show::Outcome))
+        }
+        "kube" => kube::run(&opts),
+        other => bail!("--source {other}: `files` or `kube`"),
+    }
+}
+
+/// Runs every case under `paths` with `run_case` and prints the outcomes as
+/// FORMAT.md says; returns the exit code. An error from `run_case` fails
+/// the case (saying why), unless it is a `CaseError`: the file is malformed.
+fn suite(paths: &[PathBuf], mut run_case: impl FnMut(&Case) -> Result<CaseOutcome>) -> Result<i32> {
+    let files = case_files(paths).context("listing case files")?;
     let (mut passed, mut failed, mut skipped, mut malformed) = (0, 0, 0, 0);
     let started = Instant::now();
+    let mut slowest: Option<(Duration, String)> = None;
     for file in files {
         if interrupted() {
             bail!("interrupted");
@@ -67,8 +84,8 @@ pub fn run(opts: Options) -> Result<i32> {
                 continue;
             }
         };
-        let shape = Shape { network: network(opts.bridge), nodes: opts.nodes };
-        let outcome = match run_case(&case, family, opts.target, shape, &agent, Show::Outcome) {
+        let t = Instant::now();
+        let outcome = match run_case(&case) {
             Ok(o) => o,
             Err(e) => match e.downcast::<CaseError>() {
                 Ok(case_error) => {
@@ -89,9 +106,22 @@ pub fn run(opts: Options) -> Result<i32> {
             CaseOutcome::Fail(_) => failed += 1,
             CaseOutcome::Skip(_) => skipped += 1,
         }
+        if !matches!(outcome, CaseOutcome::Skip(_)) && slowest.as_ref().is_none_or(|(d, _)| t.elapsed() > *d)
+        {
+            slowest = Some((t.elapsed(), case.name.clone()));
+        }
         print!("{}", render(&case.name, &outcome));
     }
-    eprintln!("conformance: {:.0}s", started.elapsed().as_secs_f64());
+    let total = started.elapsed().as_secs_f64();
+    let ran = passed + failed;
+    let mut timing = format!("conformance: {total:.0}s");
+    if ran > 0 {
+        timing.push_str(&format!(", {:.1}s per case run", total / f64::from(ran)));
+    }
+    if let Some((d, name)) = slowest {
+        timing.push_str(&format!(" (slowest: {name}, {:.1}s)", d.as_secs_f64()));
+    }
+    eprintln!("{timing}");
     println!("{passed} passed, {failed} failed, {skipped} skipped");
     Ok(if malformed > 0 {
         2
@@ -107,14 +137,15 @@ fn skip_reason(case: &Case) -> Option<String> {
     // Every target runs here: pod IPs directly, Services through
     // kube-proxy-style DNAT.
     if case.requires.contains(&Requirement::Sctp) {
-        return Some(if kernel_has_sctp() {
-            "the lab's servers do not speak SCTP yet".into()
-        } else {
-            "this kernel has no SCTP (its policies are covered by the crafted-packet tests)".into()
-        });
+        return Some(
+            if kernel_has_sctp() { "the lab's servers do not speak SCTP yet" } else { NO_SCTP }.into(),
+        );
     }
     None
 }
+
+/// Why a case that needs SCTP is skipped on a kernel without it.
+const NO_SCTP: &str = "this kernel has no SCTP (its policies are covered by the crafted-packet tests)";
 
 fn kernel_has_sctp() -> bool {
     // SAFETY: plain socket(2); the descriptor is closed right away.
@@ -273,8 +304,17 @@ pub fn run_case(
                 println!("{who}: {line}");
             }
         }
+        // A client probes from its pod's namespace; the right server answers
+        // with its pod's bed name.
+        let netns_of = |client: &WorldPod| {
+            let name = bed_name(&client.id());
+            let bed =
+                beds.iter().find(|b| b.pods.iter().any(|p| p.name == name)).context("the client's node")?;
+            Ok(&bed.pod(&name).netns)
+        };
+        let answer_of = |server: &WorldPod| bed_name(&server.id());
         for (p, probe) in step.probes.iter().enumerate() {
-            let (want, got) = probe_all(&world, &beds, s, p, probe, target)?;
+            let (want, got) = probe_all(&world, s, p, probe, target, netns_of, answer_of)?;
             // Reported with the target it really used.
             let used = Probe { target: target.unwrap_or(probe.target), ..probe.clone() };
             let result = ProbeResult::new(s, p, &used, &world, want, got, vec![]);
@@ -330,14 +370,17 @@ fn describe(step: &portcullis_conformance::case::Step) -> String {
     if parts.is_empty() { "probe only".into() } else { parts.join("; ") }
 }
 
-/// Probes every pair of one probe at once; returns expected and observed.
-fn probe_all(
+/// Probes every pair of one probe at once, each from its client's network
+/// namespace (`netns_of`); a pair is reached when the server answers with
+/// `answer_of(server)`. Returns expected and observed.
+fn probe_all<'a>(
     world: &World,
-    beds: &[Bed],
     s: usize,
     p: usize,
     spec: &Probe,
     target: Option<Target>,
+    netns_of: impl Fn(&WorldPod) -> Result<&'a Netns>,
+    answer_of: impl Fn(&WorldPod) -> String,
 ) -> Result<(Matrix, Matrix)> {
     let via_service = target.unwrap_or(spec.target) == Target::Service;
     let transport = match spec.protocol {
@@ -351,21 +394,16 @@ fn probe_all(
         let (client, server) = (&world.pods[pair.client], &world.pods[pair.server]);
         want.insert((client.id(), server.id()), pair.expect);
         let ip = if via_service { server.service_ip } else { server.ip };
-        jobs.push((client.id(), server.id(), ip, pair.port));
+        jobs.push((client.id(), server.id(), netns_of(client)?, answer_of(server), ip, pair.port));
     }
     let got: Matrix = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .into_iter()
-            .map(|(client, server, ip, port)| {
-                let name = bed_name(&client);
-                let bed =
-                    beds.iter().find(|b| b.pods.iter().any(|p| p.name == name)).expect("the client's node");
-                let from = &bed.pod(&name).netns;
+            .map(|(client, server, from, answer, ip, port)| {
                 scope.spawn(move || {
                     let reply = probe(from, transport, ip, port, PROBE_TIMEOUT).ok().flatten();
                     // Reached means the right server answered.
-                    let reached = reply.as_deref() == Some(bed_name(&server).as_str());
-                    ((client, server), reached)
+                    ((client, server), reply.as_deref() == Some(answer.as_str()))
                 })
             })
             .collect();
