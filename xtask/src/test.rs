@@ -79,8 +79,8 @@ pub fn run() -> Result<()> {
     // Then the tree's own NetworkPolicy e2e suite, with the agent deployed
     // as a DaemonSet enforcing on the node.
     let t = Instant::now();
-    cluster::wait_background(install, "the cluster install", &install_log)?;
-    cluster::wait_background(image_agent, "the agent's release build", &image_log)?;
+    install.wait()?;
+    image_agent.wait()?;
     eprintln!(
         "xtask test: cluster install and the image's agent build (in the background) done; waited {:.1}s",
         t.elapsed().as_secs_f64()

@@ -259,45 +259,70 @@ fn reliability(paths: &Paths, kills: usize, outage: u64) -> Result<()> {
     reliability::api_server_outage(paths, std::time::Duration::from_secs(outage))
 }
 
+/// A job started in the background (in its own process group): waited
+/// for, or, if `kill_on_drop`, killed with everything it started when
+/// dropped, so that a failing test run leaves no build behind. (An install
+/// is left to finish: killed, apt could leave dpkg half-configured.)
+pub struct Background {
+    child: Option<std::process::Child>,
+    what: &'static str,
+    log: PathBuf,
+    kill_on_drop: bool,
+}
+
+impl Background {
+    fn spawn(mut cmd: Command, what: &'static str, log: &Path, kill_on_drop: bool) -> Result<Background> {
+        use std::os::unix::process::CommandExt as _;
+        std::fs::create_dir_all(target_dir()).ok();
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .process_group(0)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Background { child: Some(child), what, log: log.to_owned(), kill_on_drop })
+    }
+
+    /// Waits for the job; on failure, shows its log's end.
+    pub fn wait(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let status = child.wait().with_context(|| format!("waiting for {}", self.what))?;
+        if !status.success() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{} failed ({status}); end of {}:\n{}", self.what, self.log.display(), tail.join("\n"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take().filter(|_| self.kill_on_drop) {
+            // SAFETY: kill(2) on the process group this job leads.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `install.sh` niced in the background, its output in `log`.
-pub fn install_in_background(log: &Path) -> Result<std::process::Child> {
+pub fn install_in_background(log: &Path) -> Result<Background> {
     require_root("cargo xtask cluster install")?;
-    std::fs::create_dir_all(target_dir()).ok();
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let script = root().join("scripts/cluster/install.sh");
-    Command::new("nice")
-        .args(["-n", "15"])
-        .arg(&script)
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {}", script.display()))
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "15"]).arg(root().join("scripts/cluster/install.sh"));
+    Background::spawn(cmd, "the cluster install", log, false)
 }
 
 /// Starts the release build of the agent for its image, niced in the
 /// background, its output in `log`. Cargo locks each profile's directory
 /// on its own, so debug builds meanwhile do not wait for it.
-pub fn build_image_agent_in_background(log: &Path) -> Result<std::process::Child> {
-    std::fs::create_dir_all(target_dir()).ok();
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+pub fn build_image_agent_in_background(log: &Path) -> Result<Background> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    Command::new("nice")
-        .args(["-n", "15", &cargo, "build", "--release", "--package", "portcullis-agent", "--bin", "agent"])
-        .current_dir(root())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting the agent's release build")
-}
-
-/// Waits for a background job; on failure, shows its log's end.
-pub fn wait_background(mut child: std::process::Child, what: &str, log: &Path) -> Result<()> {
-    let status = child.wait().with_context(|| format!("waiting for {what}"))?;
-    if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{what} failed ({status}); end of {}:\n{}", log.display(), tail.join("\n"));
-    }
-    Ok(())
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "15", &cargo, "build", "--release", "--package", "portcullis-agent", "--bin", "agent"])
+        .current_dir(root());
+    Background::spawn(cmd, "the agent's release build", log, true)
 }

@@ -36,6 +36,7 @@ const RESUMED: &str = r#"{"spec":{"template":{"spec":{"nodeSelector":null}}}}"#;
 /// The three pods, the server's policy and its echo server.
 struct Fixture {
     server: IpAddr,
+    allowed_ip: IpAddr,
     allowed: Arc<Netns>,
     denied: Arc<Netns>,
     _echo: EchoServer,
@@ -83,9 +84,11 @@ spec:
         };
         let (server, server_ns) = netns("server")?;
         let echo = EchoServer::start(&server_ns, PORT)?;
+        let (allowed_ip, allowed) = netns("allowed")?;
         Ok(Fixture {
             server,
-            allowed: Arc::new(netns("allowed")?.1),
+            allowed_ip,
+            allowed: Arc::new(allowed),
             denied: Arc::new(netns("denied")?.1),
             _echo: echo,
             _server_ns: server_ns,
@@ -173,6 +176,72 @@ spec:
     Ok(())
 }
 
+/// A pod IP handed to a new pod right after its old pod left: the new
+/// pod must get only its own policy. The old pod was let in by the
+/// server's policy, the new one is not; host-local hands out addresses in
+/// turn, so the test points its cursor just before the freed address.
+fn reused_ip_gets_only_its_own_policy(kube: &Kube, fx: &Fixture) -> Result<()> {
+    let pod = |name: &str, role: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{role: {role}}}}}\n\
+             spec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: pause, image: {}, args: [pause]}}]\n",
+            images::AGNHOST
+        )
+    };
+    let ready = |name: &str| -> Result<(IpAddr, Arc<Netns>)> {
+        kube.run(&["wait", "-n", NS, "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"])?;
+        let ip: IpAddr = kube
+            .run(&["get", "pod", "-n", NS, name, "-o", "jsonpath={.status.podIP}"])?
+            .parse()
+            .with_context(|| format!("pod {NS}/{name} has no IP"))?;
+        Ok((ip, Arc::new(Netns::holding(ip)?)))
+    };
+    // What a failed run may have left.
+    kube.run(&[
+        "delete",
+        "pod",
+        "-n",
+        NS,
+        "old",
+        "new",
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    kube.apply(&pod("old", "allowed"))?;
+    let (ip, old) = ready("old")?;
+    fx.wait_until(&old, true, Duration::from_secs(10)).context("the old pod was never let in")?;
+    drop(old);
+    kube.run(&["delete", "pod", "-n", NS, "old", "--wait=true", "--timeout=60s"])?;
+    let IpAddr::V4(v4) = ip else { bail!("the test cluster's pods are IPv4") };
+    // The bridge network of scripts/cluster/up.sh's conflist; nothing
+    // else allocates while this test runs.
+    let cursor = std::path::Path::new("/var/lib/cni/networks/portcullis-test/last_reserved_ip.0");
+    std::fs::write(cursor, std::net::Ipv4Addr::from(u32::from(v4) - 1).to_string())
+        .with_context(|| format!("writing {}", cursor.display()))?;
+    kube.apply(&pod("new", "newcomer"))?;
+    let (new_ip, new) = ready("new")?;
+    if new_ip != ip {
+        bail!("host-local gave the new pod {new_ip}, not the freed {ip}: the check cannot run");
+    }
+    for _ in 0..10 {
+        if connects(&new, fx.server)? {
+            bail!("a new pod on {ip}, the address of a pod the server let in, got in too");
+        }
+    }
+    // It can send: a pod no policy isolates takes its connection.
+    let echo = EchoServer::start(&fx.allowed, PORT + 1)?;
+    let target = SocketAddr::new(fx.allowed_ip, PORT + 1);
+    let reached = new.run(move || TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok())?;
+    drop(echo);
+    if !reached {
+        bail!("the new pod on {ip} cannot reach an unisolated pod either: the check proves nothing");
+    }
+    kube.run(&["delete", "pod", "-n", NS, "new", "--wait=true", "--timeout=60s"])?;
+    eprintln!("cluster test: a new pod on a reused address ({ip}) got only its own policy");
+    Ok(())
+}
+
 /// Whether a TCP connection from inside `from` to the server completes.
 fn connects(from: &Arc<Netns>, server: IpAddr) -> Result<bool> {
     let target = SocketAddr::new(server, PORT);
@@ -194,6 +263,8 @@ struct Counts {
     /// Connection attempts from the denied pod, and how many got through.
     denied_tries: u64,
     leaks: u64,
+    /// Denied probes that could not run (the sandbox could not be entered).
+    probe_errors: u64,
 }
 
 /// Traffic on threads until stopped: long-lived echo conversations and
@@ -210,9 +281,14 @@ impl Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Mutex::new(Counts::default()));
         let mut threads = Vec::new();
-        for i in 0..conversations {
-            let mut conv = Conversation::open(&fx.allowed, fx.server, PORT, Duration::from_secs(2))
-                .with_context(|| format!("opening long-lived connection {i}"))?;
+        // All connections first: a failure leaves no thread behind.
+        let opened = (0..conversations)
+            .map(|i| {
+                Conversation::open(&fx.allowed, fx.server, PORT, Duration::from_secs(2))
+                    .with_context(|| format!("opening long-lived connection {i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, mut conv) in opened.into_iter().enumerate() {
             let (stop, counts) = (stop.clone(), counts.clone());
             threads.push(std::thread::spawn(move || {
                 let mut n = 0u64;
@@ -253,11 +329,15 @@ impl Traffic {
         let (s, c) = (stop.clone(), counts.clone());
         threads.push(std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let leaked = connects(&denied, server).unwrap_or(false);
+                let tried = connects(&denied, server);
                 let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                c.denied_tries += 1;
-                if leaked {
-                    c.leaks += 1;
+                match tried {
+                    Ok(leaked) => {
+                        c.denied_tries += 1;
+                        c.leaks += u64::from(leaked);
+                    }
+                    // Not a denial: a probe that never ran proves nothing.
+                    Err(_) => c.probe_errors += 1,
                 }
                 drop(c);
                 std::thread::sleep(Duration::from_millis(20));
@@ -287,6 +367,12 @@ impl Traffic {
                 "{} of {} new allowed connections failed",
                 c.new_failed,
                 c.new_ok + c.new_failed
+            ));
+        }
+        if c.probe_errors > 0 {
+            wrong.push(format!(
+                "{} denied probes could not enter the pod's network namespace",
+                c.probe_errors
             ));
         }
         if c.leaks > 0 {
@@ -489,6 +575,7 @@ pub fn agent_restarts(paths: &Paths, kills: usize) -> Result<()> {
     fx.wait_until(&fx.denied, false, Duration::from_secs(30))?;
     fx.wait_until(&fx.allowed, true, Duration::from_secs(30))?;
     bad_update_keeps_last_good(&kube, &fx)?;
+    reused_ip_gets_only_its_own_policy(&kube, &fx)?;
     let mut agent = HostAgent::new(paths, &kube)?;
     set_daemonset(&kube, PAUSED)?;
     let run = wait_daemonset(&kube, 0).and_then(|()| restarts(&fx, &mut agent, kills));

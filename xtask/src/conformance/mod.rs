@@ -396,20 +396,26 @@ fn probe_all<'a>(
         let ip = if via_service { server.service_ip } else { server.ip };
         jobs.push((client.id(), server.id(), netns_of(client)?, answer_of(server), ip, pair.port));
     }
-    let got: Matrix = std::thread::scope(|scope| {
+    let got: Result<Matrix> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .into_iter()
             .map(|(client, server, from, answer, ip, port)| {
                 scope.spawn(move || {
-                    let reply = probe(from, transport, ip, port, PROBE_TIMEOUT).ok().flatten();
+                    // A probe that could not run (no namespace to enter)
+                    // is an error, never "blocked".
+                    let reply = probe(from, transport, ip, port, PROBE_TIMEOUT)
+                        .with_context(|| format!("probing {client} -> {server}"))?;
                     // Reached means the right server answered.
-                    ((client, server), reply.as_deref() == Some(answer.as_str()))
+                    Ok(((client, server), reply.as_deref() == Some(answer.as_str())))
                 })
             })
             .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a probe thread panicked"))?)
+            .collect()
     });
-    Ok((want, got))
+    Ok((want, got?))
 }
 
 fn atomic_write(path: &Path, contents: &[u8]) -> Result<()> {
