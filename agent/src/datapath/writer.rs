@@ -261,7 +261,12 @@ impl Datapath {
         }
 
         let previous = self.loaded.endpoints.get(&ep.id);
-        let unchanged = previous.is_some_and(|p| p.ifindex == idx && p.info.flags == flags && p.keys == keys);
+        // Addresses count too: a pod whose address changed on the same
+        // interface (its Pod object replacing a CNI hint) must have its
+        // source check follow, or its packets are dropped as forged.
+        let unchanged = previous.is_some_and(|p| {
+            p.ifindex == idx && p.info.flags == flags && p.keys == keys && p.addresses == addresses
+        });
         let attached = previous.is_some_and(|p| p.attached && p.ifindex == idx);
         let generation = previous.map_or(0, |p| p.info.generation ^ 1);
         if unchanged {

@@ -60,11 +60,20 @@ impl Hints {
     /// addresses (the API server learns them only after CNI ADD returns),
     /// gives it the hinted ones so it becomes an endpoint now.
     pub fn insert(&mut self, pod: PodKey, hint: Hint, engine: &mut Engine) {
-        let patched = engine.cluster().pods.get(&pod).filter(|p| p.ips.is_empty() && !p.finished).map(|p| {
-            let mut p = p.clone();
-            p.ips = hint.ips.clone();
-            p
-        });
+        // Addresses an earlier hint gave it are replaced too: that hint may
+        // be a stale sandbox's (an ADD for a pod deleted meanwhile, whose
+        // name a new pod took).
+        let from_hint = self.by_pod.get(&pod).map(|h| h.ips.clone());
+        let patched = engine
+            .cluster()
+            .pods
+            .get(&pod)
+            .filter(|p| (p.ips.is_empty() || Some(&p.ips) == from_hint.as_ref()) && !p.finished)
+            .map(|p| {
+                let mut p = p.clone();
+                p.ips = hint.ips.clone();
+                p
+            });
         self.by_pod.insert(pod, hint);
         if let Some(p) = patched {
             engine.apply([Change::UpsertPod(p)]);
@@ -255,6 +264,27 @@ mod tests {
 
     fn placed(state: &CompiledState) -> Vec<(String, String, u16)> {
         state.endpoints.iter().map(|e| (e.name.clone(), e.interface.clone(), e.id)).collect()
+    }
+
+    #[test]
+    fn a_new_sandbox_replaces_what_a_hint_gave_but_not_what_the_api_server_said() {
+        let mut bare = pod("a", 1);
+        bare.ips.clear();
+        let mut engine = engine(&[bare]);
+        let mut hints = Hints::default();
+        let hint =
+            |c: &str, n: u8| Hint { container_id: c.into(), interface: "lo".into(), ips: pod("a", n).ips };
+        let ips = |engine: &Engine| engine.cluster().pods[&key("a")].ips.clone();
+        // A stale sandbox's ADD (its pod deleted, the name taken again),
+        // then the new pod's own.
+        hints.insert(key("a"), hint("old", 6), &mut engine);
+        assert_eq!(ips(&engine), pod("a", 6).ips);
+        hints.insert(key("a"), hint("new", 7), &mut engine);
+        assert_eq!(ips(&engine), pod("a", 7).ips, "the newer sandbox's address wins");
+        // Once the API server has said, a hint does not overrule it.
+        engine.apply([Change::UpsertPod(pod("a", 9))]);
+        hints.insert(key("a"), hint("other", 8), &mut engine);
+        assert_eq!(ips(&engine), pod("a", 9).ips);
     }
 
     #[test]

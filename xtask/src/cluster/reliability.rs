@@ -180,7 +180,7 @@ spec:
 /// pod must get only its own policy. The old pod was let in by the
 /// server's policy, the new one is not; host-local hands out addresses in
 /// turn, so the test points its cursor just before the freed address.
-fn reused_ip_gets_only_its_own_policy(kube: &Kube, fx: &Fixture) -> Result<()> {
+fn reused_ip_gets_only_its_own_policy(paths: &Paths, kube: &Kube, fx: &Fixture) -> Result<()> {
     let pod = |name: &str, role: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{role: {role}}}}}\n\
@@ -214,10 +214,10 @@ fn reused_ip_gets_only_its_own_policy(kube: &Kube, fx: &Fixture) -> Result<()> {
     drop(old);
     kube.run(&["delete", "pod", "-n", NS, "old", "--wait=true", "--timeout=60s"])?;
     let IpAddr::V4(v4) = ip else { bail!("the test cluster's pods are IPv4") };
-    // The bridge network of scripts/cluster/up.sh's conflist; nothing
-    // else allocates while this test runs.
-    let cursor = std::path::Path::new("/var/lib/cni/networks/portcullis-test/last_reserved_ip.0");
-    std::fs::write(cursor, std::net::Ipv4Addr::from(u32::from(v4) - 1).to_string())
+    // host-local's state for the bridge network of scripts/cluster/up.sh's
+    // conflist (its dataDir); nothing else allocates while this test runs.
+    let cursor = paths.work.join("cni/ipam/portcullis-test/last_reserved_ip.0");
+    std::fs::write(&cursor, std::net::Ipv4Addr::from(u32::from(v4) - 1).to_string())
         .with_context(|| format!("writing {}", cursor.display()))?;
     kube.apply(&pod("new", "newcomer"))?;
     let (new_ip, new) = ready("new")?;
@@ -575,7 +575,7 @@ pub fn agent_restarts(paths: &Paths, kills: usize) -> Result<()> {
     fx.wait_until(&fx.denied, false, Duration::from_secs(30))?;
     fx.wait_until(&fx.allowed, true, Duration::from_secs(30))?;
     bad_update_keeps_last_good(&kube, &fx)?;
-    reused_ip_gets_only_its_own_policy(&kube, &fx)?;
+    reused_ip_gets_only_its_own_policy(paths, &kube, &fx)?;
     let mut agent = HostAgent::new(paths, &kube)?;
     set_daemonset(&kube, PAUSED)?;
     let run = wait_daemonset(&kube, 0).and_then(|()| restarts(&fx, &mut agent, kills));
