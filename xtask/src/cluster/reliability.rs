@@ -45,51 +45,21 @@ struct Fixture {
 
 impl Fixture {
     fn create(kube: &Kube) -> Result<Fixture> {
-        let agnhost = images::AGNHOST;
-        let pod = |name: &str, label: &str| {
-            format!(
-                r#"
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {NS}, labels: {{{label}}}}}
-spec:
-  terminationGracePeriodSeconds: 0
-  containers: [{{name: pause, image: {agnhost}, args: ["pause"]}}]
----"#
-            )
-        };
         kube.apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---{}{}{}\n{}",
-            pod("server", "app: server"),
-            pod("allowed", "role: allowed"),
-            pod("denied", "role: denied"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}---\n{}---\n{}---\n{}",
+            pause_pod("server", "app", "server"),
+            pause_pod("allowed", "role", "allowed"),
+            pause_pod("denied", "role", "denied"),
             policy("allowed")
         ))?;
-        kube.run(&[
-            "wait",
-            "-n",
-            NS,
-            "--for=condition=Ready",
-            "pod/server",
-            "pod/allowed",
-            "pod/denied",
-            "--timeout=120s",
-        ])?;
-        let netns = |pod: &str| -> Result<(IpAddr, Netns)> {
-            let ip: IpAddr = kube
-                .run(&["get", "pod", "-n", NS, pod, "-o", "jsonpath={.status.podIP}"])?
-                .parse()
-                .with_context(|| format!("pod {NS}/{pod} has no IP"))?;
-            Ok((ip, Netns::holding(ip)?))
-        };
-        let (server, server_ns) = netns("server")?;
+        let (server, server_ns) = sandbox(kube, "server")?;
         let echo = EchoServer::start(&server_ns, PORT)?;
-        let (allowed_ip, allowed) = netns("allowed")?;
+        let (allowed_ip, allowed) = sandbox(kube, "allowed")?;
         Ok(Fixture {
             server,
             allowed_ip,
             allowed: Arc::new(allowed),
-            denied: Arc::new(netns("denied")?.1),
+            denied: Arc::new(sandbox(kube, "denied")?.1),
             _echo: echo,
             _server_ns: server_ns,
         })
@@ -111,6 +81,26 @@ spec:
         }
         Ok(t.elapsed())
     }
+}
+
+/// A pod of the test namespace that only holds its sandbox (the test's
+/// own sockets serve and probe inside it).
+fn pause_pod(name: &str, label: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{{label}: {value}}}}}\n\
+         spec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: pause, image: {}, args: [pause]}}]\n",
+        images::AGNHOST
+    )
+}
+
+/// Waits for a pod of the test namespace to be Ready; its IP and sandbox.
+fn sandbox(kube: &Kube, name: &str) -> Result<(IpAddr, Netns)> {
+    kube.run(&["wait", "-n", NS, "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"])?;
+    let ip: IpAddr = kube
+        .run(&["get", "pod", "-n", NS, name, "-o", "jsonpath={.status.podIP}"])?
+        .parse()
+        .with_context(|| format!("pod {NS}/{name} has no IP"))?;
+    Ok((ip, Netns::holding(ip)?))
 }
 
 /// The server's policy: TCP 7000 from pods with `role: <role>` only.
@@ -181,21 +171,6 @@ spec:
 /// server's policy, the new one is not; host-local hands out addresses in
 /// turn, so the test points its cursor just before the freed address.
 fn reused_ip_gets_only_its_own_policy(paths: &Paths, kube: &Kube, fx: &Fixture) -> Result<()> {
-    let pod = |name: &str, role: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{role: {role}}}}}\n\
-             spec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: pause, image: {}, args: [pause]}}]\n",
-            images::AGNHOST
-        )
-    };
-    let ready = |name: &str| -> Result<(IpAddr, Arc<Netns>)> {
-        kube.run(&["wait", "-n", NS, "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"])?;
-        let ip: IpAddr = kube
-            .run(&["get", "pod", "-n", NS, name, "-o", "jsonpath={.status.podIP}"])?
-            .parse()
-            .with_context(|| format!("pod {NS}/{name} has no IP"))?;
-        Ok((ip, Arc::new(Netns::holding(ip)?)))
-    };
     // What a failed run may have left.
     kube.run(&[
         "delete",
@@ -208,8 +183,9 @@ fn reused_ip_gets_only_its_own_policy(paths: &Paths, kube: &Kube, fx: &Fixture) 
         "--wait=true",
         "--timeout=60s",
     ])?;
-    kube.apply(&pod("old", "allowed"))?;
-    let (ip, old) = ready("old")?;
+    kube.apply(&pause_pod("old", "role", "allowed"))?;
+    let (ip, old) = sandbox(kube, "old")?;
+    let old = Arc::new(old);
     fx.wait_until(&old, true, Duration::from_secs(10)).context("the old pod was never let in")?;
     drop(old);
     kube.run(&["delete", "pod", "-n", NS, "old", "--wait=true", "--timeout=60s"])?;
@@ -219,8 +195,9 @@ fn reused_ip_gets_only_its_own_policy(paths: &Paths, kube: &Kube, fx: &Fixture) 
     let cursor = paths.work.join("cni/ipam/portcullis-test/last_reserved_ip.0");
     std::fs::write(&cursor, std::net::Ipv4Addr::from(u32::from(v4) - 1).to_string())
         .with_context(|| format!("writing {}", cursor.display()))?;
-    kube.apply(&pod("new", "newcomer"))?;
-    let (new_ip, new) = ready("new")?;
+    kube.apply(&pause_pod("new", "role", "newcomer"))?;
+    let (new_ip, new) = sandbox(kube, "new")?;
+    let new = Arc::new(new);
     if new_ip != ip {
         bail!("host-local gave the new pod {new_ip}, not the freed {ip}: the check cannot run");
     }
