@@ -3,10 +3,13 @@
 //! packets -> flow events.
 
 pub mod api;
+pub mod cli;
 pub mod cni;
 pub mod compiled;
 pub mod datapath;
 pub mod flows;
+pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod policy;

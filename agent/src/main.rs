@@ -8,10 +8,11 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use portcullis_agent::{
-    api, cni,
+    api, cli, cni,
     compiled::CompiledState,
     datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
-    flows::{Flow, FlowReader, Names, monotonic_epoch},
+    flows::{Flow, FlowReader, Names, monotonic_epoch, observe_args::ObserveArgs, store::FlowStore},
+    inspect,
     model::PodKey,
     node,
     policy::Engine,
@@ -26,6 +27,10 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(name = "agent", version, about = "Portcullis: NetworkPolicy enforcement with eBPF")]
 struct Cli {
+    /// The agent's local API socket (root-only): where `run` serves it and
+    /// the other commands ask it.
+    #[arg(long, global = true, env = "PORTCULLIS_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,9 +82,13 @@ enum Command {
         /// backends off this node (e.g. eth0; repeatable).
         #[arg(long = "netdev", value_name = "INTERFACE")]
         netdevs: Vec<String>,
-        /// The local API's unix socket (root-only); the CNI plugin asks it.
-        #[arg(long, env = "PORTCULLIS_API_SOCKET", default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
+        /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9962);
+        /// `GET /metrics` on the API socket serves them too.
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
+        /// Flows kept in memory for `agent observe --last`.
+        #[arg(long, default_value_t = portcullis_agent::flows::store::DEFAULT_HISTORY)]
+        flow_history: usize,
         /// Install the chained CNI plugin: this binary into DIR (the node's
         /// CNI bin dir, e.g. /opt/cni/bin) ...
         #[arg(long, requires = "cni_conf_dir", value_name = "DIR")]
@@ -99,6 +108,30 @@ enum Command {
         #[arg(long, requires = "cni_bin_dir", value_name = "DIR")]
         cni_conf_dir: Option<PathBuf>,
     },
+    /// Endpoints (the pods of this node the agent enforces).
+    #[command(subcommand)]
+    Endpoint(cli::EndpointCmd),
+    /// Flows the datapath judged, like `hubble observe` (drops always;
+    /// forwards with `run --report-allowed`).
+    Observe(Box<ObserveArgs>),
+    /// Why a connection is allowed or dropped.
+    #[command(subcommand)]
+    Policy(cli::PolicyCmd),
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(cli::IdentityCmd),
+    /// Connection tracking.
+    #[command(subcommand)]
+    Ct(cli::CtCmd),
+    /// The agent's health: API server, last sync, endpoints, maps, drops.
+    Status(cli::OutputArg),
+    /// The Prometheus metrics, as the agent serves them.
+    Metrics,
+    /// Shell completions: `agent completions bash > /etc/bash_completion.d/agent`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> Result<()> {
@@ -107,14 +140,45 @@ fn main() -> Result<()> {
     if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
         std::process::exit(cni::plugin_main());
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?
-        .block_on(agent_main())
+    let cli = Cli::parse();
+    let client = cli::Client::new(&cli.socket);
+    let done = match cli.command {
+        Command::Endpoint(cmd) => cli::endpoint(&client, cmd),
+        Command::Observe(args) => cli::observe(&client, *args),
+        Command::Identity(cmd) => cli::identity(&client, cmd),
+        Command::Ct(cmd) => cli::ct(&client, cmd),
+        Command::Status(out) => cli::status(&client, out),
+        Command::Metrics => cli::metrics(&client),
+        Command::Policy(cmd) => match cli::policy(&client, cmd) {
+            // Dropped: exit 1, for scripts.
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        command => {
+            return tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(agent_main(command, cli.socket));
+        }
+    };
+    if let Err(e) = done {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    Ok(())
 }
 
-async fn agent_main() -> Result<()> {
+async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -123,7 +187,7 @@ async fn agent_main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match command {
         Command::Run {
             manifests,
             kube,
@@ -136,10 +200,12 @@ async fn agent_main() -> Result<()> {
             map_sizes,
             ct_sweep_interval,
             netdevs,
-            api_socket,
+            metrics_address,
+            flow_history,
             cni_bin_dir,
             cni_conf_dir,
         } => {
+            let node_name = node.clone();
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
                     source: ManifestsSource::new(dir),
@@ -169,6 +235,9 @@ async fn agent_main() -> Result<()> {
                 ct_sweep_interval: Duration::from_secs(ct_sweep_interval.max(1)),
                 netdevs,
                 api_socket,
+                metrics_address,
+                flow_history,
+                node: node_name,
                 cni: cni_bin_dir.zip(cni_conf_dir),
             };
             run(source, config, options).await
@@ -180,6 +249,8 @@ async fn agent_main() -> Result<()> {
             }
             uninstall(&pin_dir)
         }
+        // The client commands return before the runtime starts.
+        _ => anyhow::bail!("not a command of the running agent"),
     }
 }
 
@@ -213,6 +284,31 @@ impl Source {
         match self {
             Source::Kube { engine, .. } | Source::Manifests { engine, .. } => Some(engine),
             Source::StateFile { .. } => None,
+        }
+    }
+
+    fn engine(&self) -> Option<&Engine> {
+        match self {
+            Source::Kube { engine, .. } | Source::Manifests { engine, .. } => Some(engine),
+            Source::StateFile { .. } => None,
+        }
+    }
+
+    /// The API server as the watches see it (`kube` only).
+    fn api_server(&self) -> Option<api::ApiServerHealth> {
+        match self {
+            Source::Kube { source, .. } => Some(source.health()),
+            _ => None,
+        }
+    }
+
+    /// Watch restarts per kind (`kube` only).
+    fn watch_restarts(&self) -> Vec<(String, u64)> {
+        match self {
+            Source::Kube { source, .. } => {
+                source.watch_errors.iter().map(|(k, n)| (k.as_str().to_owned(), *n)).collect()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -298,6 +394,9 @@ struct RunOptions {
     ct_sweep_interval: Duration,
     netdevs: Vec<String>,
     api_socket: PathBuf,
+    metrics_address: Option<std::net::SocketAddr>,
+    flow_history: usize,
+    node: String,
     /// (bin dir, conf dir) to install the CNI plugin into.
     cni: Option<(PathBuf, PathBuf)>,
 }
@@ -310,14 +409,25 @@ struct PendingAdd {
 }
 
 async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) -> Result<()> {
-    let RunOptions { revoke_flows, ct_sweep_interval, netdevs, api_socket, cni } = options;
+    let RunOptions {
+        revoke_flows,
+        ct_sweep_interval,
+        netdevs,
+        api_socket,
+        metrics_address,
+        flow_history,
+        node: node_name,
+        cni,
+    } = options;
     let mut dp = Datapath::load(&config).context("loading the datapath")?;
     for dev in &netdevs {
         dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
     }
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
     let (names_tx, names_rx) = watch::channel(Names::default());
+    let flow_store = FlowStore::new(flow_history);
 
+    let printer_store = flow_store.clone();
     let printer = tokio::spawn(async move {
         let epoch = monotonic_epoch();
         loop {
@@ -330,14 +440,45 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             };
             let names = names_rx.borrow().clone();
             for ev in batch {
-                println!("{}", Flow::decode(&ev, &names, epoch));
+                let flow = Flow::decode(&ev, &names, epoch);
+                println!("{flow}");
+                printer_store.push(flow);
             }
         }
     });
 
     let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(64);
-    let api_server = api::serve(&api_socket, api_tx)?;
+    let api_server = api::serve(&api_socket, api_tx.clone(), flow_store.clone())?;
     tracing::info!(socket = %api_socket.display(), "local API listening");
+    let metrics_server = match metrics_address {
+        Some(addr) => {
+            let ask = api_tx.clone();
+            let snapshot =
+                move || -> futures::future::BoxFuture<'static, Option<portcullis_agent::metrics::Metrics>> {
+                    let ask = ask.clone();
+                    Box::pin(async move {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        ask.send(api::Request::Inspect(api::Query::Metrics, tx)).await.ok()?;
+                        match rx.await.ok()?.ok()? {
+                            api::Answer::Metrics(m) => Some(*m),
+                            api::Answer::Json(_) => None,
+                        }
+                    })
+                };
+            match portcullis_agent::metrics::serve(addr, snapshot).await {
+                Ok(server) => {
+                    tracing::info!(address = %addr, "metrics served");
+                    Some(server)
+                }
+                // Enforcement matters more than metrics: go on without them.
+                Err(e) => {
+                    tracing::error!(address = %addr, error = %e, "cannot serve metrics; enforcing without them");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     // The plugin goes in only once the socket answers: from here on, pods
     // on this node start only when enforced.
     if let Some((bin, conf)) = &cni {
@@ -358,11 +499,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut sweep = tokio::time::interval(ct_sweep_interval);
     let mut ticks: u64 = 0;
     let mut last_errors: Vec<String> = Vec::new();
+    let mut last_failed: std::collections::BTreeSet<String> = Default::default();
+    let mut telemetry = inspect::Telemetry::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = sweep.tick() => {
                 let sweep = dp.sweep_conntrack(monotonic_ns());
+                telemetry.conntrack_live = Some(sweep.live as u64);
                 tracing::debug!(removed = sweep.removed, live = sweep.live, "swept conntrack");
                 if sweep.nearly_full() {
                     tracing::warn!(
@@ -399,7 +543,57 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                     // everything it fed the engine: what the source has
                     // applied is enforced.
                     api::Request::Status(reply) => {
-                        let _ = reply.send(source.status(good.as_ref().map(|s| s.revision)));
+                        let mut status = source.status(good.as_ref().map(|s| s.revision));
+                        telemetry.flows_seen = flow_store.seen();
+                        let node_ips = node::local_addresses();
+                        let view = inspect::View {
+                            state: good.as_ref(),
+                            cluster: source.engine().map(Engine::cluster),
+                            errors: &last_errors,
+                            failed: &last_failed,
+                            dp: &dp,
+                            node_ips: &node_ips,
+                        };
+                        status.health = Some(inspect::health(&view, &telemetry, &node_name, source.api_server()));
+                        let _ = reply.send(status);
+                    }
+                    api::Request::Inspect(query, reply) => {
+                        telemetry.flows_seen = flow_store.seen();
+                        let node_ips = node::local_addresses();
+                        let view = inspect::View {
+                            state: good.as_ref(),
+                            cluster: source.engine().map(Engine::cluster),
+                            errors: &last_errors,
+                            failed: &last_failed,
+                            dp: &dp,
+                            node_ips: &node_ips,
+                        };
+                        let json = |v: Result<serde_json::Value, serde_json::Error>| {
+                            v.map(api::Answer::Json).map_err(|e| inspect::Failure { status: 500, message: e.to_string() })
+                        };
+                        let answer = match query {
+                            api::Query::Endpoints => json(serde_json::to_value(inspect::endpoints(&view))),
+                            api::Query::Endpoint(which) => {
+                                inspect::endpoint(&view, &which).and_then(|d| json(serde_json::to_value(d)))
+                            }
+                            api::Query::Identities => json(serde_json::to_value(inspect::identities(&view))),
+                            api::Query::Conntrack(filter) => {
+                                inspect::conntrack(&view, &filter).and_then(|c| json(serde_json::to_value(c)))
+                            }
+                            api::Query::Trace(req) => {
+                                inspect::trace(&view, &req).and_then(|t| json(serde_json::to_value(t)))
+                            }
+                            api::Query::Metrics => {
+                                let api_server = source.api_server();
+                                Ok(api::Answer::Metrics(Box::new(inspect::metrics(
+                                    &view,
+                                    &telemetry,
+                                    api_server.as_ref(),
+                                    source.watch_restarts(),
+                                ))))
+                            }
+                        };
+                        let _ = reply.send(answer);
                     }
                 }
                 continue;
@@ -410,6 +604,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         ticks += 1;
         pending.retain(|p| !p.reply.is_closed());
         let reconcile = ticks.is_multiple_of(10) || std::mem::take(&mut cni_dirty);
+        let compile_started = std::time::Instant::now();
         let (state, news) = match source.poll(reconcile, &mut hints) {
             Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
@@ -420,7 +615,16 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             },
             None => continue,
         };
+        if news {
+            telemetry.compile.observe(compile_started.elapsed().as_secs_f64());
+        }
+        let write_started = std::time::Instant::now();
         let report = dp.apply(&state);
+        if news || report.endpoints_written > 0 || report.endpoints_removed > 0 {
+            telemetry.write.observe(write_started.elapsed().as_secs_f64());
+            telemetry.last_enforced = Some(std::time::SystemTime::now());
+        }
+        last_failed = report.failed.clone();
         // Failures are retried every second; say so once, and when they change.
         if report.errors != last_errors {
             for e in &report.errors {
@@ -428,7 +632,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             }
             last_errors = report.errors.clone();
         }
-        names_tx.send_replace(Names::from_state(&state));
+        let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
+        names_tx.send_replace(Names::from_state(&state).with_rules(rules));
         // CNI ADDs whose endpoint is now in the maps, on its interface.
         let enforced = |p: &PendingAdd| {
             let name = p.pod.to_string();
@@ -472,6 +677,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     }
     printer.abort();
     api_server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     // A CNI ADD now fails at once (no socket) instead of waiting for us.
     let _ = std::fs::remove_file(&api_socket);
     // Pins keep enforcing after we exit; `agent uninstall` removes them.

@@ -54,6 +54,11 @@ impl AgentProcess {
         Ok(AgentProcess { child, api_dir, lines, seen: Vec::new() })
     }
 
+    /// The agent's local API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.api_dir.join("agent.sock")
+    }
+
     /// Waits for a line containing every one of `parts`, and returns it.
     pub fn wait_for(&mut self, parts: &[&str], timeout: Duration) -> Result<String> {
         if let Some(l) = self.seen.iter().find(|l| parts.iter().all(|p| l.contains(p))) {

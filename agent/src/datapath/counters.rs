@@ -14,6 +14,7 @@ pub struct DirectionCounters {
     pub forwarded_packets: u64,
     pub forwarded_bytes: u64,
     pub dropped_packets: [u64; reason::COUNT as usize],
+    pub dropped_bytes: [u64; reason::COUNT as usize],
 }
 
 impl DirectionCounters {
@@ -58,6 +59,7 @@ impl Datapath {
                     side.forwarded_bytes = bytes;
                 } else {
                     side.dropped_packets[why as usize] = packets;
+                    side.dropped_bytes[why as usize] = bytes;
                 }
             }
         }

@@ -5,6 +5,7 @@
 mod attach;
 mod conntrack;
 mod counters;
+mod inspect;
 pub mod keys;
 mod pins;
 mod writer;
@@ -24,6 +25,7 @@ use portcullis_common::{
 pub use attach::{AttachError, ifindex, ifname};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
+pub use inspect::{KernelEndpoint, KernelVerdict};
 pub use writer::{ApplyReport, Placement, WriteError};
 
 /// The eBPF object, built by `build.rs`. Public for tools and benchmarks

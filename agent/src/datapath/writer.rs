@@ -79,7 +79,7 @@ type Address = (u8, [u8; 16]);
 pub(super) struct LoadedEndpoint {
     ifindex: u32,
     /// Addresses the endpoint may send from (in the address map under `ifindex`).
-    addresses: BTreeSet<Address>,
+    pub(super) addresses: BTreeSet<Address>,
     pub(super) info: EndpointInfo,
     pub(super) keys: EndpointKeys,
     /// Programs attached to `ifindex` (retried on every pass until they are).

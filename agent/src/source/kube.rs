@@ -162,6 +162,10 @@ pub struct KubeSource {
     pub revision: u64,
     /// Watch restarts since start, per kind (for status and metrics).
     pub watch_errors: BTreeMap<Kind, u64>,
+    /// When a watch last delivered something, and when one last failed
+    /// (with why): the API server counts as reachable when the first is newer.
+    pub last_event: Option<std::time::Instant>,
+    pub last_error: Option<(std::time::Instant, String)>,
 }
 
 /// What one poll found.
@@ -202,6 +206,8 @@ impl KubeSource {
             applied: BTreeMap::new(),
             revision: 0,
             watch_errors: BTreeMap::new(),
+            last_event: None,
+            last_error: None,
         }
     }
 
@@ -217,6 +223,7 @@ impl KubeSource {
         while let Ok(update) = self.rx.try_recv() {
             match update {
                 Update::Changes { kind, changes, rejected, listed, version } => {
+                    self.last_event = Some(std::time::Instant::now());
                     self.held.extend(changes);
                     poll.rejected.extend(rejected);
                     if listed {
@@ -229,7 +236,9 @@ impl KubeSource {
                 }
                 Update::WatchError { kind, error } => {
                     *self.watch_errors.entry(kind).or_default() += 1;
-                    poll.watch_errors.push(format!("watching {kind:?}s: {error}"));
+                    let text = format!("watching {kind:?}s: {error}");
+                    self.last_error = Some((std::time::Instant::now(), text.clone()));
+                    poll.watch_errors.push(text);
                 }
             }
         }
@@ -268,6 +277,21 @@ impl KubeSource {
     /// are enforced.
     pub fn applied_versions(&self) -> &BTreeMap<Kind, u64> {
         &self.applied
+    }
+
+    /// The watches' view of the API server, for `agent status`.
+    pub fn health(&self) -> crate::api::ApiServerHealth {
+        let connected = match (&self.last_error, self.last_event) {
+            (None, _) => self.synced(),
+            (Some((failed, _)), Some(event)) => event > *failed,
+            (Some(_), None) => false,
+        };
+        crate::api::ApiServerHealth {
+            connected,
+            watch_restarts: self.watch_errors.values().sum(),
+            last_error: self.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_event_ms_ago: self.last_event.map(|t| t.elapsed().as_millis() as u64),
+        }
     }
 }
 

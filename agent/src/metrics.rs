@@ -1,0 +1,595 @@
+//! The agent's Prometheus metrics: a plain snapshot the main loop fills in,
+//! rendered in the text exposition format (version 0.0.4) and served over
+//! a minimal HTTP/1.1 endpoint (`GET /metrics`). Hand-written because the
+//! format is small and stable, and a client library would be a new crate.
+
+use std::{collections::BTreeMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinHandle,
+};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Label values for `Metrics::forwarded_*`, indexed like
+/// `portcullis_common::DIR_INGRESS` / `DIR_EGRESS`.
+pub const DIRECTIONS: [&str; 2] = ["ingress", "egress"];
+
+/// Upper bounds (seconds) of the histogram buckets; `+Inf` is implied.
+/// They span a sub-millisecond map write to a slow full recompile.
+pub const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A duration histogram with the fixed `BUCKETS`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Per-bucket (not cumulative) counts; observations above the last
+    /// bound are only in `count` (the `+Inf` bucket).
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn observe(&mut self, seconds: f64) {
+        // A duration is never NaN or negative; keeping one out keeps `_sum`
+        // meaningful.
+        if seconds.is_nan() || seconds < 0.0 {
+            return;
+        }
+        if let Some(i) = BUCKETS.iter().position(|&le| seconds <= le) {
+            self.buckets[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+}
+
+/// Drops of one direction (`ingress`/`egress`) for one reason (as
+/// `flows::reason_name` spells it, e.g. `Policy denied`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropCount {
+    pub direction: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// How full one BPF map is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Everything `render` prints: the main loop fills this in on request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Indexed by direction: 0 ingress, 1 egress (see `DIRECTIONS`).
+    pub forwarded_packets: [u64; 2],
+    pub forwarded_bytes: [u64; 2],
+    pub drops: Vec<DropCount>,
+    pub endpoints: u64,
+    /// Endpoints whose last map write failed.
+    pub endpoints_failed: u64,
+    pub identities: u64,
+    pub policies: u64,
+    pub map_entries: Vec<MapFill>,
+    pub conntrack_entries: u64,
+    pub policy_compile_seconds: Histogram,
+    pub map_write_seconds: Histogram,
+    /// Per watched kind (`Pod`, `NetworkPolicy`, ...).
+    pub watch_restarts: BTreeMap<String, u64>,
+    /// None when the agent does not watch Kubernetes.
+    pub api_server_connected: Option<bool>,
+    pub last_sync_unix_seconds: Option<f64>,
+    pub revision: u64,
+    pub flow_events_seen: u64,
+}
+
+/// The text exposition of `m`. Every family gets its HELP/TYPE lines even
+/// with no samples, so dashboards see the name from the first scrape.
+pub fn render(m: &Metrics) -> String {
+    let mut r = Renderer(String::with_capacity(4096));
+
+    r.family("portcullis_build_info", "gauge", "Agent build; the value is always 1.");
+    r.sample("portcullis_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+
+    for (name, values, help) in [
+        ("portcullis_forwarded_packets_total", m.forwarded_packets, "Packets the datapath forwarded."),
+        ("portcullis_forwarded_bytes_total", m.forwarded_bytes, "Bytes the datapath forwarded."),
+    ] {
+        r.family(name, "counter", help);
+        for (direction, v) in DIRECTIONS.into_iter().zip(values) {
+            r.sample(name, &[("direction", direction)], v);
+        }
+    }
+
+    // Summed per label set: a duplicate series would make the scrape fail.
+    let mut drops: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
+    for d in &m.drops {
+        let e = drops.entry((&d.direction, &d.reason)).or_default();
+        e.0 = e.0.saturating_add(d.packets);
+        e.1 = e.1.saturating_add(d.bytes);
+    }
+    r.family("portcullis_dropped_packets_total", "counter", "Packets the datapath dropped.");
+    for (&(direction, reason), (packets, _)) in &drops {
+        r.sample(
+            "portcullis_dropped_packets_total",
+            &[("direction", direction), ("reason", reason)],
+            packets,
+        );
+    }
+    r.family("portcullis_dropped_bytes_total", "counter", "Bytes the datapath dropped.");
+    for (&(direction, reason), (_, bytes)) in &drops {
+        r.sample("portcullis_dropped_bytes_total", &[("direction", direction), ("reason", reason)], bytes);
+    }
+
+    r.gauge("portcullis_endpoints", "Endpoints the agent enforces.", m.endpoints);
+    r.gauge("portcullis_endpoints_failed", "Endpoints whose last map write failed.", m.endpoints_failed);
+    r.gauge("portcullis_identities", "Security identities allocated.", m.identities);
+    r.gauge("portcullis_policies", "NetworkPolicies known to the agent.", m.policies);
+
+    r.family("portcullis_map_entries", "gauge", "Entries in a BPF map.");
+    for f in &m.map_entries {
+        r.sample("portcullis_map_entries", &[("map", &f.name)], f.entries);
+    }
+    r.family("portcullis_map_capacity", "gauge", "Maximum entries of a BPF map.");
+    for f in &m.map_entries {
+        r.sample("portcullis_map_capacity", &[("map", &f.name)], f.capacity);
+    }
+    r.gauge("portcullis_conntrack_entries", "Entries in the connection tracking map.", m.conntrack_entries);
+
+    r.histogram(
+        "portcullis_policy_compile_seconds",
+        "Time to compile policy into endpoint state.",
+        &m.policy_compile_seconds,
+    );
+    r.histogram(
+        "portcullis_map_write_seconds",
+        "Time to write compiled state to the BPF maps.",
+        &m.map_write_seconds,
+    );
+
+    r.family("portcullis_api_watch_restarts_total", "counter", "Kubernetes watch restarts, per kind.");
+    for (kind, n) in &m.watch_restarts {
+        r.sample("portcullis_api_watch_restarts_total", &[("kind", kind)], n);
+    }
+    r.family("portcullis_api_server_connected", "gauge", "1 if the Kubernetes API server is reachable.");
+    if let Some(c) = m.api_server_connected {
+        r.sample("portcullis_api_server_connected", &[], u8::from(c));
+    }
+    r.family(
+        "portcullis_last_sync_timestamp_seconds",
+        "gauge",
+        "Unix time the maps were last brought in sync with the desired state.",
+    );
+    if let Some(t) = m.last_sync_unix_seconds {
+        r.sample("portcullis_last_sync_timestamp_seconds", &[], float(t));
+    }
+    r.gauge("portcullis_revision", "Revision last written to the maps.", m.revision);
+    r.family("portcullis_flow_events_total", "counter", "Flow events read from the datapath.");
+    r.sample("portcullis_flow_events_total", &[], m.flow_events_seen);
+    r.0
+}
+
+struct Renderer(String);
+
+impl Renderer {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        self.0 += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.0 += name;
+        if !labels.is_empty() {
+            let labels: Vec<String> =
+                labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect();
+            self.0 += &format!("{{{}}}", labels.join(","));
+        }
+        self.0 += &format!(" {value}\n");
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0u64;
+        for (le, n) in BUCKETS.iter().zip(h.buckets) {
+            cumulative += n;
+            self.sample(&bucket, &[("le", &float(*le))], cumulative);
+        }
+        self.sample(&bucket, &[("le", "+Inf")], h.count);
+        self.sample(&format!("{name}_sum"), &[], float(h.sum));
+        self.sample(&format!("{name}_count"), &[], h.count);
+    }
+}
+
+/// A float as the format spells it (Rust's `Display` never uses exponents,
+/// which Prometheus parses fine, but has its own names for the specials).
+fn float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out += "\\\\",
+            '"' => out += "\\\"",
+            '\n' => out += "\\n",
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A request head larger than this is refused; a scrape needs a few hundred bytes.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may take in all (snapshot and write included).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections answered at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Binds `addr` and serves `/metrics` from it. The bind error is returned
+/// so the caller decides whether metrics are worth failing for.
+pub async fn serve(
+    addr: SocketAddr,
+    snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(serve_listener(listener, snapshot).await)
+}
+
+/// Serves `/metrics` on an already bound listener (tests bind port 0).
+/// `snapshot` returns None when no snapshot can be had (the agent is
+/// stopping), answered with 503.
+pub async fn serve_listener(
+    listener: TcpListener,
+    snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
+) -> JoinHandle<()> {
+    let snapshot = Arc::new(snapshot);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually out of file descriptors: back off rather than spin.
+                    tracing::warn!("metrics: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let snapshot = snapshot.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, || snapshot())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("metrics: connection failed: {e}"),
+                    Err(_) => tracing::debug!("metrics: connection timed out"),
+                }
+            });
+        }
+    })
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    snapshot: impl FnOnce() -> BoxFuture<'static, Option<Metrics>>,
+) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) => return respond(stream, 431, "text/plain", "request head too large\n").await,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Ok(()), // too slow: just hang up
+    };
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = target.split('?').next().unwrap_or_default();
+    if method == "GET" && path == "/metrics" {
+        match snapshot().await {
+            Some(m) => respond(stream, 200, CONTENT_TYPE, &render(&m)).await,
+            None => respond(stream, 503, "text/plain", "metrics unavailable\n").await,
+        }
+    } else {
+        respond(stream, 404, "text/plain", "not found; metrics are at GET /metrics\n").await
+    }
+}
+
+/// Reads up to the blank line ending the request head (a GET has no body).
+/// None if the head exceeds `MAX_HEAD`; a peer that closes early gets what
+/// it sent parsed, which at worst is a 404.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+    }
+    Ok(Some(String::from_utf8_lossy(&head).into_owned()))
+}
+
+async fn respond(mut stream: TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await?;
+    // Closing with unread input makes the kernel send a reset, which can
+    // destroy the response before the client reads it: drain briefly first.
+    let mut buf = [0u8; 1024];
+    let drain = async { while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+
+    use super::*;
+
+    fn filled() -> Metrics {
+        let mut policy_compile_seconds = Histogram::new();
+        for s in [0.0001, 0.002, 0.002, 0.3, 20.0] {
+            policy_compile_seconds.observe(s);
+        }
+        Metrics {
+            forwarded_packets: [10, 20],
+            forwarded_bytes: [1000, 2000],
+            drops: vec![
+                DropCount {
+                    direction: "egress".into(),
+                    reason: "Policy denied".into(),
+                    packets: 3,
+                    bytes: 180,
+                },
+                DropCount {
+                    direction: "egress".into(),
+                    reason: "Policy denied".into(),
+                    packets: 1,
+                    bytes: 60,
+                },
+                DropCount {
+                    direction: "ingress".into(),
+                    reason: "odd \"quoted\" \\ reason\nline".into(),
+                    packets: 2,
+                    bytes: 5,
+                },
+            ],
+            endpoints: 4,
+            endpoints_failed: 1,
+            identities: 7,
+            policies: 3,
+            map_entries: vec![MapFill { name: "policy".into(), entries: 12, capacity: 16384 }],
+            conntrack_entries: 42,
+            policy_compile_seconds,
+            map_write_seconds: Histogram::new(),
+            watch_restarts: [("Pod".to_owned(), 2)].into(),
+            api_server_connected: Some(true),
+            last_sync_unix_seconds: Some(1700000000.5),
+            revision: 9,
+            flow_events_seen: 123,
+        }
+    }
+
+    #[test]
+    fn render_has_the_expected_lines() {
+        let text = render(&filled());
+        let lines: Vec<&str> = text.lines().collect();
+        let expected = [
+            format!("portcullis_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+            "# HELP portcullis_forwarded_packets_total Packets the datapath forwarded.".into(),
+            "# TYPE portcullis_forwarded_packets_total counter".into(),
+            "portcullis_forwarded_packets_total{direction=\"ingress\"} 10".into(),
+            "portcullis_forwarded_packets_total{direction=\"egress\"} 20".into(),
+            "portcullis_forwarded_bytes_total{direction=\"egress\"} 2000".into(),
+            "# TYPE portcullis_dropped_packets_total counter".into(),
+            "portcullis_dropped_packets_total{direction=\"egress\",reason=\"Policy denied\"} 4".into(),
+            "portcullis_dropped_bytes_total{direction=\"egress\",reason=\"Policy denied\"} 240".into(),
+            "portcullis_dropped_packets_total{direction=\"ingress\",reason=\"odd \\\"quoted\\\" \\\\ reason\\nline\"} 2"
+                .into(),
+            "# TYPE portcullis_endpoints gauge".into(),
+            "portcullis_endpoints 4".into(),
+            "portcullis_endpoints_failed 1".into(),
+            "portcullis_identities 7".into(),
+            "portcullis_policies 3".into(),
+            "portcullis_map_entries{map=\"policy\"} 12".into(),
+            "portcullis_map_capacity{map=\"policy\"} 16384".into(),
+            "portcullis_conntrack_entries 42".into(),
+            "# TYPE portcullis_policy_compile_seconds histogram".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"0.0005\"} 1".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"0.001\"} 1".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"0.0025\"} 3".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"0.25\"} 3".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"0.5\"} 4".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"1\"} 4".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"10\"} 4".into(),
+            "portcullis_policy_compile_seconds_bucket{le=\"+Inf\"} 5".into(),
+            "portcullis_policy_compile_seconds_count 5".into(),
+            "portcullis_map_write_seconds_bucket{le=\"+Inf\"} 0".into(),
+            "portcullis_map_write_seconds_sum 0".into(),
+            "portcullis_map_write_seconds_count 0".into(),
+            "# TYPE portcullis_api_watch_restarts_total counter".into(),
+            "portcullis_api_watch_restarts_total{kind=\"Pod\"} 2".into(),
+            "portcullis_api_server_connected 1".into(),
+            "portcullis_last_sync_timestamp_seconds 1700000000.5".into(),
+            "portcullis_revision 9".into(),
+            "# TYPE portcullis_flow_events_total counter".into(),
+            "portcullis_flow_events_total 123".into(),
+        ];
+        for line in &expected {
+            assert!(lines.contains(&line.as_str()), "missing {line:?} in\n{text}");
+        }
+        let sum =
+            lines.iter().find_map(|l| l.strip_prefix("portcullis_policy_compile_seconds_sum ")).unwrap();
+        assert!((sum.parse::<f64>().unwrap() - 20.3041).abs() < 1e-9, "{sum}");
+
+        // Each family's HELP and TYPE exactly once; each series exactly once.
+        for prefix in ["# HELP ", "# TYPE "] {
+            let names: Vec<&str> = lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(prefix))
+                .map(|l| l.split(' ').next().unwrap())
+                .collect();
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(names.len(), unique.len(), "{prefix}repeated");
+        }
+        let series: Vec<&str> =
+            lines.iter().filter(|l| !l.starts_with('#')).map(|l| l.rsplit_once(' ').unwrap().0).collect();
+        let mut unique = series.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(series.len(), unique.len(), "a series is repeated");
+    }
+
+    #[test]
+    fn empty_families_keep_help_and_type() {
+        let text = render(&Metrics::default());
+        for family in [
+            "portcullis_dropped_packets_total",
+            "portcullis_dropped_bytes_total",
+            "portcullis_map_entries",
+            "portcullis_api_watch_restarts_total",
+            "portcullis_api_server_connected",
+            "portcullis_last_sync_timestamp_seconds",
+        ] {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+            assert!(!text.lines().any(|l| l.starts_with(family)), "{family} has a sample");
+        }
+        assert!(text.contains("\nportcullis_forwarded_packets_total{direction=\"ingress\"} 0\n"));
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn histogram_ignores_nonsense() {
+        let mut h = Histogram::new();
+        h.observe(f64::NAN);
+        h.observe(-1.0);
+        h.observe(0.01);
+        assert_eq!((h.count(), h.sum()), (1, 0.01));
+        assert_eq!(float(f64::INFINITY), "+Inf");
+        assert_eq!(float(f64::NAN), "NaN");
+        assert_eq!(float(1e-7), "0.0000001");
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_json() {
+        let m = filled();
+        let back: Metrics = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+    }
+
+    async fn get(addr: SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_404s_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = filled();
+        let server = serve_listener(listener, move || {
+            let m = m.clone();
+            async move { Some(m) }.boxed()
+        })
+        .await;
+
+        let r = get(addr, "GET /metrics HTTP/1.1\r\nhost: x\r\naccept: */*\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains(&format!("\r\ncontent-type: {CONTENT_TYPE}\r\n")), "{r}");
+        assert!(r.contains("\r\nconnection: close\r\n"), "{r}");
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(body.contains("\nportcullis_endpoints 4\n"), "{body}");
+
+        let r = get(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+
+        for request in
+            ["GET /other HTTP/1.1\r\n\r\n", "GET / HTTP/1.1\r\n\r\n", "POST /metrics HTTP/1.1\r\n\r\n"]
+        {
+            let r = get(addr, request).await;
+            assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
+            assert!(r.ends_with("/metrics\n"), "{r}");
+        }
+
+        let r = get(addr, &format!("GET /metrics HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD))).await;
+        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn no_snapshot_is_503() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve_listener(listener, || async { None }.boxed()).await;
+        let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn serve_returns_the_bind_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        assert!(serve(addr, || async { None }.boxed()).await.is_err());
+    }
+}
