@@ -291,7 +291,7 @@ fn operator_tools_answer_from_a_running_agent() {
         &["policy", "trace", "--from", "shop/backend", "--to", &f4.to_string(), "--port", "80"],
     );
     assert_eq!(denied.status.code(), Some(1), "a dropped verdict exits 1");
-    let text = String::from_utf8_lossy(&denied.stdout);
+    let text = String::from_utf8_lossy(&denied.stdout).into_owned();
     assert!(
         text.contains("isolated by shop/default-deny; no rule of it allows this connection: dropped")
             && text.contains("Verdict: DROPPED")
@@ -339,7 +339,23 @@ fn operator_tools_answer_from_a_running_agent() {
     let health = &status["health"];
     assert_eq!((&health["endpoints"], &health["policies"]), (&json!(2), &json!(3)));
     assert!(health["drops"].as_array().expect("drops").iter().any(|d| d["reason"] == "Policy denied"));
-    assert!(ok_text(&socket, &["status"]).contains("Endpoints:       2 (0 failed)"));
+    let status_text = ok_text(&socket, &["status"]);
+    assert!(status_text.contains("Endpoints:       2 (0 failed)"), "{status_text}");
+
+    // The human forms, as the README shows them (`--nocapture` prints them).
+    for args in [
+        &["endpoint", "list"][..],
+        &["endpoint", "get", "shop/backend"],
+        &["observe", "--last", "4"],
+        &["policy", "trace", "--from", "shop/frontend", "--to", "shop/backend", "--port", "80/TCP"],
+        &["identity", "list"],
+        &["ct", "list"],
+        &["status"],
+    ] {
+        let out = agent(&socket, args);
+        println!("# agent {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+    }
+    println!("# agent policy trace (dropped)\n{text}");
 
     let metrics = ok_text(&socket, &["metrics"]);
     let denied_line = metrics

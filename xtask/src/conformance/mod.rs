@@ -324,6 +324,19 @@ pub fn run_case(
             if !result.passed() {
                 failures.push(result);
             }
+            // `agent policy trace` must give every pair the case's verdict,
+            // and the maps must agree with it, on every node.
+            if used.target == Target::PodIp {
+                let mismatches = check_traces(&world, s, p, probe, &agents)?;
+                if !mismatches.is_empty() {
+                    bail!(
+                        "step {}, probe {}: agent policy trace is wrong:\n  {}",
+                        s + 1,
+                        p + 1,
+                        mismatches.join("\n  ")
+                    );
+                }
+            }
         }
         if show == Show::Steps {
             let mut drops = Vec::new();
@@ -343,6 +356,73 @@ pub fn run_case(
     }
     drop(pins);
     Ok(if failures.is_empty() { CaseOutcome::Pass } else { CaseOutcome::Fail(failures) })
+}
+
+/// Asks each agent's `POST /v1/trace` for every pair of a probe (by pod
+/// address) and returns the pairs whose verdict differs from the case's, or
+/// whose maps disagree with the policies.
+fn check_traces(
+    world: &World,
+    s: usize,
+    p: usize,
+    probe: &Probe,
+    agents: &[AgentProcess],
+) -> Result<Vec<String>> {
+    let protocol = match probe.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    };
+    let mut wrong = Vec::new();
+    for pair in world.pairs(s, p, probe)? {
+        let (client, server) = (&world.pods[pair.client], &world.pods[pair.server]);
+        for agent in agents {
+            let req = portcullis_agent::inspect::TraceRequest {
+                from: client.ip.to_string(),
+                to: server.ip.to_string(),
+                port: pair.port,
+                protocol: protocol.into(),
+            };
+            let body = serde_json::to_vec(&req)?;
+            let (status, text) = portcullis_agent::api::fetch(
+                &agent.socket(),
+                "POST",
+                "/v1/trace",
+                Some(body),
+                Some(Duration::from_secs(10)),
+            )
+            .context("asking the agent for a policy trace")?;
+            if status != 200 {
+                bail!("trace {} -> {}: HTTP {status}: {text}", client.id(), server.id());
+            }
+            let report: portcullis_agent::inspect::TraceReport = serde_json::from_str(&text)?;
+            let who = format!("{} -> {}:{}/{protocol}", client.id(), server.id(), pair.port);
+            if report.allowed != pair.expect {
+                wrong.push(format!(
+                    "{who}: traced {}, the case expects {}",
+                    verdict(report.allowed),
+                    verdict(pair.expect)
+                ));
+            }
+            if report.datapath_agrees == Some(false) {
+                let sides: Vec<String> = [&report.egress, &report.ingress]
+                    .iter()
+                    .filter_map(|side| {
+                        side.datapath
+                            .as_ref()
+                            .filter(|d| !d.agrees)
+                            .map(|d| format!("{}: {}", side.direction, d.verdict))
+                    })
+                    .collect();
+                wrong.push(format!("{who}: the maps disagree with the policies ({})", sides.join("; ")));
+            }
+        }
+    }
+    Ok(wrong)
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "dropped" }
 }
 
 /// One line on what a step changes.

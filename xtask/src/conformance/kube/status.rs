@@ -128,6 +128,7 @@ mod tests {
             revision: Some(3),
             synced: true,
             resource_versions: versions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            health: None,
         }
     }
 
