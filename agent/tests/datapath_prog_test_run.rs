@@ -595,6 +595,46 @@ fn counters_count_packets_per_endpoint_direction_and_reason() {
 }
 
 #[test]
+fn each_rule_counts_the_packets_of_the_flows_it_allowed_both_ways() {
+    with_datapath(backend_state(default_rules()), |dp, _| {
+        let (fe, backend) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let syn = Frame { src_port: 41000, ..Frame::tcp(fe, backend, 80) };
+        assert_eq!(ingress(dp, syn.clone()), TC_PASS, "new flow: rule 1");
+        assert_eq!(ingress(dp, syn.clone()), TC_PASS, "tracked: still rule 1");
+        let reply = Frame { src_port: 80, ..Frame::tcp(backend, fe, 41000) };
+        assert_eq!(
+            verdict(dp, Hook::FromContainer, &reply),
+            TC_PASS,
+            "the reply counts under rule 1's direction"
+        );
+        assert_eq!(ingress(dp, Frame::udp(fe, backend, 53)), TC_PASS, "rule 2");
+        assert_eq!(ingress(dp, Frame::tcp(fe, backend, 81)), TC_ACT_SHOT, "no rule: not counted");
+        // An open direction's flows belong to no rule.
+        assert_eq!(verdict(dp, Hook::FromContainer, &Frame::udp(backend, fe, 5353)), TC_PASS);
+
+        let counted = dp.rule_counters(1);
+        let len = |f: &Frame| f.bytes().len() as u64;
+        assert_eq!(counted.get(&(DIR_INGRESS, 1)), Some(&(3, 2 * len(&syn) + len(&reply))));
+        assert_eq!(counted.get(&(DIR_INGRESS, 2)), Some(&(1, len(&Frame::udp(fe, backend, 53)))));
+        assert_eq!(counted.len(), 2, "{counted:?}");
+
+        // Rule 2 goes: its count goes with it; rule 1 keeps counting.
+        let mut state = backend_state(vec![default_rules()[0].clone()]);
+        state.revision = 2;
+        assert!(dp.apply(&state).errors.is_empty());
+        assert_eq!(dp.rule_counters(1).keys().copied().collect::<Vec<_>>(), [(DIR_INGRESS, 1)]);
+        // The id handed to a new pod starts from nothing.
+        state.endpoints[0].name = "default/successor".into();
+        state.endpoints.push(EndpointState { id: 2, ..state.endpoints[0].clone() });
+        state.endpoints.remove(0);
+        assert!(dp.apply(&state).errors.is_empty());
+        state.endpoints[0].id = 1;
+        assert!(dp.apply(&state).errors.is_empty());
+        assert!(dp.rule_counters(1).is_empty(), "a recycled id inherits no counts");
+    });
+}
+
+#[test]
 fn allowed_verdicts_are_reported_for_new_flows_when_asked() {
     let config = DatapathConfig { report_allowed: true, ..Default::default() };
     with_datapath_config(config, backend_state(default_rules()), |dp, events| {

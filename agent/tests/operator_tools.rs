@@ -260,6 +260,14 @@ fn operator_tools_answer_from_a_running_agent() {
     assert!(from_frontend["peer"].as_str().expect("peer").contains("app=frontend"), "{from_frontend}");
     assert_eq!((&from_frontend["protocol"], &from_frontend["ports"]), (&json!("TCP"), &json!("80")));
     assert_eq!(from_frontend["rule"], "shop/backend-from-frontend ingress rule 0");
+    // The rule counts the allowed connection's packets, both ways.
+    let rules = detail["rules"].as_array().expect("rules");
+    let rule = rules
+        .iter()
+        .find(|r| r["rule"] == "shop/backend-from-frontend ingress rule 0")
+        .unwrap_or_else(|| panic!("{rules:?}"));
+    assert!(rule["packets"].as_u64().expect("packets") >= 4, "SYN, ACK, data, FIN at least: {rule}");
+    assert!(rule["bytes"].as_u64().expect("bytes") > 0);
     let by_id = ok_json(&socket, &["endpoint", "get", &be["id"].to_string(), "-o", "json"]);
     assert_eq!(by_id["name"], "shop/backend");
     let missing = agent(&socket, &["endpoint", "get", "shop/nope"]);

@@ -15,6 +15,7 @@ pub mod map_names {
     pub const SVC_PENDING: &str = "PC_SVC_PENDING";
     pub const COUNTERS: &str = "PC_COUNTERS";
     pub const FRAGS: &str = "PC_FRAGS";
+    pub const RULE_STATS: &str = "PC_RULE_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -44,6 +45,8 @@ pub mod map_sizes {
     pub const SVC_PENDING: u32 = 65536;
     /// Fragmented datagrams in flight (first fragment passed, later ones due).
     pub const FRAGS: u32 = 8192;
+    /// Per-rule counters: (endpoint, direction, rule) triples in use.
+    pub const RULE_STATS: u32 = 65536;
 }
 
 /// Counters are per endpoint id; ids at or above this share no slot and
@@ -339,6 +342,17 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Per-rule counters key: the packets and bytes of the flows one rule
+/// allowed on one endpoint (both ways), under the direction it allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleStatsKey {
+    pub endpoint_id: u16,
+    pub direction: u8,
+    pub _pad: u8,
+    pub rule_cookie: u32,
+}
+
 /// Verdicts in flow events.
 pub const VERDICT_FORWARDED: u8 = 1;
 pub const VERDICT_DROPPED: u8 = 2;
@@ -405,6 +419,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::RuleStatsKey {}
 }
 
 // Layouts are ABI: fail the build if one changes size by accident.

@@ -15,16 +15,16 @@ mod datapath {
     use aya_ebpf::{
         helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{classifier, map},
-        maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+        maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
     };
     use portcullis_common::{
         AF_INET, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue,
         DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
-        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes,
-        mark, reason,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, RuleStatsKey,
+        ServiceKey, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity,
+        map_sizes, mark, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse, quoted_key};
@@ -62,6 +62,13 @@ mod datapath {
 
     #[map]
     static PC_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTED_ENDPOINTS * COUNTER_SLOTS, 0);
+
+    /// Packets and bytes per (endpoint, direction, rule): what each rule let
+    /// through. LRU, so a full table forgets the least used rule's count
+    /// instead of refusing to count new ones.
+    #[map]
+    static PC_RULE_STATS: LruPerCpuHashMap<RuleStatsKey, Counter> =
+        LruPerCpuHashMap::pinned(map_sizes::RULE_STATS, 0);
 
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
@@ -217,9 +224,10 @@ mod datapath {
             return TC_PASS;
         }
         let key = ct_key(ep.endpoint_id, direction, &pkt);
-        if !overflow && ct_hit(&key, &pkt, direction, now) {
+        if !overflow && let Some((cookie, origin)) = ct_hit(&key, &pkt, direction, now) {
             remember_first_fragment(&pkt);
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
+            count_rule(ep.endpoint_id, origin, cookie, ctx.len());
             return TC_PASS;
         }
 
@@ -256,6 +264,7 @@ mod datapath {
             remember_first_fragment(&pkt);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
+        count_rule(ep.endpoint_id, direction, rule_cookie, ctx.len());
         if ep.flags & EP_REPORT_ALLOWED != 0 {
             emit(
                 ctx,
@@ -375,6 +384,7 @@ mod datapath {
                 ct_create(&key, pkt, DIR_EGRESS, cookie, now, Some((pkt.dst, pkt.dst_port)));
                 let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
                 count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
+                count_rule(client, DIR_EGRESS, cookie, ctx.len());
                 if pending.flags & EP_REPORT_ALLOWED != 0 {
                     emit(
                         ctx,
@@ -461,13 +471,14 @@ mod datapath {
     /// Whether a live entry tracks the packet's flow; if so the packet moves
     /// the entry's state and expiry on. An expired entry passes nothing.
     #[inline(always)]
-    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> bool {
-        let Some(entry) = PC_CT.get_ptr_mut(key) else { return false };
+    /// A live entry's rule cookie and origin (refreshed by this packet).
+    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> Option<(u32, u8)> {
+        let entry = PC_CT.get_ptr_mut(key)?;
         // SAFETY: the map value stays valid for this program run; racing
         // writers only move the expiry, and either value is fine.
         let entry = unsafe { &mut *entry };
         if entry.expires_ns <= now {
-            return false;
+            return None;
         }
         let mut flags = entry.flags;
         if direction != entry.origin {
@@ -483,7 +494,7 @@ mod datapath {
         } else if expires > entry.expires_ns + ct_timeout::REFRESH_SLACK_NS {
             entry.expires_ns = expires;
         }
-        true
+        Some((entry.rule_cookie, entry.origin))
     }
 
     /// Tracks a new flow; `backend`: the Service backend it was allowed for.
@@ -593,6 +604,27 @@ mod datapath {
             unsafe {
                 (*c).packets += 1;
                 (*c).bytes += u64::from(len);
+            }
+        }
+    }
+
+    /// Counts a packet against the rule that allowed its flow (none for
+    /// directions that are not isolated).
+    #[inline(always)]
+    fn count_rule(endpoint_id: u16, direction: u8, rule_cookie: u32, len: u32) {
+        if rule_cookie == 0 {
+            return;
+        }
+        let key = RuleStatsKey { endpoint_id, direction, _pad: 0, rule_cookie };
+        match PC_RULE_STATS.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value; no other writer while we run.
+            Some(c) => unsafe {
+                (*c).packets += 1;
+                (*c).bytes += u64::from(len);
+            },
+            None => {
+                // BPF_NOEXIST: another packet may have created it meanwhile.
+                let _ = PC_RULE_STATS.insert(&key, &Counter { packets: 1, bytes: u64::from(len) }, 1);
             }
         }
     }

@@ -103,6 +103,24 @@ pub fn endpoint(d: &EndpointDetail) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    if !d.rules.is_empty() {
+        let _ = writeln!(out, "\nTraffic per rule (the flows it allowed, both ways):");
+        let rows: Vec<Vec<String>> = d
+            .rules
+            .iter()
+            .map(|r| {
+                vec![
+                    r.direction.to_uppercase(),
+                    r.rule.clone().unwrap_or_else(|| format!("cookie {}", r.rule_cookie)),
+                    r.packets.to_string(),
+                    r.bytes.to_string(),
+                ]
+            })
+            .collect();
+        for line in table::render(&["DIRECTION", "RULE", "PACKETS", "BYTES"], &rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     if !d.drops.is_empty() {
         let _ = writeln!(out, "\nDrops:");
         let rows: Vec<Vec<String>> = d

@@ -3,7 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use portcullis_common::{COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, reason};
+use std::collections::BTreeSet;
+
+use portcullis_common::{
+    COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, RuleStatsKey, reason,
+};
 
 use super::Datapath;
 
@@ -64,6 +68,44 @@ impl Datapath {
             }
         }
         Some(out)
+    }
+
+    /// Packets and bytes of the flows each rule allowed on one endpoint (both
+    /// ways), keyed `(direction, rule cookie)`.
+    pub fn rule_counters(&self, id: u16) -> BTreeMap<(u8, u32), (u64, u64)> {
+        let keys: Vec<RuleStatsKey> =
+            self.maps.rule_stats.keys().filter_map(Result::ok).filter(|k| k.endpoint_id == id).collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let per_cpu = self.maps.rule_stats.get(&k, 0).ok()?;
+                let sum = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                Some(((k.direction, k.rule_cookie), sum))
+            })
+            .collect()
+    }
+
+    /// Deletes the rule counters of ids just handed to new pods, and of
+    /// rules no loaded endpoint has any more (one walk of the table).
+    pub(super) fn prune_rule_counters(&mut self, fresh: &BTreeSet<u16>) {
+        let live: BTreeSet<(u16, u8, u32)> = self
+            .loaded
+            .endpoints
+            .iter()
+            .filter(|(id, _)| !fresh.contains(id))
+            .flat_map(|(id, e)| {
+                e.keys.policy.iter().map(move |((_, k), v)| (*id, k.direction, v.rule_cookie))
+            })
+            .collect();
+        let gone: Vec<RuleStatsKey> = self
+            .maps
+            .rule_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&(k.endpoint_id, k.direction, k.rule_cookie)))
+            .collect();
+        for k in gone {
+            let _ = self.maps.rule_stats.remove(&k);
+        }
     }
 
     /// Zeroes an endpoint id's counters (the id is being handed to a new pod).

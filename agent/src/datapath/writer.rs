@@ -154,12 +154,16 @@ impl Datapath {
         }
 
         let mut seen = HashSet::new();
+        let mut fresh = BTreeSet::new();
         for ep in &state.endpoints {
             if !seen.insert(ep.id) {
                 let why = format!("endpoint id {} is used twice", ep.id);
                 report.errors.push(WriteError::Invalid { endpoint: ep.name.clone(), why }.to_string());
                 report.failed.insert(ep.name.clone());
                 continue;
+            }
+            if !self.loaded.endpoints.contains_key(&ep.id) {
+                fresh.insert(ep.id);
             }
             match self.apply_endpoint(ep, &mut stale) {
                 Ok(true) => report.endpoints_written += 1,
@@ -206,6 +210,10 @@ impl Datapath {
             if !owned.contains(&idx) {
                 let _ = self.detach(idx);
             }
+        }
+
+        if report.endpoints_written > 0 || report.endpoints_removed > 0 {
+            self.prune_rule_counters(&fresh);
         }
 
         report.services = self.loaded.services.len();

@@ -4,7 +4,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use portcullis_common::{DIR_EGRESS, DIR_INGRESS, PolicyKey, identity::CLASS_BASE, reason};
 
-use super::{DropCount, EndpointDetail, EndpointSummary, Failure, IdentityInfo, MapEntry, Traffic, View};
+use super::{
+    DropCount, EndpointDetail, EndpointSummary, Failure, IdentityInfo, MapEntry, RuleTraffic, Traffic, View,
+};
 use crate::{
     compiled::EndpointState,
     datapath::{DirectionCounters, KernelEndpoint, keys},
@@ -68,6 +70,23 @@ pub fn endpoint(view: &View<'_>, which: &str) -> Result<EndpointDetail, Failure>
     let (ingress_policies, egress_policies) = selecting(view, ep);
     let rules = view.rule_names();
     let entries = kernel.as_ref().map(|k| map_entries(view, k, &rules)).unwrap_or_default();
+    // Every rule with entries, counted or not yet.
+    let mut counted = view.dp.rule_counters(ep.id);
+    if let Some(k) = &kernel {
+        for ((_, key), v) in &k.keys.policy {
+            counted.entry((key.direction, v.rule_cookie)).or_default();
+        }
+    }
+    let rules_traffic = counted
+        .into_iter()
+        .map(|((direction, cookie), (packets, bytes))| RuleTraffic {
+            direction: if direction == DIR_INGRESS { "ingress" } else { "egress" }.into(),
+            rule: rules.get(&cookie).cloned(),
+            rule_cookie: cookie,
+            packets,
+            bytes,
+        })
+        .collect();
     let mut disagreements = Vec::new();
     match &kernel {
         None => disagreements.push("the kernel's endpoint table has no entry for this endpoint".into()),
@@ -104,7 +123,15 @@ pub fn endpoint(view: &View<'_>, which: &str) -> Result<EndpointDetail, Failure>
     for (direction, side) in [("ingress", &counters.ingress), ("egress", &counters.egress)] {
         drops.extend(drop_counts(direction, side));
     }
-    Ok(EndpointDetail { summary, ingress_policies, egress_policies, entries, drops, disagreements })
+    Ok(EndpointDetail {
+        summary,
+        ingress_policies,
+        egress_policies,
+        entries,
+        rules: rules_traffic,
+        drops,
+        disagreements,
+    })
 }
 
 /// A direction's drops per reason (those that happened).

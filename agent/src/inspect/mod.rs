@@ -131,6 +131,9 @@ pub struct EndpointDetail {
     pub egress_policies: Vec<String>,
     /// Allow entries as read back from the kernel's maps.
     pub entries: Vec<MapEntry>,
+    /// Per rule: the packets and bytes of the flows it allowed (both ways),
+    /// as the programs count them.
+    pub rules: Vec<RuleTraffic>,
     /// Drops per reason, per direction.
     pub drops: Vec<DropCount>,
     /// Where the kernel's entries differ from what the agent compiled.
@@ -154,6 +157,16 @@ pub struct MapEntry {
     /// The rule that put it there.
     pub rule: Option<String>,
     pub rule_cookie: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleTraffic {
+    /// The direction the rule allows.
+    pub direction: String,
+    pub rule: Option<String>,
+    pub rule_cookie: u32,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// A row of `agent identity list`.
