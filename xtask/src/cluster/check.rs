@@ -502,6 +502,9 @@ spec:
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    if failures.is_empty() {
+        operator_tools_in_the_pod(paths, NS)?;
+    }
     kube.run(&["delete", "namespace", NS, "--timeout=180s"])?;
     if !failures.is_empty() {
         bail!("pods that did not start enforced (want \"denied allowed\"):\n  {}", failures.join("\n  "));
@@ -510,6 +513,104 @@ spec:
         "cluster test: {count} pods started at once: each one's first packet to a forbidden server dropped, \
          the allowed one reached ({:.1}s)",
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The operator tools as a user runs them, inside the DaemonSet's pod
+/// (`kubectl exec ds/portcullis-agent -- agent ...`), on the pods of
+/// `pods_start_enforced` (`ns`), and the metrics on the node's port.
+fn operator_tools_in_the_pod(paths: &Paths, ns: &str) -> Result<()> {
+    let kube = Kube(paths);
+    kube.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: client-long, namespace: {ns}, labels: {{role: client}}}}
+spec:
+  containers:
+  - {{name: pause, image: {}, args: ["pause"]}}
+"#,
+        images::AGNHOST
+    ))?;
+    kube.run(&["wait", "-n", ns, "--for=condition=Ready", "pod/client-long", "--timeout=120s"])?;
+    // The agent's exit code counts (a trace exits 1 when dropped), so
+    // kubectl's output is read whatever its status.
+    let agent = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = paths
+            .kubectl()
+            .args(["exec", "-n", "kube-system", "ds/portcullis-agent", "--", "agent"])
+            .args(args)
+            .args(["-o", "json"])
+            .output()
+            .context("running kubectl exec")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "kubectl exec ds/portcullis-agent -- agent {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+    };
+    let endpoints = agent(&["endpoint", "list"])?;
+    let me = format!("{ns}/client-long");
+    let ep = endpoints
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == me.as_str()))
+        .with_context(|| format!("agent endpoint list has no {me}: {endpoints}"))?;
+    if ep["egress_enforced"] != true || ep["status"] != "ready" {
+        bail!("agent endpoint list: {me} is not enforced and ready: {ep}");
+    }
+    let trace = |to: &str| {
+        agent(&["policy", "trace", "--from", &me, "--to", &format!("{ns}/{to}"), "--port", "8080/TCP"])
+    };
+    let denied = trace("forbidden")?;
+    let allowed = trace("allowed")?;
+    let rule = format!("{ns}/clients-reach-allowed-only egress rule 0");
+    if denied["allowed"] != false
+        || denied["egress"]["selected_by"] != serde_json::json!([format!("{ns}/clients-reach-allowed-only")])
+        || allowed["allowed"] != true
+        || allowed["egress"]["allowed_by"] != serde_json::json!([rule])
+        || denied["datapath_agrees"] != true
+        || allowed["datapath_agrees"] != true
+    {
+        bail!("agent policy trace is wrong:\n  to forbidden: {denied}\n  to allowed: {allowed}");
+    }
+    let forbidden_pod = format!("{ns}/forbidden");
+    let drops = paths
+        .kubectl()
+        .args(["exec", "-n", "kube-system", "ds/portcullis-agent", "--", "agent", "observe", "--last", "500"])
+        .args(["--verdict", "DROPPED", "--to-pod", &forbidden_pod, "-o", "json"])
+        .output()
+        .context("running kubectl exec agent observe")?;
+    let dropped = String::from_utf8_lossy(&drops.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("\"{ns}/client-")))
+        .count();
+    if dropped == 0 {
+        bail!("agent observe shows no drop of the clients' probes to {forbidden_pod}");
+    }
+    let status = agent(&["status"])?;
+    if status["health"]["api_server"]["connected"] != true || status["synced"] != true {
+        bail!("agent status: not connected and synced: {status}");
+    }
+    let metrics = {
+        use std::io::Read as _;
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", 9962)).context("the agent's metrics port 9962")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: node\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        text
+    };
+    if !metrics.lines().any(|l| l == "portcullis_api_server_connected 1") {
+        bail!("the agent's metrics on :9962 lack portcullis_api_server_connected 1:\n{metrics}");
+    }
+    eprintln!(
+        "cluster test: operator tools in the agent's pod: endpoint list, policy trace (allowed by {rule}; \
+         the forbidden server dropped), observe ({dropped} drops of the clients' probes), status connected; \
+         metrics on :9962"
     );
     Ok(())
 }
