@@ -274,6 +274,13 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, flows: FlowStore)
                         Some(Err(_)) => return respond(stream, 400, &error_json("port: not a port")).await,
                     },
                     protocol: param(&query, "protocol"),
+                    limit: match param(&query, "limit").map(|v| v.parse()) {
+                        None => None,
+                        Some(Ok(n)) => Some(n),
+                        Some(Err(_)) => {
+                            return respond(stream, 400, &error_json("limit: not a number")).await;
+                        }
+                    },
                 }),
                 p => match p.strip_prefix("/v1/endpoints/") {
                     Some(which) if !which.is_empty() => Query::Endpoint(percent_decode(which)),

@@ -424,7 +424,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
     }
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
-    let (names_tx, names_rx) = watch::channel(Names::default());
+    let (names_tx, names_rx) = watch::channel(std::sync::Arc::new(Names::default()));
     let flow_store = FlowStore::new(flow_history);
 
     let printer_store = flow_store.clone();
@@ -553,8 +553,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                             failed: &last_failed,
                             dp: &dp,
                             node_ips: &node_ips,
+                            node: &node_name,
                         };
-                        status.health = Some(inspect::health(&view, &telemetry, &node_name, source.api_server()));
+                        status.health = Some(inspect::health(&view, &mut telemetry, &node_name, source.api_server()));
                         let _ = reply.send(status);
                     }
                     api::Request::Inspect(query, reply) => {
@@ -567,6 +568,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                             failed: &last_failed,
                             dp: &dp,
                             node_ips: &node_ips,
+                            node: &node_name,
                         };
                         let json = |v: Result<serde_json::Value, serde_json::Error>| {
                             v.map(api::Answer::Json).map_err(|e| inspect::Failure { status: 500, message: e.to_string() })
@@ -587,7 +589,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                                 let api_server = source.api_server();
                                 Ok(api::Answer::Metrics(Box::new(inspect::metrics(
                                     &view,
-                                    &telemetry,
+                                    &mut telemetry,
                                     api_server.as_ref(),
                                     source.watch_restarts(),
                                 ))))
@@ -633,7 +635,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             last_errors = report.errors.clone();
         }
         let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
-        names_tx.send_replace(Names::from_state(&state).with_rules(rules));
+        names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));
         // CNI ADDs whose endpoint is now in the maps, on its interface.
         let enforced = |p: &PendingAdd| {
             let name = p.pod.to_string();

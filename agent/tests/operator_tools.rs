@@ -135,6 +135,17 @@ impl Drop for Follower {
     }
 }
 
+/// RFC 3339 (UTC) for `now - ago`, as `--since` takes it.
+fn humantime_now_minus(ago: Duration) -> String {
+    let t = std::time::SystemTime::now() - ago;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn metrics_over_tcp(bed: &Bed, port: u16) -> String {
     bed.node
         .run(move || {
@@ -182,8 +193,11 @@ fn operator_tools_answer_from_a_running_agent() {
     let (f4, b4) = (IpAddr::from(frontend.ipv4), IpAddr::from(backend.ipv4));
 
     // A follower started before the drop receives it as it happens.
-    let follower = Follower::start(&socket, &["--follow", "--verdict", "DROPPED", "-o", "json"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // `--since` a moment before the probe: the stored flows since then and
+    // every new one, so a slow start cannot miss the drop.
+    let since = humantime_now_minus(Duration::from_secs(1));
+    let follower =
+        Follower::start(&socket, &["--follow", "--since", &since, "--verdict", "DROPPED", "-o", "json"]);
     let denied = probe(&backend.netns, Transport::Tcp, f4, 80, DENIED).expect("probe");
     assert_eq!(denied, None, "backend -> frontend is denied");
     let dropped = follower
@@ -303,7 +317,8 @@ fn operator_tools_answer_from_a_running_agent() {
     assert!(
         text.contains("isolated by shop/default-deny; no rule of it allows this connection: dropped")
             && text.contains("Verdict: DROPPED")
-            && text.contains("agrees"),
+            && text.contains("agrees")
+            && !text.contains("DISAGREES"),
         "{text}"
     );
     let wrong_port = agent(

@@ -93,6 +93,9 @@ pub enum CtCmd {
         /// Only TCP, UDP or SCTP.
         #[arg(long)]
         protocol: Option<String>,
+        /// At most this many entries (0: all).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -198,8 +201,11 @@ pub fn identity(client: &Client, cmd: IdentityCmd) -> Result<()> {
 }
 
 pub fn ct(client: &Client, cmd: CtCmd) -> Result<()> {
-    let CtCmd::List { endpoint, ip, port, protocol, out } = cmd;
+    let CtCmd::List { endpoint, ip, port, protocol, limit, out } = cmd;
     let mut params = Vec::new();
+    if limit > 0 {
+        params.push(format!("limit={limit}"));
+    }
     if let Some(e) = endpoint {
         params.push(format!("endpoint={}", encode(&e)));
     }

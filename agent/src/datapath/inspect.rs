@@ -54,26 +54,34 @@ pub enum KernelVerdict {
 
 impl Datapath {
     /// The endpoint with this id as the kernel holds it; `None` when the
-    /// endpoint table has no such id.
+    /// endpoint table has no such id. Its entries are the ones the agent
+    /// wrote, each looked up in the kernel's tries at the live generation
+    /// (point lookups: walking a 262,144-entry trie would hold the main loop
+    /// for seconds), so an entry the kernel lost or holds differently shows.
     pub fn kernel_endpoint(&self, id: u16) -> Option<KernelEndpoint> {
-        let (ifindex, info) =
-            self.maps.endpoints.iter().filter_map(Result::ok).find(|(_, info)| info.endpoint_id == id)?;
-        let mut keys = EndpointKeys::default();
-        let live = |ep: u16, generation: u8| ep == id && generation == info.generation;
-        for key in self.maps.policy.keys().filter_map(Result::ok) {
-            let data = key.data();
-            if live(data.endpoint_id, data.generation)
-                && let Ok(value) = self.maps.policy.get(&key, 0)
-            {
-                keys.policy.insert((key.prefix_len(), PolicyKey { generation: 0, ..data }), value);
+        let loaded = self.loaded.endpoints.get(&id);
+        let (ifindex, info) = match loaded
+            .and_then(|l| Some((l.ifindex, self.maps.endpoints.get(&l.ifindex, 0).ok()?)))
+        {
+            Some((idx, info)) if info.endpoint_id == id => (idx, info),
+            // Not where the agent put it: look for it anywhere.
+            _ => {
+                self.maps.endpoints.iter().filter_map(Result::ok).find(|(_, info)| info.endpoint_id == id)?
             }
-        }
-        for key in self.maps.cidr.keys().filter_map(Result::ok) {
-            let data: CidrKey = key.data();
-            if live(data.endpoint_id, data.generation)
-                && let Ok(class) = self.maps.cidr.get(&key, 0)
-            {
-                keys.cidr.insert((key.prefix_len(), CidrKey { generation: 0, ..data }), class);
+        };
+        let mut keys = EndpointKeys::default();
+        if let Some(l) = loaded {
+            for (bits, key) in l.keys.policy.keys() {
+                let live = Key::new(*bits, PolicyKey { generation: info.generation, ..*key });
+                if let Ok(value) = self.maps.policy.get(&live, 0) {
+                    keys.policy.insert((*bits, *key), value);
+                }
+            }
+            for (bits, key) in l.keys.cidr.keys() {
+                let live = Key::new(*bits, CidrKey { generation: info.generation, ..*key });
+                if let Ok(class) = self.maps.cidr.get(&live, 0) {
+                    keys.cidr.insert((*bits, *key), class);
+                }
             }
         }
         Some(KernelEndpoint { ifindex, info, keys })

@@ -77,7 +77,9 @@ pub(crate) struct Loaded {
 type Address = (u8, [u8; 16]);
 
 pub(super) struct LoadedEndpoint {
-    ifindex: u32,
+    /// `namespace/pod`; empty when recovered from the pins (unknown).
+    name: String,
+    pub(super) ifindex: u32,
     /// Addresses the endpoint may send from (in the address map under `ifindex`).
     pub(super) addresses: BTreeSet<Address>,
     pub(super) info: EndpointInfo,
@@ -162,7 +164,21 @@ impl Datapath {
                 report.failed.insert(ep.name.clone());
                 continue;
             }
-            if !self.loaded.endpoints.contains_key(&ep.id) {
+            // A new pod on this id, also when the old one left in this same
+            // pass (the lowest free id is handed out again at once).
+            let handed_over = self
+                .loaded
+                .endpoints
+                .get(&ep.id)
+                .is_some_and(|prev| !prev.name.is_empty() && prev.name != ep.name);
+            if let Some(prev) = self.loaded.endpoints.get_mut(&ep.id) {
+                // Recovered from the pins, the name was unknown until now.
+                prev.name = ep.name.clone();
+            }
+            if handed_over {
+                self.reset_counters(ep.id);
+            }
+            if handed_over || !self.loaded.endpoints.contains_key(&ep.id) {
                 fresh.insert(ep.id);
             }
             match self.apply_endpoint(ep, &mut stale) {
@@ -212,7 +228,7 @@ impl Datapath {
             }
         }
 
-        if report.endpoints_written > 0 || report.endpoints_removed > 0 {
+        if report.endpoints_written > 0 || report.endpoints_removed > 0 || !fresh.is_empty() {
             self.prune_rule_counters(&fresh);
         }
 
@@ -318,8 +334,14 @@ impl Datapath {
         };
         // The flip: from here packets see the new generation.
         let table_full = self.maps.endpoints.insert(idx, info, 0).err();
-        let new =
-            LoadedEndpoint { ifindex: idx, addresses: addresses.clone(), info, keys: loaded_keys, attached };
+        let new = LoadedEndpoint {
+            name: ep.name.clone(),
+            ifindex: idx,
+            addresses: addresses.clone(),
+            info,
+            keys: loaded_keys,
+            attached,
+        };
         if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
             if prev.ifindex != idx {
                 // The pod's veth was recreated: release the old interface.
@@ -445,6 +467,7 @@ impl Datapath {
                 continue;
             }
             let loaded = LoadedEndpoint {
+                name: String::new(),
                 ifindex: idx,
                 addresses: BTreeSet::new(),
                 info,

@@ -23,6 +23,8 @@ pub struct CtFilter {
     pub port: Option<u16>,
     /// `TCP`, `UDP`, ...
     pub protocol: Option<String>,
+    /// At most this many (the first in endpoint and address order).
+    pub limit: Option<usize>,
 }
 
 /// One conntrack entry: a flow as one endpoint sees it.
@@ -125,5 +127,8 @@ pub fn conntrack(view: &View<'_>, filter: &CtFilter) -> Result<Vec<CtView>, Fail
         })
         .collect();
     out.sort_by(|a, b| (a.endpoint_id, &a.local, &a.remote).cmp(&(b.endpoint_id, &b.local, &b.remote)));
+    if let Some(n) = filter.limit {
+        out.truncate(n);
+    }
     Ok(out)
 }

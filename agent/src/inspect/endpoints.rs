@@ -23,7 +23,8 @@ pub fn endpoints(view: &View<'_>) -> Vec<EndpointSummary> {
 
 fn summary(view: &View<'_>, ep: &EndpointState, in_kernel: bool) -> EndpointSummary {
     let status = if view.failed.contains(&ep.name) {
-        let why = view.errors.iter().find(|e| e.contains(&ep.name)).cloned().unwrap_or_default();
+        let prefix = format!("endpoint {}:", ep.name);
+        let why = view.errors.iter().find(|e| e.starts_with(&prefix)).cloned().unwrap_or_default();
         format!("failed: {why}")
     } else if !in_kernel {
         "not in the kernel yet".into()

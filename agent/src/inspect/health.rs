@@ -1,12 +1,12 @@
 //! `agent status` and the Prometheus metrics: counters summed over
 //! endpoints, map fill, and what the main loop measures as it goes.
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{View, endpoints::drop_counts};
 use crate::{
     api::{ApiServerHealth, Health},
-    datapath::DirectionCounters,
+    datapath::{DirectionCounters, EndpointCounters},
     metrics::{DropCount, Histogram, Metrics},
 };
 
@@ -21,22 +21,49 @@ pub struct Telemetry {
     /// Live conntrack entries at the last sweep.
     pub conntrack_live: Option<u64>,
     pub flows_seen: u64,
+    /// Each endpoint's counters when last read, and what endpoints that
+    /// went away (or whose id was handed on) had counted: the totals only
+    /// grow, as Prometheus counters must.
+    pub last_counts: BTreeMap<u16, EndpointCounters>,
+    pub retired: EndpointCounters,
 }
 
-/// Forwards and drops of every endpoint, per direction.
-fn totals(view: &View<'_>) -> (DirectionCounters, DirectionCounters) {
-    let mut ingress = DirectionCounters::default();
-    let mut egress = DirectionCounters::default();
-    for c in view.dp.counters().values() {
-        for (sum, side) in [(&mut ingress, &c.ingress), (&mut egress, &c.egress)] {
-            sum.forwarded_packets += side.forwarded_packets;
-            sum.forwarded_bytes += side.forwarded_bytes;
-            for i in 0..sum.dropped_packets.len() {
-                sum.dropped_packets[i] += side.dropped_packets[i];
-                sum.dropped_bytes[i] += side.dropped_bytes[i];
-            }
+fn add(sum: &mut DirectionCounters, side: &DirectionCounters) {
+    sum.forwarded_packets += side.forwarded_packets;
+    sum.forwarded_bytes += side.forwarded_bytes;
+    for i in 0..sum.dropped_packets.len() {
+        sum.dropped_packets[i] += side.dropped_packets[i];
+        sum.dropped_bytes[i] += side.dropped_bytes[i];
+    }
+}
+
+/// Did `now` count less than `before` anywhere (its id was reset)?
+fn went_back(before: &DirectionCounters, now: &DirectionCounters) -> bool {
+    now.forwarded_packets < before.forwarded_packets
+        || now.dropped_packets.iter().zip(&before.dropped_packets).any(|(n, b)| n < b)
+}
+
+/// Forwards and drops since the agent started, per direction: the
+/// endpoints' counters now plus what gone endpoints had counted when last
+/// read (what they counted after that is lost).
+fn totals(view: &View<'_>, t: &mut Telemetry) -> (DirectionCounters, DirectionCounters) {
+    let now = view.dp.counters();
+    for (id, before) in std::mem::take(&mut t.last_counts) {
+        let gone = now
+            .get(&id)
+            .is_none_or(|c| went_back(&before.ingress, &c.ingress) || went_back(&before.egress, &c.egress));
+        if gone {
+            add(&mut t.retired.ingress, &before.ingress);
+            add(&mut t.retired.egress, &before.egress);
         }
     }
+    let mut ingress = t.retired.ingress.clone();
+    let mut egress = t.retired.egress.clone();
+    for c in now.values() {
+        add(&mut ingress, &c.ingress);
+        add(&mut egress, &c.egress);
+    }
+    t.last_counts = now;
     (ingress, egress)
 }
 
@@ -50,8 +77,8 @@ fn policies(view: &View<'_>) -> usize {
     view.cluster.map_or(0, |c| c.policies.len())
 }
 
-pub fn health(view: &View<'_>, t: &Telemetry, node: &str, api_server: Option<ApiServerHealth>) -> Health {
-    let (ingress, egress) = totals(view);
+pub fn health(view: &View<'_>, t: &mut Telemetry, node: &str, api_server: Option<ApiServerHealth>) -> Health {
+    let (ingress, egress) = totals(view, t);
     Health {
         version: env!("CARGO_PKG_VERSION").into(),
         node: node.into(),
@@ -71,11 +98,11 @@ pub fn health(view: &View<'_>, t: &Telemetry, node: &str, api_server: Option<Api
 
 pub fn metrics(
     view: &View<'_>,
-    t: &Telemetry,
+    t: &mut Telemetry,
     api_server: Option<&ApiServerHealth>,
     restarts: Vec<(String, u64)>,
 ) -> Metrics {
-    let (ingress, egress) = totals(view);
+    let (ingress, egress) = totals(view, t);
     Metrics {
         forwarded_packets: [ingress.forwarded_packets, egress.forwarded_packets],
         forwarded_bytes: [ingress.forwarded_bytes, egress.forwarded_bytes],

@@ -39,6 +39,8 @@ pub struct View<'a> {
     pub failed: &'a BTreeSet<String>,
     pub dp: &'a Datapath,
     pub node_ips: &'a [IpAddr],
+    /// This node's name (its pods are the endpoints).
+    pub node: &'a str,
 }
 
 impl View<'_> {

@@ -92,13 +92,16 @@ fn resolve<'a>(
     flag: &str,
     family: Option<bool>,
 ) -> Result<Resolved<'a>, Failure> {
-    if let Ok(ip) = text.parse::<IpAddr>() {
+    let by_address = |ip: IpAddr| {
         let pod = cluster.pods.values().find(|p| !p.host_network && !p.finished && p.ips.contains(&ip));
-        return Ok(match pod {
+        match pod {
             Some(p) => Resolved::Pod(p, ip),
             None if node_ips.contains(&ip) => Resolved::Node(ip),
             None => Resolved::External(ip),
-        });
+        }
+    };
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(by_address(ip));
     }
     let (namespace, name) = text.split_once('/').ok_or_else(|| {
         Failure::bad_request(format!("{flag} {text}: expected namespace/pod or an IP address"))
@@ -114,6 +117,14 @@ fn resolve<'a>(
         .copied()
         .find(|ip| family.is_none_or(|v4| ip.is_ipv4() == v4))
         .ok_or_else(|| Failure::bad_request(format!("{flag} {text}: the pod has no address (yet)")))?;
+    // A pod on the host network is its node's address: policy does not
+    // select it, and peers see the node.
+    if pod.host_network {
+        return Ok(match by_address(ip) {
+            Resolved::Pod(..) => Resolved::External(ip),
+            other => other,
+        });
+    }
     Ok(Resolved::Pod(pod, ip))
 }
 
@@ -135,6 +146,14 @@ pub fn trace(view: &View<'_>, req: &TraceRequest) -> Result<TraceReport, Failure
             Resolved::Pod(_, ip) | Resolved::Node(ip) | Resolved::External(ip) => Some(ip.is_ipv4()),
         }),
     )?;
+    // Only a pod's own node is let in regardless of policy; to a pod on
+    // another node this node is an address like any other.
+    let from = match (from, &to) {
+        (Resolved::Node(ip), Resolved::Pod(pod, _)) if pod.node.as_deref() != Some(view.node) => {
+            Resolved::External(ip)
+        }
+        (from, _) => from,
+    };
     let verdict = oracle::evaluate(cluster, party(&from), party(&to), protocol, req.port);
     let (client, server) = (describe(view, &from), describe(view, &to));
 
@@ -234,7 +253,9 @@ fn side(
         let kernel = view.dp.kernel_endpoint(id);
         let (allowed, text, agrees) = match kernel.map(|k| view.dp.kernel_verdict(&k, probe)) {
             None => (false, "no endpoint in the kernel: every packet dropped".to_owned(), !verdict.allowed),
-            Some(KernelVerdict::NotIsolated) => (true, "not isolated: passes".to_owned(), verdict.allowed),
+            Some(KernelVerdict::NotIsolated) => {
+                (true, "not isolated: passes".to_owned(), verdict.allowed && verdict.selected_by.is_empty())
+            }
             Some(KernelVerdict::Host) => (true, "from the node: passes".to_owned(), verdict.allowed),
             Some(KernelVerdict::Dropped) => {
                 (false, "dropped: no entry allows it".to_owned(), !verdict.allowed)

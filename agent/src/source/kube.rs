@@ -281,11 +281,15 @@ impl KubeSource {
 
     /// The watches' view of the API server, for `agent status`.
     pub fn health(&self) -> crate::api::ApiServerHealth {
-        let connected = match (&self.last_error, self.last_event) {
-            (None, _) => self.synced(),
-            (Some((failed, _)), Some(event)) => event > *failed,
-            (Some(_), None) => false,
-        };
+        // A watch that resumes delivers nothing until something changes, so
+        // quiet after an error counts too: a failing watch retries, and
+        // fails again, within 4 s.
+        const QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+        let connected = self.synced()
+            && match &self.last_error {
+                None => true,
+                Some((failed, _)) => self.last_event.is_some_and(|e| e > *failed) || failed.elapsed() > QUIET,
+            };
         crate::api::ApiServerHealth {
             connected,
             watch_restarts: self.watch_errors.values().sum(),
