@@ -242,7 +242,8 @@ impl Criteria {
         self == &Criteria::default()
     }
 
-    /// Every non-empty field has a value that holds for the flow.
+    /// Every non-empty field has a value that holds for the flow (the
+    /// either-side ones all on the same side).
     pub fn matches(&self, f: &Flow) -> bool {
         let sides = |values: &[String], sides: &[Side], holds: &dyn Fn(&str, Side) -> bool| {
             any_of(values, |v| sides.iter().any(|&s| holds(v, s)))
@@ -252,19 +253,24 @@ impl Criteria {
         let label = |v: &str, s: Side| selector_matches(v, s.labels(f));
         let ip = |v: &str, s: Side| ip_matches(v, s.ip(f));
         let port = |v: &str, s: Side| port_matches(v, s.port(f));
-        sides(&self.pod, &BOTH, &pod)
+        // Either-side filters hold together on one side, as hubble's: `--pod
+        // a --label app=db` wants a side that is pod a and labelled app=db.
+        let one_side = BOTH.iter().any(|&s| {
+            sides(&self.pod, &[s], &pod)
+                && sides(&self.namespace, &[s], &namespace)
+                && sides(&self.label, &[s], &label)
+                && sides(&self.ip, &[s], &ip)
+                && sides(&self.port, &[s], &port)
+        });
+        one_side
             && sides(&self.from_pod, &[Side::Src], &pod)
             && sides(&self.to_pod, &[Side::Dst], &pod)
-            && sides(&self.namespace, &BOTH, &namespace)
             && sides(&self.from_namespace, &[Side::Src], &namespace)
             && sides(&self.to_namespace, &[Side::Dst], &namespace)
-            && sides(&self.label, &BOTH, &label)
             && sides(&self.from_label, &[Side::Src], &label)
             && sides(&self.to_label, &[Side::Dst], &label)
-            && sides(&self.ip, &BOTH, &ip)
             && sides(&self.from_ip, &[Side::Src], &ip)
             && sides(&self.to_ip, &[Side::Dst], &ip)
-            && sides(&self.port, &BOTH, &port)
             && sides(&self.from_port, &[Side::Src], &port)
             && sides(&self.to_port, &[Side::Dst], &port)
             && any_of(&self.protocol, |v| protocol_number(v).is_some_and(|p| f.protocol_number() == Some(p)))
@@ -540,6 +546,29 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146097 + doe - 719468
+}
+
+#[cfg(test)]
+mod same_side_tests {
+    use super::*;
+
+    #[test]
+    fn either_side_filters_hold_on_one_side_together() {
+        let flow: Flow = serde_json::from_value(serde_json::json!({
+            "time": "", "time_ns": 0, "endpoint_id": 1, "direction": "EGRESS", "verdict": "DROPPED",
+            "reason": "", "src_port": 1234, "dst_port": 80,
+            "src_pod": "x/a", "dst_pod": "x/db", "src_labels": ["ns=x", "app=web"], "dst_labels": ["ns=x", "app=db"],
+        }))
+        .expect("flow");
+        let c = |pod: &str, label: &str| Criteria {
+            pod: vec![pod.into()],
+            label: vec![label.into()],
+            ..Default::default()
+        };
+        assert!(c("x/a", "app=web").matches(&flow));
+        assert!(c("x/db", "app=db").matches(&flow));
+        assert!(!c("x/a", "app=db").matches(&flow), "pod a is not labelled app=db");
+    }
 }
 
 #[cfg(test)]
