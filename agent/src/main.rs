@@ -501,6 +501,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut last_errors: Vec<String> = Vec::new();
     let mut last_failed: std::collections::BTreeSet<String> = Default::default();
     let mut telemetry = inspect::Telemetry::default();
+    let mut metrics_cache: Option<(std::time::Instant, portcullis_agent::metrics::Metrics)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -585,15 +586,24 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                             api::Query::Trace(req) => {
                                 inspect::trace(&view, &req).and_then(|t| json(serde_json::to_value(t)))
                             }
-                            api::Query::Metrics => {
-                                let api_server = source.api_server();
-                                Ok(api::Answer::Metrics(Box::new(inspect::metrics(
-                                    &view,
-                                    &mut telemetry,
-                                    api_server.as_ref(),
-                                    source.watch_restarts(),
-                                ))))
-                            }
+                            // Built at most once a second: scrapers (up to 32 at
+                            // once) must not keep the loop from enforcing.
+                            api::Query::Metrics => match &metrics_cache {
+                                Some((at, m)) if at.elapsed() < Duration::from_secs(1) => {
+                                    Ok(api::Answer::Metrics(Box::new(m.clone())))
+                                }
+                                _ => {
+                                    let api_server = source.api_server();
+                                    let m = inspect::metrics(
+                                        &view,
+                                        &mut telemetry,
+                                        api_server.as_ref(),
+                                        source.watch_restarts(),
+                                    );
+                                    metrics_cache = Some((std::time::Instant::now(), m.clone()));
+                                    Ok(api::Answer::Metrics(Box::new(m)))
+                                }
+                            },
                         };
                         let _ = reply.send(answer);
                     }
