@@ -616,7 +616,8 @@ fn each_rule_counts_the_packets_of_the_flows_it_allowed_both_ways() {
         let len = |f: &Frame| f.bytes().len() as u64;
         assert_eq!(counted.get(&(DIR_INGRESS, 1)), Some(&(3, 2 * len(&syn) + len(&reply))));
         assert_eq!(counted.get(&(DIR_INGRESS, 2)), Some(&(1, len(&Frame::udp(fe, backend, 53)))));
-        assert_eq!(counted.len(), 2, "{counted:?}");
+        assert_eq!(counted.get(&(DIR_INGRESS, 3)), Some(&(0, 0)), "a rule nothing used: {counted:?}");
+        assert_eq!(counted.len(), 4, "one slot per rule: {counted:?}");
 
         // Rule 2 goes: its count goes with it; rule 1 keeps counting.
         let mut state = backend_state(vec![default_rules()[0].clone()]);
@@ -625,13 +626,14 @@ fn each_rule_counts_the_packets_of_the_flows_it_allowed_both_ways() {
         assert_eq!(dp.rule_counters(1).keys().copied().collect::<Vec<_>>(), [(DIR_INGRESS, 1)]);
         // The id handed to another pod in one pass (the old one gone, the
         // lowest free id reused at once) starts from nothing.
-        assert!(!dp.rule_counters(1).is_empty());
+        assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 1)].0, 3, "rule 1 kept its count across the change");
         assert!(dp.endpoint_counters(1).expect("counted").ingress.forwarded_packets > 0);
         state.endpoints[0].name = "default/successor".into();
         state.revision = 3;
         assert!(dp.apply(&state).errors.is_empty());
         assert_eq!(dp.endpoint_counters(1).expect("counted").ingress.forwarded_packets, 0);
-        assert!(dp.rule_counters(1).is_empty(), "a recycled id inherits no counts");
+        let inherited = dp.rule_counters(1);
+        assert!(inherited.values().all(|c| *c == (0, 0)), "a recycled id inherits no counts: {inherited:?}");
     });
 }
 

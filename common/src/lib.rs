@@ -45,7 +45,8 @@ pub mod map_sizes {
     pub const SVC_PENDING: u32 = 65536;
     /// Fragmented datagrams in flight (first fragment passed, later ones due).
     pub const FRAGS: u32 = 8192;
-    /// Per-rule counters: (endpoint, direction, rule) triples in use.
+    /// Per-rule counter slots: one per (endpoint, direction, rule) in use;
+    /// slot 0 means "not counted".
     pub const RULE_STATS: u32 = 65536;
 }
 
@@ -229,6 +230,10 @@ impl CidrKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyValue {
     pub rule_cookie: u32,
+    /// The rule's counter slot on this endpoint (`PC_RULE_STATS`); the
+    /// flow's conntrack entry keeps it, so its later packets count there
+    /// with one array lookup. 0: not counted.
+    pub stats_slot: u32,
 }
 
 /// An address an endpoint owns, keyed by its host-side ifindex.
@@ -275,6 +280,9 @@ pub struct CtValue {
     /// order port), which the verdict was given on; revocation judges it.
     pub nat_port: u16,
     pub nat_addr: [u8; 16],
+    /// The counter slot of the rule that allowed the flow (0: none).
+    pub stats_slot: u32,
+    pub _pad: u32,
 }
 
 /// A Service frontend as kube-proxy translates it: ClusterIP, protocol, port.
@@ -340,17 +348,6 @@ pub struct FragValue {
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
-}
-
-/// Per-rule counters key: the packets and bytes of the flows one rule
-/// allowed on one endpoint (both ways), under the direction it allowed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RuleStatsKey {
-    pub endpoint_id: u16,
-    pub direction: u8,
-    pub _pad: u8,
-    pub rule_cookie: u32,
 }
 
 /// Verdicts in flow events.
@@ -419,7 +416,6 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
-    unsafe impl aya::Pod for super::RuleStatsKey {}
 }
 
 // Layouts are ABI: fail the build if one changes size by accident.
@@ -428,7 +424,8 @@ const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PendingValue>() == 24);

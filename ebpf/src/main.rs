@@ -15,16 +15,16 @@ mod datapath {
     use aya_ebpf::{
         helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{classifier, map},
-        maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+        maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
     };
     use portcullis_common::{
         AF_INET, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue,
         DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, RuleStatsKey,
-        ServiceKey, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity,
-        map_sizes, mark, reason,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
+        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes,
+        mark, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse, quoted_key};
@@ -63,12 +63,10 @@ mod datapath {
     #[map]
     static PC_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTED_ENDPOINTS * COUNTER_SLOTS, 0);
 
-    /// Packets and bytes per (endpoint, direction, rule): what each rule let
-    /// through. LRU, so a full table forgets the least used rule's count
-    /// instead of refusing to count new ones.
+    /// Packets and bytes per (endpoint, direction, rule), at the slot the
+    /// agent gave it in the rule's policy values: what each rule let through.
     #[map]
-    static PC_RULE_STATS: LruPerCpuHashMap<RuleStatsKey, Counter> =
-        LruPerCpuHashMap::pinned(map_sizes::RULE_STATS, 0);
+    static PC_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(map_sizes::RULE_STATS, 0);
 
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
@@ -224,14 +222,15 @@ mod datapath {
             return TC_PASS;
         }
         let key = ct_key(ep.endpoint_id, direction, &pkt);
-        if !overflow && let Some((cookie, origin)) = ct_hit(&key, &pkt, direction, now) {
+        if !overflow && let Some(slot) = ct_hit(&key, &pkt, direction, now) {
             remember_first_fragment(&pkt);
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
-            count_rule(ep.endpoint_id, origin, cookie, ctx.len());
+            count_rule(slot, ctx.len());
             return TC_PASS;
         }
 
         let mut rule_cookie = 0;
+        let mut stats_slot = 0;
         let mut remote_identity = identity::WORLD;
         if isolated {
             let remote = if direction == DIR_INGRESS { &pkt.src } else { &pkt.dst };
@@ -250,7 +249,10 @@ mod datapath {
                     policy_lookup(ep.endpoint_id, ep.generation, direction, remote_identity, remote, &pkt)
                 };
                 match lookup {
-                    Some(cookie) => rule_cookie = cookie,
+                    Some(v) => {
+                        rule_cookie = v.rule_cookie;
+                        stats_slot = v.stats_slot;
+                    }
                     None => {
                         let why = if overflow { reason::NO_MAP_SPACE } else { reason::POLICY_DENIED };
                         return drop(ctx, &ep, ifindex, direction, remote_identity, why, Some(&pkt));
@@ -260,11 +262,11 @@ mod datapath {
         }
         // A later fragment without a record has no ports: nothing to track.
         if pkt.has_l4 {
-            ct_create(&key, &pkt, direction, rule_cookie, now, None);
+            ct_create(&key, &pkt, direction, PolicyValue { rule_cookie, stats_slot }, now, None);
             remember_first_fragment(&pkt);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
-        count_rule(ep.endpoint_id, direction, rule_cookie, ctx.len());
+        count_rule(stats_slot, ctx.len());
         if ep.flags & EP_REPORT_ALLOWED != 0 {
             emit(
                 ctx,
@@ -375,16 +377,17 @@ mod datapath {
                 .ok_or(reason::POLICY_DENIED)
         };
         match verdict {
-            Ok(cookie) => {
+            Ok(allowed) => {
+                let cookie = allowed.rule_cookie;
                 // SAFETY: plain helper call without arguments.
                 let now = unsafe { bpf_ktime_get_coarse_ns() };
                 let mut key = ct_key(client, DIR_EGRESS, pkt);
                 key.remote_addr = pending.dst_addr;
                 key.remote_port = pending.dst_port;
-                ct_create(&key, pkt, DIR_EGRESS, cookie, now, Some((pkt.dst, pkt.dst_port)));
+                ct_create(&key, pkt, DIR_EGRESS, allowed, now, Some((pkt.dst, pkt.dst_port)));
                 let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
                 count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
-                count_rule(client, DIR_EGRESS, cookie, ctx.len());
+                count_rule(allowed.stats_slot, ctx.len());
                 if pending.flags & EP_REPORT_ALLOWED != 0 {
                     emit(
                         ctx,
@@ -471,8 +474,8 @@ mod datapath {
     /// Whether a live entry tracks the packet's flow; if so the packet moves
     /// the entry's state and expiry on. An expired entry passes nothing.
     #[inline(always)]
-    /// A live entry's rule cookie and origin (refreshed by this packet).
-    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> Option<(u32, u8)> {
+    /// Returns its counter slot.
+    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> Option<u32> {
         let entry = PC_CT.get_ptr_mut(key)?;
         // SAFETY: the map value stays valid for this program run; racing
         // writers only move the expiry, and either value is fine.
@@ -494,7 +497,7 @@ mod datapath {
         } else if expires > entry.expires_ns + ct_timeout::REFRESH_SLACK_NS {
             entry.expires_ns = expires;
         }
-        Some((entry.rule_cookie, entry.origin))
+        Some(entry.stats_slot)
     }
 
     /// Tracks a new flow; `backend`: the Service backend it was allowed for.
@@ -503,7 +506,7 @@ mod datapath {
         key: &CtKey,
         pkt: &Packet,
         origin: u8,
-        rule_cookie: u32,
+        rule: PolicyValue,
         now: u64,
         backend: Option<([u8; 16], u16)>,
     ) {
@@ -518,11 +521,13 @@ mod datapath {
         let value = CtValue {
             created_ns: now,
             expires_ns: now + ct_lifetime(pkt, flags),
-            rule_cookie,
+            rule_cookie: rule.rule_cookie,
             flags,
             origin,
             nat_port,
             nat_addr,
+            stats_slot: rule.stats_slot,
+            _pad: 0,
         };
         // A full table evicts its least recently used flow (LRU), whose next
         // packet then meets the policy again; this one was allowed either way.
@@ -538,7 +543,8 @@ mod datapath {
         PC_IPCACHE.get(&key).copied().unwrap_or(identity::WORLD)
     }
 
-    /// The cookie of the rule allowing this packet, if any: by the remote's
+    /// The entry of the rule allowing this packet (cookie and counter slot),
+    /// if any: by the remote's
     /// identity, by any peer, or by the class of the longest prefix of the
     /// remote's address in the endpoint's CIDR trie.
     #[inline(always)]
@@ -549,7 +555,7 @@ mod datapath {
         remote: u32,
         remote_addr: &[u8; 16],
         pkt: &Packet,
-    ) -> Option<u32> {
+    ) -> Option<PolicyValue> {
         // A non-first fragment has no ports: only rules without ports (for
         // any protocol, or for its protocol) match it.
         let (protocol, port, prefix) = if pkt.has_l4 {
@@ -570,11 +576,11 @@ mod datapath {
             },
         );
         if let Some(v) = PC_POLICY.get(&key) {
-            return Some(v.rule_cookie);
+            return Some(*v);
         }
         key.data.identity = identity::ANY;
         if let Some(v) = PC_POLICY.get(&key) {
-            return Some(v.rule_cookie);
+            return Some(*v);
         }
         let bits = if pkt.family == AF_INET { 32 } else { 128 };
         let cidr = Key::new(
@@ -589,7 +595,7 @@ mod datapath {
             },
         );
         key.data.identity = *PC_CIDR.get(&cidr)?;
-        PC_POLICY.get(&key).map(|v| v.rule_cookie)
+        PC_POLICY.get(&key).copied()
     }
 
     #[inline(always)]
@@ -608,23 +614,18 @@ mod datapath {
         }
     }
 
-    /// Counts a packet against the rule that allowed its flow (none for
-    /// directions that are not isolated).
+    /// Counts a packet in the slot of the rule that allowed its flow (none
+    /// for directions that are not isolated).
     #[inline(always)]
-    fn count_rule(endpoint_id: u16, direction: u8, rule_cookie: u32, len: u32) {
-        if rule_cookie == 0 {
+    fn count_rule(slot: u32, len: u32) {
+        if slot == 0 {
             return;
         }
-        let key = RuleStatsKey { endpoint_id, direction, _pad: 0, rule_cookie };
-        match PC_RULE_STATS.get_ptr_mut(&key) {
-            // SAFETY: this CPU's value; no other writer while we run.
-            Some(c) => unsafe {
+        if let Some(c) = PC_RULE_STATS.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot; no other writer while we run.
+            unsafe {
                 (*c).packets += 1;
                 (*c).bytes += u64::from(len);
-            },
-            None => {
-                // BPF_NOEXIST: another packet may have created it meanwhile.
-                let _ = PC_RULE_STATS.insert(&key, &Counter { packets: 1, bytes: u64::from(len) }, 1);
             }
         }
     }

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use std::collections::BTreeSet;
 
-use portcullis_common::{
-    COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, RuleStatsKey, reason,
-};
+use portcullis_common::{COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, reason};
 
 use super::Datapath;
 
@@ -73,38 +71,71 @@ impl Datapath {
     /// Packets and bytes of the flows each rule allowed on one endpoint (both
     /// ways), keyed `(direction, rule cookie)`.
     pub fn rule_counters(&self, id: u16) -> BTreeMap<(u8, u32), (u64, u64)> {
-        let keys: Vec<RuleStatsKey> =
-            self.maps.rule_stats.keys().filter_map(Result::ok).filter(|k| k.endpoint_id == id).collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let per_cpu = self.maps.rule_stats.get(&k, 0).ok()?;
+        self.loaded
+            .slots
+            .range((id, 0, 0)..=(id, u8::MAX, u32::MAX))
+            .filter_map(|(&(_, direction, cookie), &slot)| {
+                let per_cpu = self.maps.rule_stats.get(&slot, 0).ok()?;
                 let sum = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                Some(((k.direction, k.rule_cookie), sum))
+                Some(((direction, cookie), sum))
             })
             .collect()
     }
 
-    /// Deletes the rule counters of ids just handed to new pods, and of
-    /// rules no loaded endpoint has any more (one walk of the table).
-    pub(super) fn prune_rule_counters(&mut self, fresh: &BTreeSet<u16>) {
+    /// The counter slot of a rule on an endpoint, zeroed when newly handed
+    /// out; 0 (not counted) when all are taken.
+    pub(super) fn slot_for(&mut self, id: u16, direction: u8, cookie: u32) -> u32 {
+        if let Some(&slot) = self.loaded.slots.get(&(id, direction, cookie)) {
+            return slot;
+        }
+        let slot = match self.loaded.free_slots.pop() {
+            Some(s) => s,
+            None if self.loaded.next_slot.max(1) < portcullis_common::map_sizes::RULE_STATS => {
+                let s = self.loaded.next_slot.max(1);
+                self.loaded.next_slot = s + 1;
+                s
+            }
+            None => return 0,
+        };
+        self.zero_slot(slot);
+        self.loaded.slots.insert((id, direction, cookie), slot);
+        slot
+    }
+
+    /// Frees every slot of an endpoint id (handed to another pod).
+    pub(super) fn release_slots(&mut self, id: u16) {
+        let mine: Vec<(u16, u8, u32)> =
+            self.loaded.slots.range((id, 0, 0)..=(id, u8::MAX, u32::MAX)).map(|(k, _)| *k).collect();
+        for k in mine {
+            if let Some(slot) = self.loaded.slots.remove(&k) {
+                self.loaded.free_slots.push(slot);
+            }
+        }
+    }
+
+    /// Frees the slots of rules no loaded endpoint has any more.
+    pub(super) fn prune_slots(&mut self) {
         let live: BTreeSet<(u16, u8, u32)> = self
             .loaded
             .endpoints
             .iter()
-            .filter(|(id, _)| !fresh.contains(id))
             .flat_map(|(id, e)| {
                 e.keys.policy.iter().map(move |((_, k), v)| (*id, k.direction, v.rule_cookie))
             })
             .collect();
-        let gone: Vec<RuleStatsKey> = self
-            .maps
-            .rule_stats
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(&(k.endpoint_id, k.direction, k.rule_cookie)))
-            .collect();
+        let gone: Vec<(u16, u8, u32)> =
+            self.loaded.slots.keys().filter(|k| !live.contains(k)).copied().collect();
         for k in gone {
-            let _ = self.maps.rule_stats.remove(&k);
+            if let Some(slot) = self.loaded.slots.remove(&k) {
+                self.loaded.free_slots.push(slot);
+            }
+        }
+    }
+
+    fn zero_slot(&mut self, slot: u32) {
+        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]) {
+            let _ = self.maps.rule_stats.set(slot, zero, 0);
         }
     }
 

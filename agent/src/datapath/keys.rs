@@ -72,7 +72,8 @@ fn add_allow(
     entry: &AllowEntry,
 ) -> Result<(), String> {
     let base = PolicyKey { endpoint_id: ep, generation: 0, direction, identity: peer, ..Default::default() };
-    let value = PolicyValue { rule_cookie: entry.rule };
+    // The writer gives each rule its counter slot.
+    let value = PolicyValue { rule_cookie: entry.rule, stats_slot: 0 };
     let mut put = |prefix: u32, key: PolicyKey| {
         out.entry((prefix, key)).or_insert(value);
     };

@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use portcullis_common::{
-    CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue,
-    RuleStatsKey, ServiceKey, map_names, map_sizes, program_names,
+    CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, ServiceKey,
+    map_names, map_sizes, program_names,
 };
 
 pub use attach::{AttachError, ifindex, ifname};
@@ -184,7 +184,7 @@ pub(crate) struct Maps {
     ep_addrs: BpfHashMap<MapData, EndpointAddr, u8>,
     services: BpfHashMap<MapData, ServiceKey, u32>,
     counters: PerCpuArray<MapData, Counter>,
-    rule_stats: PerCpuHashMap<MapData, RuleStatsKey, Counter>,
+    rule_stats: PerCpuArray<MapData, Counter>,
 }
 
 pub struct Datapath {

@@ -9,8 +9,7 @@ use std::{mem::size_of, path::Path};
 use aya::maps::MapInfo;
 use portcullis_common::{
     COUNTED_ENDPOINTS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue, EndpointAddr, EndpointInfo, FragKey,
-    FragValue, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, RuleStatsKey, ServiceKey, map_names,
-    map_sizes,
+    FragValue, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey, map_names, map_sizes,
 };
 
 use super::MapSizes;
@@ -31,7 +30,7 @@ fn expected(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 12] {
         (map_names::SVC_PENDING, size_of::<PendingKey>(), size_of::<PendingValue>(), sizes.service_pending),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<Counter>(), COUNTED_ENDPOINTS * COUNTER_SLOTS),
         (map_names::FRAGS, size_of::<FragKey>(), size_of::<FragValue>(), map_sizes::FRAGS),
-        (map_names::RULE_STATS, size_of::<RuleStatsKey>(), size_of::<Counter>(), map_sizes::RULE_STATS),
+        (map_names::RULE_STATS, size_of::<u32>(), size_of::<Counter>(), map_sizes::RULE_STATS),
     ]
 }
 

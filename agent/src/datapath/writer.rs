@@ -69,6 +69,11 @@ pub enum WriteError {
 #[derive(Default)]
 pub(crate) struct Loaded {
     pub(super) endpoints: BTreeMap<u16, LoadedEndpoint>,
+    /// Counter slots of `(endpoint, direction, rule cookie)` in use.
+    pub(super) slots: BTreeMap<(u16, u8, u32), u32>,
+    pub(super) free_slots: Vec<u32>,
+    /// The next never-used slot (slot 0 means "not counted").
+    pub(super) next_slot: u32,
     pub(super) ipcache: BTreeMap<(u32, IpKey), u32>,
     pub(super) services: BTreeSet<ServiceKey>,
 }
@@ -156,7 +161,6 @@ impl Datapath {
         }
 
         let mut seen = HashSet::new();
-        let mut fresh = BTreeSet::new();
         for ep in &state.endpoints {
             if !seen.insert(ep.id) {
                 let why = format!("endpoint id {} is used twice", ep.id);
@@ -177,9 +181,7 @@ impl Datapath {
             }
             if handed_over {
                 self.reset_counters(ep.id);
-            }
-            if handed_over || !self.loaded.endpoints.contains_key(&ep.id) {
-                fresh.insert(ep.id);
+                self.release_slots(ep.id);
             }
             match self.apply_endpoint(ep, &mut stale) {
                 Ok(true) => report.endpoints_written += 1,
@@ -228,8 +230,8 @@ impl Datapath {
             }
         }
 
-        if report.endpoints_written > 0 || report.endpoints_removed > 0 || !fresh.is_empty() {
-            self.prune_rule_counters(&fresh);
+        if report.endpoints_written > 0 || report.endpoints_removed > 0 {
+            self.prune_slots();
         }
 
         report.services = self.loaded.services.len();
@@ -264,7 +266,11 @@ impl Datapath {
                 why: "endpoint id 0 is reserved".into(),
             });
         }
-        let keys = endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
+        let mut keys =
+            endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
+        for ((_, key), value) in keys.policy.iter_mut() {
+            value.stats_slot = self.slot_for(ep.id, key.direction, value.rule_cookie);
+        }
         let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
             endpoint: ep.name.clone(),
             interface: ep.interface.clone(),
@@ -487,6 +493,11 @@ impl Datapath {
                 if let (Ok(value), Some(ep)) =
                     (self.maps.policy.get(&key, 0), live.get_mut(&data.endpoint_id))
                 {
+                    if value.stats_slot != 0 {
+                        let slot = (data.endpoint_id, data.direction, value.rule_cookie);
+                        self.loaded.slots.insert(slot, value.stats_slot);
+                        self.loaded.next_slot = self.loaded.next_slot.max(value.stats_slot + 1);
+                    }
                     ep.keys.policy.insert((key.prefix_len(), PolicyKey { generation: 0, ..data }), value);
                 }
             } else {
