@@ -547,30 +547,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                         let mut status = source.status(good.as_ref().map(|s| s.revision));
                         telemetry.flows_seen = flow_store.seen();
                         let node_ips = node::local_addresses();
-                        let view = inspect::View {
-                            state: good.as_ref(),
-                            cluster: source.engine().map(Engine::cluster),
-                            errors: &last_errors,
-                            failed: &last_failed,
-                            dp: &dp,
-                            node_ips: &node_ips,
-                            node: &node_name,
-                        };
+                        let view = inspect_view(&good, &source, &last_errors, &last_failed, &dp, &node_ips, &node_name);
                         status.health = Some(inspect::health(&view, &mut telemetry, &node_name, source.api_server()));
                         let _ = reply.send(status);
                     }
                     api::Request::Inspect(query, reply) => {
                         telemetry.flows_seen = flow_store.seen();
                         let node_ips = node::local_addresses();
-                        let view = inspect::View {
-                            state: good.as_ref(),
-                            cluster: source.engine().map(Engine::cluster),
-                            errors: &last_errors,
-                            failed: &last_failed,
-                            dp: &dp,
-                            node_ips: &node_ips,
-                            node: &node_name,
-                        };
+                        let view = inspect_view(&good, &source, &last_errors, &last_failed, &dp, &node_ips, &node_name);
                         let json = |v: Result<serde_json::Value, serde_json::Error>| {
                             v.map(api::Answer::Json).map_err(|e| inspect::Failure { status: 500, message: e.to_string() })
                         };
@@ -696,6 +680,27 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let _ = std::fs::remove_file(&api_socket);
     // Pins keep enforcing after we exit; `agent uninstall` removes them.
     Ok(())
+}
+
+/// What the operator tools see of the main loop's state.
+fn inspect_view<'a>(
+    good: &'a Option<CompiledState>,
+    source: &'a Source,
+    errors: &'a [String],
+    failed: &'a std::collections::BTreeSet<String>,
+    dp: &'a Datapath,
+    node_ips: &'a [std::net::IpAddr],
+    node: &'a str,
+) -> inspect::View<'a> {
+    inspect::View {
+        state: good.as_ref(),
+        cluster: source.engine().map(Engine::cluster),
+        errors,
+        failed,
+        dp,
+        node_ips,
+        node,
+    }
 }
 
 fn uninstall(pin_dir: &Path) -> Result<()> {
