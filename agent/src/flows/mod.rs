@@ -113,12 +113,8 @@ impl Names {
     pub fn from_state(state: &CompiledState) -> Self {
         let pods = state.ipcache.iter().filter_map(|e| Some((e.cidr.addr(), e.name.clone()?))).collect();
         let endpoints = state.endpoints.iter().map(|e| (e.id, (e.name.clone(), e.identity))).collect();
-        // `ns=default app=web`: label keys and values hold no spaces.
-        let labels = state
-            .identities
-            .iter()
-            .map(|(id, text)| (*id, text.split_whitespace().map(str::to_owned).collect()))
-            .collect();
+        let labels =
+            state.identities.iter().map(|(id, text)| (*id, identity_labels(*id, Some(text)))).collect();
         Names { pods, endpoints, labels, rules: HashMap::new() }
     }
 
@@ -133,11 +129,21 @@ impl Names {
     }
 
     pub fn labels(&self, identity: u32) -> Vec<String> {
-        match identity {
-            identity::HOST => vec!["reserved:host".into()],
-            identity::WORLD => vec!["reserved:world".into()],
-            id => self.labels.get(&id).cloned().unwrap_or_default(),
+        match self.labels.get(&identity) {
+            Some(l) => l.clone(),
+            None => identity_labels(identity, None),
         }
+    }
+}
+
+/// An identity's labels: `reserved:host` and `reserved:world` for the
+/// reserved ones, else its compiled name (`ns=default app=web`: label keys
+/// and values hold no spaces) split into `key=value` items.
+pub fn identity_labels(identity: u32, name: Option<&str>) -> Vec<String> {
+    match identity {
+        identity::HOST => vec!["reserved:host".into()],
+        identity::WORLD => vec!["reserved:world".into()],
+        _ => name.map(|t| t.split_whitespace().map(str::to_owned).collect()).unwrap_or_default(),
     }
 }
 

@@ -51,15 +51,8 @@ impl View<'_> {
 
     /// An identity's labels (`ns=NAME`, then `key=value`).
     pub fn labels(&self, identity: u32) -> Vec<String> {
-        match identity {
-            portcullis_common::identity::HOST => vec!["reserved:host".into()],
-            portcullis_common::identity::WORLD => vec!["reserved:world".into()],
-            id => self
-                .state
-                .and_then(|s| s.identities.get(&id))
-                .map(|t| t.split_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default(),
-        }
+        let name = self.state.and_then(|s| s.identities.get(&identity)).map(String::as_str);
+        crate::flows::identity_labels(identity, name)
     }
 }
 
