@@ -240,6 +240,43 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> Result<PathBuf
     Ok(conflist)
 }
 
+/// Whether the plugin is in place: its binary, and its entry in the
+/// conflist the runtime uses. Main plugins (kindnet, k3s' flannel) rewrite
+/// their conflist when they restart, which drops the entry; the agent
+/// checks this every second and chains again.
+pub fn is_chained(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> bool {
+    let entry = json!({"type": PLUGIN_TYPE, "socket": socket});
+    bin_dir.join(PLUGIN_TYPE).is_file()
+        && first_conflist(conf_dir)
+            .ok()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .is_some_and(|conf| conf["plugins"].as_array().is_some_and(|p| p.contains(&entry)))
+}
+
+/// The first conflist of `conf_dir`, once there is one: the main plugin
+/// may write it after the agent starts (kindnet and flannel run as pods).
+pub fn wait_for_conflist(conf_dir: &Path, timeout: std::time::Duration) -> Result<PathBuf, InstallError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut said = false;
+    loop {
+        match first_conflist(conf_dir) {
+            Err(InstallError::NoConflist(_) | InstallError::Io { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                if !std::mem::replace(&mut said, true) {
+                    eprintln!(
+                        "waiting for the main CNI plugin to write its conflist into {} ...",
+                        conf_dir.display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Removes the plugin's entry from the conflist (and the binary).
 pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<(), InstallError> {
     let io = |path: &Path| {
@@ -332,6 +369,30 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(err.code, INVALID_NETCONF);
+    }
+
+    #[test]
+    fn is_chained_sees_a_rewritten_conflist() {
+        let dir = std::env::temp_dir().join(format!("portcullis-cni-chained-{}", std::process::id()));
+        let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+        std::fs::create_dir_all(&conf).unwrap();
+        let main = r#"{"cniVersion":"0.4.0","name":"kindnet","plugins":[{"type":"ptp"}]}"#;
+        std::fs::write(conf.join("10-kindnet.conflist"), main).unwrap();
+        let socket = Path::new("/var/run/portcullis/agent.sock");
+        assert!(!is_chained(&bin, &conf, socket));
+        install(&bin, &conf, socket).unwrap();
+        assert!(is_chained(&bin, &conf, socket));
+        assert!(!is_chained(&bin, &conf, Path::new("/elsewhere.sock")), "another socket is not ours");
+        // The main plugin restarts and writes its conflist again.
+        std::fs::write(conf.join("10-kindnet.conflist"), main).unwrap();
+        assert!(!is_chained(&bin, &conf, socket));
+        let found = wait_for_conflist(&conf, std::time::Duration::ZERO).unwrap();
+        assert_eq!(found, conf.join("10-kindnet.conflist"));
+        assert!(matches!(
+            wait_for_conflist(&dir.join("none"), std::time::Duration::ZERO),
+            Err(InstallError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod policy;
+pub mod probes;
 pub mod source;

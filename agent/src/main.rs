@@ -16,8 +16,10 @@ use portcullis_agent::{
     model::PodKey,
     node,
     policy::Engine,
+    probes::Progress,
     source::{
         Hint, Hints, StateBuilder,
+        installation::Installation,
         kube::{Events, KubeSource},
         manifests::{self, ManifestsSource},
     },
@@ -38,66 +40,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Enforce: load the datapath and keep the maps in line with the cluster.
-    Run {
-        /// Kubernetes objects (Namespaces, Pods, NetworkPolicies as YAML) in
-        /// a directory, re-read whenever they change; a file `revision` in it
-        /// names the revision reported once enforced.
-        #[arg(long, conflicts_with_all = ["state", "kube"], required_unless_present_any = ["state", "kube"])]
-        manifests: Option<PathBuf>,
-        /// Watch the Kubernetes API server (in-cluster credentials, or
-        /// KUBECONFIG / --kubeconfig).
-        #[arg(long, conflicts_with = "state")]
-        kube: bool,
-        /// A kubeconfig file for --kube (default: in-cluster, then KUBECONFIG).
-        #[arg(long, requires = "kube")]
-        kubeconfig: Option<PathBuf>,
-        /// The node whose pods are this agent's endpoints (with --manifests
-        /// or --kube; a DaemonSet passes spec.nodeName as NODE_NAME).
-        #[arg(long, env = "NODE_NAME", default_value = "node")]
-        node: String,
-        /// Compiled endpoint state (JSON) instead of objects, re-read whenever
-        /// it changes.
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Cut tracked flows that a policy change no longer allows (their
-        /// next packet meets the new policy).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        revoke_flows: bool,
-        /// Report every new flow a policy lets through, not only drops.
-        #[arg(long)]
-        report_allowed: bool,
-        /// A BPF map's size, as NAME=ENTRIES (repeatable). Maps: endpoints,
-        /// ipcache, policy, cidr, conntrack, endpoint-addresses, services,
-        /// service-pending, flows-bytes. A pinned map of another size is
-        /// replaced at start.
-        #[arg(long = "map-size", value_name = "NAME=ENTRIES")]
-        map_sizes: Vec<String>,
-        /// Seconds between sweeps of expired conntrack entries.
-        #[arg(long, default_value_t = 30)]
-        ct_sweep_interval: u64,
-        /// Node devices whose TC egress judges Service connections to
-        /// backends off this node (e.g. eth0; repeatable).
-        #[arg(long = "netdev", value_name = "INTERFACE")]
-        netdevs: Vec<String>,
-        /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9962);
-        /// `GET /metrics` on the API socket serves them too.
-        #[arg(long, value_name = "ADDRESS:PORT")]
-        metrics_address: Option<std::net::SocketAddr>,
-        /// Flows kept in memory for `agent observe --last`.
-        #[arg(long, default_value_t = portcullis_agent::flows::store::DEFAULT_HISTORY)]
-        flow_history: usize,
-        /// Install the chained CNI plugin: this binary into DIR (the node's
-        /// CNI bin dir, e.g. /opt/cni/bin) ...
-        #[arg(long, requires = "cni_conf_dir", value_name = "DIR")]
-        cni_bin_dir: Option<PathBuf>,
-        /// ... and `{"type": "portcullis"}` into the first conflist of DIR
-        /// (e.g. /etc/cni/net.d). Pods then start only once enforced.
-        #[arg(long, requires = "cni_bin_dir", value_name = "DIR")]
-        cni_conf_dir: Option<PathBuf>,
-    },
+    Run(Box<RunArgs>),
+    /// The chained CNI plugin on this node (the DaemonSet's init container
+    /// installs it).
+    #[command(subcommand)]
+    Cni(CniCmd),
+    /// Mount bpffs on /sys/fs/bpf unless one is there (the DaemonSet's
+    /// init container: kind's nodes have none).
+    MountBpffs,
     /// Stop enforcing on this node: remove every pinned map and link.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -134,6 +84,133 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubernetes objects (Namespaces, Pods, NetworkPolicies as YAML) in
+    /// a directory, re-read whenever they change; a file `revision` in it
+    /// names the revision reported once enforced.
+    #[arg(long, conflicts_with_all = ["state", "kube"], required_unless_present_any = ["state", "kube"])]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API server (in-cluster credentials, or
+    /// KUBECONFIG / --kubeconfig).
+    #[arg(long, conflicts_with = "state")]
+    kube: bool,
+    /// A kubeconfig file for --kube (default: in-cluster, then KUBECONFIG).
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// The node whose pods are this agent's endpoints (with --manifests
+    /// or --kube; a DaemonSet passes spec.nodeName as NODE_NAME).
+    #[arg(long, env = "NODE_NAME", default_value = "node")]
+    node: String,
+    /// Compiled endpoint state (JSON) instead of objects, re-read whenever
+    /// it changes.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Cut tracked flows that a policy change no longer allows (their
+    /// next packet meets the new policy).
+    #[arg(long, env = "PORTCULLIS_REVOKE_FLOWS", default_value_t = true, action = clap::ArgAction::Set)]
+    revoke_flows: bool,
+    /// Report every new flow a policy lets through, not only drops.
+    #[arg(long, env = "PORTCULLIS_REPORT_ALLOWED")]
+    report_allowed: bool,
+    /// A BPF map's size, as NAME=ENTRIES (repeatable). Maps: endpoints,
+    /// ipcache, policy, cidr, conntrack, endpoint-addresses, services,
+    /// service-pending, flows-bytes. A pinned map of another size is
+    /// replaced at start.
+    #[arg(
+        long = "map-size",
+        env = "PORTCULLIS_MAP_SIZES",
+        value_delimiter = ',',
+        value_name = "NAME=ENTRIES"
+    )]
+    map_sizes: Vec<String>,
+    /// Seconds between sweeps of expired conntrack entries.
+    #[arg(long, env = "PORTCULLIS_CT_SWEEP_INTERVAL", default_value_t = 30)]
+    ct_sweep_interval: u64,
+    /// Node devices whose TC egress judges Service connections to
+    /// backends off this node (e.g. eth0; repeatable).
+    #[arg(long = "netdev", env = "PORTCULLIS_NETDEVS", value_delimiter = ',', value_name = "INTERFACE")]
+    netdevs: Vec<String>,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9962),
+    /// and the kubelet's probes: `/healthz` (the agent is turning) and
+    /// `/readyz` (the node is enforcing). `GET /metrics` on the API
+    /// socket serves the metrics too.
+    #[arg(long, env = "PORTCULLIS_METRICS_ADDRESS", value_name = "ADDRESS:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// Flows kept in memory for `agent observe --last`.
+    #[arg(long, env = "PORTCULLIS_FLOW_HISTORY", default_value_t = portcullis_agent::flows::store::DEFAULT_HISTORY)]
+    flow_history: usize,
+    /// The DaemonSet that runs this agent (with --kube). If it, or the
+    /// namespace it is in (POD_NAMESPACE), is deleted, the agent
+    /// uninstalls itself from the node when stopped (programs, pins,
+    /// CNI plugin). Any other stop (an upgrade, a restart) leaves
+    /// enforcement in place for the next agent.
+    #[arg(long, env = "PORTCULLIS_DAEMONSET", requires = "kube", value_name = "NAME")]
+    daemonset: Option<String>,
+    /// The namespace this agent's pod runs in (downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis", value_name = "NAMESPACE")]
+    pod_namespace: String,
+    /// Install the chained CNI plugin: this binary into DIR (the node's
+    /// CNI bin dir, e.g. /opt/cni/bin) ...
+    #[arg(long, requires = "cni_conf_dir", value_name = "DIR")]
+    cni_bin_dir: Option<PathBuf>,
+    /// ... and `{"type": "portcullis"}` into the first conflist of DIR
+    /// (e.g. /etc/cni/net.d). Pods then start only once enforced.
+    #[arg(long, requires = "cni_bin_dir", value_name = "DIR")]
+    cni_conf_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Copy this binary into the CNI bin dir as `portcullis`, and chain it
+    /// after the main plugin in the first conflist of the conf dir (waiting
+    /// for the main plugin to write one).
+    Install {
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// Seconds to wait for the main plugin's conflist.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
+    /// Take the plugin out of the conflist and the bin dir.
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
+}
+
+fn cni_command(cmd: CniCmd, socket: &Path) -> Result<()> {
+    match cmd {
+        CniCmd::Install { bin_dir, conf_dir, wait } => {
+            cni::wait_for_conflist(&conf_dir, Duration::from_secs(wait)).with_context(|| {
+                format!("waiting for the main plugin's conflist in {}", conf_dir.display())
+            })?;
+            let conflist = cni::install(&bin_dir, &conf_dir, socket).context("installing the CNI plugin")?;
+            println!(
+                "chained the portcullis CNI plugin in {} (binary {})",
+                conflist.display(),
+                bin_dir.join(cni::PLUGIN_TYPE).display()
+            );
+        }
+        CniCmd::Uninstall { bin_dir, conf_dir } => {
+            cni::uninstall(&bin_dir, &conf_dir).context("removing the CNI plugin")?;
+            println!(
+                "removed the portcullis CNI plugin from {} and {}",
+                conf_dir.display(),
+                bin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // Called by the container runtime as the chained CNI plugin: no
     // arguments, the request in the environment and on stdin.
@@ -149,6 +226,15 @@ fn main() -> Result<()> {
         Command::Ct(cmd) => cli::ct(&client, cmd),
         Command::Status(out) => cli::status(&client, out),
         Command::Metrics => cli::metrics(&client),
+        Command::Cni(cmd) => cni_command(cmd, &cli.socket),
+        Command::MountBpffs => portcullis_agent::datapath::mount_bpffs()
+            .map(|mounted| {
+                println!(
+                    "{}",
+                    if mounted { "mounted bpffs on /sys/fs/bpf" } else { "bpffs is on /sys/fs/bpf" }
+                )
+            })
+            .map_err(Into::into),
         Command::Policy(cmd) => match cli::policy(&client, cmd) {
             // Dropped: exit 1, for scripts.
             Ok(code) => std::process::exit(code),
@@ -188,24 +274,28 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match command {
-        Command::Run {
-            manifests,
-            kube,
-            kubeconfig,
-            node,
-            state,
-            pin_dir,
-            revoke_flows,
-            report_allowed,
-            map_sizes,
-            ct_sweep_interval,
-            netdevs,
-            metrics_address,
-            flow_history,
-            cni_bin_dir,
-            cni_conf_dir,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                manifests,
+                kube,
+                kubeconfig,
+                node,
+                state,
+                pin_dir,
+                revoke_flows,
+                report_allowed,
+                map_sizes,
+                ct_sweep_interval,
+                netdevs,
+                metrics_address,
+                flow_history,
+                cni_bin_dir,
+                cni_conf_dir,
+                daemonset,
+                pod_namespace,
+            } = *args;
             let node_name = node.clone();
+            let mut installation = None;
             let source = match (manifests, state) {
                 (Some(dir), _) => Source::Manifests {
                     source: ManifestsSource::new(dir),
@@ -216,6 +306,9 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 (None, None) if kube => {
                     let client = kube_client(kubeconfig.as_deref()).await?;
                     tracing::info!(node = %node, "watching the API server");
+                    installation = daemonset
+                        .as_deref()
+                        .map(|ds| Installation::watch(client.clone(), &pod_namespace, ds));
                     Source::Kube {
                         events: Events::new(client.clone(), &node),
                         source: Box::new(KubeSource::start(client)),
@@ -226,7 +319,8 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 (None, None) => anyhow::bail!("--manifests, --kube or --state is required"),
             };
             let mut sizes = MapSizes::default();
-            for spec in &map_sizes {
+            // An empty value (the ConfigMap's default) sets nothing.
+            for spec in map_sizes.iter().filter(|s| !s.trim().is_empty()) {
                 sizes.set(spec).map_err(|e| anyhow::anyhow!("--map-size {e}"))?;
             }
             let config = DatapathConfig { pin_dir, map_sizes: sizes, report_allowed };
@@ -239,6 +333,7 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 flow_history,
                 node: node_name,
                 cni: cni_bin_dir.zip(cni_conf_dir),
+                installation,
             };
             run(source, config, options).await
         }
@@ -399,6 +494,8 @@ struct RunOptions {
     node: String,
     /// (bin dir, conf dir) to install the CNI plugin into.
     cni: Option<(PathBuf, PathBuf)>,
+    /// The agent's DaemonSet, watched: its removal means uninstall at stop.
+    installation: Option<Installation>,
 }
 
 /// A CNI ADD waiting for its endpoint to be enforced.
@@ -418,7 +515,10 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         flow_history,
         node: node_name,
         cni,
+        installation,
     } = options;
+    let pin_dir = config.pin_dir.clone();
+    let (progress_tx, progress_rx) = watch::channel(Progress::starting(std::time::Instant::now()));
     let mut dp = Datapath::load(&config).context("loading the datapath")?;
     for dev in &netdevs {
         dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
@@ -465,7 +565,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                         }
                     })
                 };
-            match portcullis_agent::metrics::serve(addr, snapshot).await {
+            match portcullis_agent::metrics::serve(addr, snapshot, progress_rx.clone()).await {
                 Ok(server) => {
                     tracing::info!(address = %addr, "metrics served");
                     Some(server)
@@ -598,6 +698,22 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             _ = terminate.recv() => break,
         }
         ticks += 1;
+        progress_tx.send_modify(|p| p.heartbeat = std::time::Instant::now());
+        // The main plugin may have rewritten its conflist (kindnet and
+        // flannel do when they restart): chain again at once, or new pods
+        // would start unenforced.
+        if let Some((bin, conf)) = &cni
+            && ticks.is_multiple_of(10)
+            && !cni::is_chained(bin, conf, &api_socket)
+        {
+            match cni::install(bin, conf, &api_socket) {
+                Ok(conflist) => tracing::warn!(
+                    conflist = %conflist.display(),
+                    "the CNI plugin was no longer chained (the main plugin rewrote its conflist?): chained it again"
+                ),
+                Err(e) => tracing::error!(error = %e, "the CNI plugin is not chained and chaining it failed"),
+            }
+        }
         pending.retain(|p| !p.reply.is_closed());
         let reconcile = ticks.is_multiple_of(10) || std::mem::take(&mut cni_dirty);
         let compile_started = std::time::Instant::now();
@@ -621,6 +737,11 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             telemetry.last_enforced = Some(std::time::SystemTime::now());
         }
         last_failed = report.failed.clone();
+        progress_tx.send_modify(|p| {
+            p.revision = Some(state.revision);
+            p.endpoints = state.endpoints.len();
+            p.failed = report.failed.iter().cloned().collect();
+        });
         // Failures are retried every second; say so once, and when they change.
         if report.errors != last_errors {
             for e in &report.errors {
@@ -678,7 +799,25 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     }
     // A CNI ADD now fails at once (no socket) instead of waiting for us.
     let _ = std::fs::remove_file(&api_socket);
-    // Pins keep enforcing after we exit; `agent uninstall` removes them.
+    // Pins keep enforcing after we exit (for the next agent to adopt),
+    // unless the installation itself is going away.
+    if let Some(installation) = &installation
+        && let Some(why) = installation.being_removed().await
+    {
+        tracing::warn!("{why}: uninstalling from this node (CNI plugin, programs, pins)");
+        // The plugin first: from here on pods start without us, as they
+        // will once we are gone.
+        if let Some((bin, conf)) = &cni {
+            cni::uninstall(bin, conf).context("removing the CNI plugin")?;
+        }
+        drop(dp);
+        uninstall(&pin_dir)?;
+        println!("uninstalled from this node: {why}");
+    } else {
+        tracing::info!(
+            "stopping; the pinned programs and maps keep enforcing until the next agent adopts them"
+        );
+    }
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! The agent's Prometheus metrics: a plain snapshot the main loop fills in,
 //! rendered in the text exposition format (version 0.0.4) and served over
-//! a minimal HTTP/1.1 endpoint (`GET /metrics`). Hand-written because the
-//! format is small and stable, and a client library would be a new crate.
+//! a minimal HTTP/1.1 endpoint (`GET /metrics`), beside the kubelet's
+//! probes (`GET /healthz`, `GET /readyz`, see `probes`). Hand-written
+//! because the format is small and stable, and a client library would be a
+//! new crate.
 
 use std::{collections::BTreeMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -10,9 +12,11 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, watch},
     task::JoinHandle,
 };
+
+use crate::probes::Progress;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -261,22 +265,26 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connections answered at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 
-/// Binds `addr` and serves `/metrics` from it. The bind error is returned
-/// so the caller decides whether metrics are worth failing for.
+/// Binds `addr` and serves `/metrics` and the probes from it. The bind
+/// error is returned so the caller decides whether metrics are worth
+/// failing for.
 pub async fn serve(
     addr: SocketAddr,
     snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
+    progress: watch::Receiver<Progress>,
 ) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
-    Ok(serve_listener(listener, snapshot).await)
+    Ok(serve_listener(listener, snapshot, progress).await)
 }
 
-/// Serves `/metrics` on an already bound listener (tests bind port 0).
-/// `snapshot` returns None when no snapshot can be had (the agent is
-/// stopping), answered with 503.
+/// Serves `/metrics` and the probes on an already bound listener (tests
+/// bind port 0). `snapshot` returns None when no snapshot can be had (the
+/// agent is stopping), answered with 503. The probes read `progress`
+/// without asking the main loop, so they answer even when it is stuck.
 pub async fn serve_listener(
     listener: TcpListener,
     snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
+    progress: watch::Receiver<Progress>,
 ) -> JoinHandle<()> {
     let snapshot = Arc::new(snapshot);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -293,9 +301,11 @@ pub async fn serve_listener(
                 }
             };
             let snapshot = snapshot.clone();
+            let progress = progress.borrow().clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, || snapshot())).await {
+                match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, || snapshot(), progress)).await
+                {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::debug!("metrics: connection failed: {e}"),
                     Err(_) => tracing::debug!("metrics: connection timed out"),
@@ -308,6 +318,7 @@ pub async fn serve_listener(
 async fn handle(
     mut stream: TcpStream,
     snapshot: impl FnOnce() -> BoxFuture<'static, Option<Metrics>>,
+    progress: Progress,
 ) -> std::io::Result<()> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
@@ -319,13 +330,24 @@ async fn handle(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let path = target.split('?').next().unwrap_or_default();
-    if method == "GET" && path == "/metrics" {
-        match snapshot().await {
+    let probe = |verdict: Result<String, String>| match verdict {
+        Ok(line) => (200, line),
+        Err(why) => (503, format!("{why}\n")),
+    };
+    match (method, path) {
+        ("GET", "/metrics") => match snapshot().await {
             Some(m) => respond(stream, 200, CONTENT_TYPE, &render(&m)).await,
             None => respond(stream, 503, "text/plain", "metrics unavailable\n").await,
+        },
+        ("GET", "/healthz") => {
+            let (status, body) = probe(progress.live(std::time::Instant::now()));
+            respond(stream, status, "text/plain", &body).await
         }
-    } else {
-        respond(stream, 404, "text/plain", "not found; metrics are at GET /metrics\n").await
+        ("GET", "/readyz") => {
+            let (status, body) = probe(progress.ready(std::time::Instant::now()));
+            respond(stream, status, "text/plain", &body).await
+        }
+        _ => respond(stream, 404, "text/plain", "not found; try GET /metrics, /healthz or /readyz\n").await,
     }
 }
 
@@ -546,10 +568,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let m = filled();
-        let server = serve_listener(listener, move || {
-            let m = m.clone();
-            async move { Some(m) }.boxed()
-        })
+        let server = serve_listener(
+            listener,
+            move || {
+                let m = m.clone();
+                async move { Some(m) }.boxed()
+            },
+            progress().1,
+        )
         .await;
 
         let r = get(addr, "GET /metrics HTTP/1.1\r\nhost: x\r\naccept: */*\r\n\r\n").await;
@@ -568,7 +594,7 @@ mod tests {
         {
             let r = get(addr, request).await;
             assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
-            assert!(r.ends_with("/metrics\n"), "{r}");
+            assert!(r.ends_with("/metrics, /healthz or /readyz\n"), "{r}");
         }
 
         let r = get(addr, &format!("GET /metrics HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD))).await;
@@ -580,7 +606,7 @@ mod tests {
     async fn no_snapshot_is_503() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = serve_listener(listener, || async { None }.boxed()).await;
+        let server = serve_listener(listener, || async { None }.boxed(), progress().1).await;
         let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
         server.abort();
@@ -590,6 +616,35 @@ mod tests {
     async fn serve_returns_the_bind_error() {
         let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
-        assert!(serve(addr, || async { None }.boxed()).await.is_err());
+        assert!(serve(addr, || async { None }.boxed(), progress().1).await.is_err());
+    }
+
+    fn progress() -> (watch::Sender<Progress>, watch::Receiver<Progress>) {
+        watch::channel(Progress::starting(std::time::Instant::now()))
+    }
+
+    #[tokio::test]
+    async fn probes_follow_the_published_progress() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = progress();
+        let server = serve_listener(listener, || async { None }.boxed(), rx).await;
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("alive\n"), "{r}");
+        let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 503 ") && r.contains("not enforcing yet"), "{r}");
+        tx.send_modify(|p| {
+            p.revision = Some(7);
+            p.endpoints = 3;
+        });
+        let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("enforcing revision 7 on 3 endpoint(s)\n"),
+            "{r}"
+        );
+        tx.send_modify(|p| p.heartbeat -= crate::probes::STALL + std::time::Duration::from_secs(5));
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 503 ") && r.contains("has not turned"), "{r}");
+        server.abort();
     }
 }

@@ -85,6 +85,9 @@ for root in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
   [ -d "$root" ] || continue
   find "$root" -depth -type d -exec rmdir {} + 2>/dev/null || true
 done
+if [ -f "$work/state/sys-propagation" ]; then
+  mount "--make-r$(cat "$work/state/sys-propagation")" /sys 2>/dev/null || true
+fi
 if [ -f "$work/state/mounted-hugetlb" ]; then
   umount /sys/fs/cgroup/hugetlb 2>/dev/null && rmdir /sys/fs/cgroup/hugetlb 2>/dev/null || true
 fi

@@ -86,6 +86,13 @@ if [ -e /sys/fs/cgroup/memory ] && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
   mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
   touch "$work/state/mounted-hugetlb"
 fi
+# /sys shared with containers, as systemd leaves every mount on a real node
+# (kind's nodes: `mount --make-rshared /`): a DaemonSet that mounts bpffs
+# for the host (Bidirectional propagation) needs it. Restored by down.sh.
+if [ "$(findmnt -no PROPAGATION /sys)" != shared ]; then
+  findmnt -no PROPAGATION /sys >"$work/state/sys-propagation"
+  mount --make-rshared /sys
+fi
 
 # --- certificates and credentials -----------------------------------------
 pki="$work/pki"

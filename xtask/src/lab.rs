@@ -34,7 +34,7 @@ pub fn run(cases: Vec<PathBuf>, ipv6: bool, bridge: bool, nodes: usize) -> Resul
         cases
     };
     eprintln!("lab: building the agent");
-    let agent = build_agent(false)?;
+    let agent = build_agent()?;
     let family = if ipv6 { Family::V6 } else { Family::V4 };
     let mut failed = Vec::new();
     for file in &cases {

@@ -110,6 +110,17 @@ enum Cmd {
         #[arg(value_parser = ["policy", "datapath"])]
         which: Vec<String>,
     },
+    /// Build the agent's container image as an OCI archive, without a
+    /// Docker daemon: `kind load image-archive FILE`, `k3s ctr images
+    /// import FILE` or `ctr -n k8s.io images import FILE` load it.
+    Image {
+        /// Where to write the archive.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// The image's name (default: the name deploy/kubernetes uses).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -120,6 +131,18 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test::run(),
         Cmd::Cluster(cmd) => cluster::run(cmd),
+        Cmd::Image { output, name } => {
+            let name = name.unwrap_or_else(cluster::images::agent_image);
+            let output = output.unwrap_or_else(|| target_dir().join("portcullis-agent-image.tar"));
+            let binary = build_static_agent()?;
+            let size = cluster::images::agent(&binary, &name).write_archive(&output)?;
+            println!("{}: {name} ({:.1} MiB)", output.display(), size as f64 / (1024.0 * 1024.0));
+            println!("load it with one of:");
+            println!("  kind load image-archive {}", output.display());
+            println!("  sudo k3s ctr images import {}", output.display());
+            println!("  sudo ctr -n k8s.io images import {}", output.display());
+            Ok(())
+        }
         Cmd::Conformance { target, world, source, paths } => {
             world.check()?;
             let target = target.map(|t| if t == "service" { Target::Service } else { Target::PodIp });
@@ -201,16 +224,50 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
-/// Builds the agent binary (debug, or release for images) and returns its path.
-pub fn build_agent(release: bool) -> Result<PathBuf> {
-    let mut args = vec!["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent"];
-    if release {
-        args.push("--release");
-    }
-    cargo(&args)?;
-    let agent = target_dir().join(if release { "release" } else { "debug" }).join("agent");
+/// Builds the agent binary (debug) and returns its path.
+pub fn build_agent() -> Result<PathBuf> {
+    cargo(&["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent"])?;
+    let agent = target_dir().join("debug").join("agent");
     if !agent.exists() {
         bail!("no agent binary at {}", agent.display());
     }
     Ok(agent)
+}
+
+/// The host's target triple, named explicitly so that the static build's
+/// flags reach only the agent, not build scripts or proc macros.
+fn host_triple() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// `cargo build` of the release agent, statically linked (glibc's static
+/// libc): the image needs nothing beside it, and the copy the init
+/// container puts into the node's CNI bin dir runs on any node's libc.
+pub fn static_agent_build(quiet: bool) -> Command {
+    let triple = host_triple();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--release", "--package", "portcullis-agent", "--bin", "agent", "--target", &triple])
+        .env(
+            format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_")),
+            "-C target-feature=+crt-static",
+        )
+        .current_dir(root());
+    if quiet {
+        cmd.arg("--quiet");
+    }
+    cmd
+}
+
+/// Where `static_agent_build` puts the binary.
+pub fn static_agent_path() -> PathBuf {
+    target_dir().join(host_triple()).join("release").join("agent")
+}
+
+/// Builds the static release agent (the image's) and returns its path.
+pub fn build_static_agent() -> Result<PathBuf> {
+    let status = static_agent_build(true).status().context("running cargo build (static agent)")?;
+    if !status.success() {
+        bail!("the static release build of the agent failed ({status})");
+    }
+    Ok(static_agent_path())
 }

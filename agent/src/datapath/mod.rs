@@ -40,6 +40,11 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 pub enum DatapathError {
     #[error("{0} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")]
     NoBpffs(PathBuf),
+    #[error(
+        "no bpffs on /sys/fs/bpf and mounting one failed: {0} (in a pod, the host must have it: \
+         the DaemonSet's mount-bpffs init container mounts it)"
+    )]
+    Mount(std::io::Error),
     #[error("creating pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -342,25 +347,33 @@ where
 /// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and nothing
 /// is mounted yet (fresh machines, containers without the host mount).
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    if pin_dir.starts_with("/sys/fs/bpf") {
+        mount_bpffs()?;
+    }
+    Ok(())
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless one is there; true if it mounted.
+/// kind's nodes lack it: the DaemonSet's privileged init container calls
+/// this with the host's /sys/fs/bpf shared back to the host, so pins
+/// outlive the agent's container.
+pub fn mount_bpffs() -> Result<bool, DatapathError> {
     // One check-and-mount at a time, or two loaders could stack two mounts.
     static MOUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = MOUNT.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new("/sys/fs/bpf");
-    if !pin_dir.starts_with(root) || is_bpffs(root) {
-        return Ok(());
+    if is_bpffs(root) {
+        return Ok(false);
     }
     let c = |s: &str| std::ffi::CString::new(s).expect("static string");
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: valid C strings; no data argument.
     let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(DatapathError::PinDir {
-            path: root.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(DatapathError::Mount(std::io::Error::last_os_error()));
     }
     tracing::info!("mounted bpffs on /sys/fs/bpf");
-    Ok(())
+    Ok(true)
 }
 
 fn is_bpffs(path: &Path) -> bool {

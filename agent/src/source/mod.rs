@@ -1,6 +1,7 @@
 //! Where the agent learns the cluster, and how the engine's result becomes the
 //! compiled state the datapath loads.
 
+pub mod installation;
 pub mod kube;
 pub mod manifests;
 

@@ -518,7 +518,7 @@ spec:
 }
 
 /// The operator tools as a user runs them, inside the DaemonSet's pod
-/// (`kubectl exec ds/portcullis-agent -- agent ...`), on the pods of
+/// (`kubectl exec -n portcullis ds/portcullis -- agent ...`), on the pods of
 /// `pods_start_enforced` (`ns`), and the metrics on the node's port.
 fn operator_tools_in_the_pod(paths: &Paths, ns: &str) -> Result<()> {
     let kube = Kube(paths);
@@ -539,14 +539,14 @@ spec:
     let agent = |args: &[&str]| -> Result<serde_json::Value> {
         let out = paths
             .kubectl()
-            .args(["exec", "-n", "kube-system", "ds/portcullis-agent", "--", "agent"])
+            .args(["exec", "-n", super::AGENT_NAMESPACE, "ds/portcullis", "--", "agent"])
             .args(args)
             .args(["-o", "json"])
             .output()
             .context("running kubectl exec")?;
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "kubectl exec ds/portcullis-agent -- agent {}: {}",
+                "kubectl exec -n portcullis ds/portcullis -- agent {}: {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim()
             )
@@ -579,7 +579,17 @@ spec:
     let forbidden_pod = format!("{ns}/forbidden");
     let drops = paths
         .kubectl()
-        .args(["exec", "-n", "kube-system", "ds/portcullis-agent", "--", "agent", "observe", "--last", "500"])
+        .args([
+            "exec",
+            "-n",
+            super::AGENT_NAMESPACE,
+            "ds/portcullis",
+            "--",
+            "agent",
+            "observe",
+            "--last",
+            "500",
+        ])
         .args(["--verdict", "DROPPED", "--to-pod", &forbidden_pod, "-o", "json"])
         .output()
         .context("running kubectl exec agent observe")?;

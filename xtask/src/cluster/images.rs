@@ -36,24 +36,18 @@ fn add_busybox(image: &mut Image) -> Result<()> {
     Ok(())
 }
 
-/// A dynamically linked binary and the libraries `ldd` says it loads, at
-/// their host paths.
-fn add_linked_binary(image: &mut Image, at: &str, binary: &Path) -> Result<()> {
-    image.file(at, binary, 0o755);
-    let out = Command::new("ldd").arg(binary).output().context("running ldd")?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
-        let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
-        if path.starts_with('/') {
-            let real = std::fs::canonicalize(path).with_context(|| format!("resolving {path}"))?;
-            image.file(path, real, 0o755);
-        }
-    }
-    Ok(())
+/// The agent's image: the static agent binary and nothing else (no shell,
+/// no libc: `kubectl exec … -- agent …` is all an operator needs).
+pub fn agent(binary: &Path, name: &str) -> Image {
+    let mut image = Image::new(name);
+    image.file("/usr/bin/agent", binary, 0o755);
+    image.dir("/tmp").dir("/proc").dir("/sys").dir("/dev").dir("/run").dir("/var/run");
+    image.entrypoint = vec!["/usr/bin/agent".into()];
+    image
 }
 
 /// Writes every image archive into `dir`; returns their paths.
-pub fn write_all(paths: &Paths, agent: Option<&Path>, dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn write_all(paths: &Paths, agent_binary: Option<&Path>, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut images = Vec::new();
 
@@ -77,12 +71,8 @@ pub fn write_all(paths: &Paths, agent: Option<&Path>, dir: &Path) -> Result<Vec<
     agnhost.cmd = vec!["pause".into()];
     images.push(("agnhost", agnhost));
 
-    if let Some(agent) = agent {
-        let mut image = Image::new(&agent_image());
-        add_linked_binary(&mut image, "/usr/bin/agent", agent)?;
-        image.dir("/tmp").dir("/proc").dir("/sys").dir("/dev").dir("/run");
-        image.entrypoint = vec!["/usr/bin/agent".into()];
-        images.push(("portcullis-agent", image));
+    if let Some(binary) = agent_binary {
+        images.push(("portcullis-agent", agent(binary, &agent_image())));
     }
 
     let mut written = Vec::new();

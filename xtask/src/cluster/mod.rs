@@ -5,6 +5,7 @@
 mod check;
 mod e2e;
 pub(crate) mod images;
+mod lifecycle;
 mod oci;
 mod reliability;
 
@@ -15,7 +16,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build_agent, require_root, root, target_dir};
+use crate::{build_static_agent, require_root, root, target_dir};
+
+/// Where `deploy/kubernetes` puts the agent.
+pub const AGENT_NAMESPACE: &str = "portcullis";
+pub const AGENT_DAEMONSET: &str = "daemonset/portcullis";
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=portcullis";
 
 #[derive(clap::Subcommand)]
 pub enum ClusterCmd {
@@ -62,6 +68,13 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 50)]
         pods: usize,
     },
+    /// With the agent deployed: `kubectl set image` to a new image while
+    /// traffic is judged; nothing allowed may fail, nothing denied pass.
+    RollingUpdate,
+    /// With the agent deployed: `kubectl delete -k deploy/kubernetes`, then
+    /// check the node has no pins, programs, CNI plugin or iptables rules
+    /// of it left.
+    Uninstall,
     /// The cluster's own test: up on a clean machine, a Ready node, pods
     /// reaching each other by IP and ClusterIP, a privileged hostNetwork
     /// DaemonSet with /sys/fs/bpf, then down leaving the machine as it was.
@@ -135,6 +148,9 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Test => check::run(),
         ClusterCmd::E2eWithAgent => e2e_with_agent(),
         ClusterCmd::Reliability { kills, outage } => reliability(&Paths::read()?, kills, outage),
+        ClusterCmd::RollingUpdate => lifecycle::rolling_update(&Paths::read()?),
+        // Rules as they are now stand for "before": the agent adds none.
+        ClusterCmd::Uninstall => lifecycle::uninstall(&Paths::read()?, &lifecycle::iptables_rules()?),
         ClusterCmd::StartEnforced { pods } => check::pods_start_enforced(&Paths::read()?, pods),
         ClusterCmd::Env => {
             let paths = Paths::read()?;
@@ -151,30 +167,40 @@ pub fn up(agent_image: bool) -> Result<()> {
     if !paths.k8s_bin.join("kubelet").exists() {
         bail!("{} has no kubelet: run `cargo xtask cluster install` first", paths.k8s_bin.display());
     }
-    let agent = if agent_image { Some(build_agent(true)?) } else { None };
+    let agent = if agent_image { Some(build_static_agent()?) } else { None };
     // Outside the work dir: up.sh may take a half-up cluster down first.
     let dir = target_dir().join("cluster-images");
     images::write_all(&paths, agent.as_deref(), &dir)?;
     script("up.sh", &[&dir])
 }
 
-/// Applies the agent's manifests and waits for its first "enforced" line.
+/// `kubectl apply -k deploy/kubernetes`, exactly as shipped (the image
+/// `up` imported has the name the manifests use), then waits until the
+/// DaemonSet is ready, which its readiness probe says only once the agent
+/// enforces every pod of the node.
 pub fn deploy(paths: &Paths) -> Result<()> {
-    let manifest = root().join("deploy/kubernetes/portcullis.yaml");
+    let manifests = root().join("deploy/kubernetes");
     let status =
-        paths.kubectl().arg("apply").arg("-f").arg(&manifest).status().context("running kubectl apply")?;
+        paths.kubectl().arg("apply").arg("-k").arg(&manifests).status().context("running kubectl apply")?;
     if !status.success() {
-        bail!("kubectl apply -f {} failed", manifest.display());
+        bail!("kubectl apply -k {} failed", manifests.display());
     }
+    wait_rollout(paths)?;
+    wait_agent_enforces(paths, std::time::Duration::from_secs(60))
+}
+
+/// Waits until the DaemonSet's pods all run its newest template and are
+/// ready.
+pub fn wait_rollout(paths: &Paths) -> Result<()> {
     let status = paths
         .kubectl()
-        .args(["rollout", "status", "-n", "kube-system", "daemonset/portcullis-agent", "--timeout=120s"])
+        .args(["rollout", "status", "-n", AGENT_NAMESPACE, AGENT_DAEMONSET, "--timeout=180s"])
         .status()
         .context("running kubectl rollout status")?;
     if !status.success() {
-        bail!("the portcullis-agent DaemonSet did not become ready");
+        bail!("the portcullis DaemonSet did not become ready");
     }
-    wait_agent_enforces(paths, std::time::Duration::from_secs(60))
+    Ok(())
 }
 
 /// Waits for the DaemonSet agent's first "enforced" line.
@@ -183,16 +209,16 @@ pub fn wait_agent_enforces(paths: &Paths, timeout: std::time::Duration) -> Resul
     loop {
         let out = paths
             .kubectl()
-            .args(["logs", "-n", "kube-system", "daemonset/portcullis-agent"])
+            .args(["logs", "-n", AGENT_NAMESPACE, AGENT_DAEMONSET, "-c", "agent"])
             .output()
             .context("running kubectl logs")?;
         if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("enforced revision")) {
-            eprintln!("cluster: portcullis-agent enforces on {}", paths.node_name);
+            eprintln!("cluster: the portcullis agent enforces on {}", paths.node_name);
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
             bail!(
-                "portcullis-agent has not enforced after {timeout:?}; its log:\n{}{}",
+                "the portcullis agent has not enforced after {timeout:?}; its log:\n{}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -209,17 +235,24 @@ pub fn e2e_with_agent() -> Result<()> {
         bail!("a cluster is (partly) up in {}: `cargo xtask cluster down` first", paths.work.display());
     }
     crate::handle_interrupts()?;
+    let mut iptables_before = Vec::new();
     let result = up(true)
+        .and_then(|()| lifecycle::iptables_rules().map(|r| iptables_before = r))
+        .and_then(|()| lifecycle::without_host_bpffs())
         .and_then(|()| deploy(&paths))
+        .and_then(|()| lifecycle::host_bpffs_mounted_by_the_init_container())
+        .and_then(|()| lifecycle::k3s_variant_is_admitted(&paths))
         .and_then(|()| check::pods_start_enforced(&paths, 50))
         .and_then(|()| check::refused_policy_is_reported(&paths))
         .and_then(|()| conformance_through_the_cluster())
         .and_then(|()| reliability(&paths, 20, 60))
-        .and_then(|()| e2e::run(&paths, "NetworkPolicy"));
+        .and_then(|()| lifecycle::rolling_update(&paths))
+        .and_then(|()| e2e::run(&paths, "NetworkPolicy"))
+        .and_then(|report| lifecycle::uninstall(&paths, &iptables_before).map(|()| report));
     if result.is_err() || result.as_ref().is_ok_and(|r| r.failed > 0) {
         let log = paths
             .kubectl()
-            .args(["logs", "-n", "kube-system", "daemonset/portcullis-agent", "--tail=60"])
+            .args(["logs", "-n", AGENT_NAMESPACE, AGENT_DAEMONSET, "-c", "agent", "--tail=60"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
@@ -320,9 +353,13 @@ pub fn install_in_background(log: &Path) -> Result<Background> {
 /// background, its output in `log`. Cargo locks each profile's directory
 /// on its own, so debug builds meanwhile do not wait for it.
 pub fn build_image_agent_in_background(log: &Path) -> Result<Background> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = crate::static_agent_build(false);
     let mut cmd = Command::new("nice");
-    cmd.args(["-n", "15", &cargo, "build", "--release", "--package", "portcullis-agent", "--bin", "agent"])
-        .current_dir(root());
-    Background::spawn(cmd, "the agent's release build", log, true)
+    cmd.args(["-n", "15"]).arg(build.get_program()).args(build.get_args()).current_dir(root());
+    for (k, v) in build.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    Background::spawn(cmd, "the agent's static release build", log, true)
 }

@@ -121,8 +121,8 @@ impl Image {
         Ok(tar.into_inner()?)
     }
 
-    /// Writes the image as an OCI layout archive at `out`.
-    pub fn write_archive(&self, out: &Path) -> Result<()> {
+    /// Writes the image as an OCI layout archive at `out`; returns its size.
+    pub fn write_archive(&self, out: &Path) -> Result<u64> {
         let layer = self.layer()?;
         let layer_digest = digest(&layer);
         let config = serde_json::to_vec(&json!({
@@ -189,7 +189,7 @@ impl Image {
             .and_then(|mut f| f.write_all(&bytes))
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
-        Ok(())
+        Ok(bytes.len() as u64)
     }
 }
 

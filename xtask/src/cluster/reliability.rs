@@ -24,27 +24,26 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use portcullis_testbed::{Conversation, EchoServer, Netns};
 
-use super::{Paths, check::Kube, images};
-use crate::build_agent;
+use super::{AGENT_DAEMONSET, AGENT_NAMESPACE, AGENT_SELECTOR, Paths, check::Kube, images};
+use crate::build_static_agent;
 
-const NS: &str = "portcullis-reliability";
+pub(super) const NS: &str = "portcullis-reliability";
 const PORT: u16 = 7000;
-const DAEMONSET: &str = "daemonset/portcullis-agent";
 const PAUSED: &str = r#"{"spec":{"template":{"spec":{"nodeSelector":{"portcullis.test/paused":"true"}}}}}"#;
 const RESUMED: &str = r#"{"spec":{"template":{"spec":{"nodeSelector":null}}}}"#;
 
 /// The three pods, the server's policy and its echo server.
-struct Fixture {
-    server: IpAddr,
+pub(super) struct Fixture {
+    pub(super) server: IpAddr,
     allowed_ip: IpAddr,
-    allowed: Arc<Netns>,
-    denied: Arc<Netns>,
+    pub(super) allowed: Arc<Netns>,
+    pub(super) denied: Arc<Netns>,
     _echo: EchoServer,
     _server_ns: Netns,
 }
 
 impl Fixture {
-    fn create(kube: &Kube) -> Result<Fixture> {
+    pub(super) fn create(kube: &Kube) -> Result<Fixture> {
         kube.apply(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}---\n{}---\n{}---\n{}",
             pause_pod("server", "app", "server"),
@@ -66,7 +65,7 @@ impl Fixture {
     }
 
     /// Waits until `from` can connect (or, `reach` false, cannot): how long.
-    fn wait_until(&self, from: &Arc<Netns>, reach: bool, timeout: Duration) -> Result<Duration> {
+    pub(super) fn wait_until(&self, from: &Arc<Netns>, reach: bool, timeout: Duration) -> Result<Duration> {
         let t = Instant::now();
         while connects(from, self.server)? != reach {
             if t.elapsed() > timeout {
@@ -85,7 +84,7 @@ impl Fixture {
 
 /// A pod of the test namespace that only holds its sandbox (the test's
 /// own sockets serve and probe inside it).
-fn pause_pod(name: &str, label: &str, value: &str) -> String {
+pub(super) fn pause_pod(name: &str, label: &str, value: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{{label}: {value}}}}}\n\
          spec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: pause, image: {}, args: [pause]}}]\n",
@@ -94,7 +93,7 @@ fn pause_pod(name: &str, label: &str, value: &str) -> String {
 }
 
 /// Waits for a pod of the test namespace to be Ready; its IP and sandbox.
-fn sandbox(kube: &Kube, name: &str) -> Result<(IpAddr, Netns)> {
+pub(super) fn sandbox(kube: &Kube, name: &str) -> Result<(IpAddr, Netns)> {
     kube.run(&["wait", "-n", NS, "--for=condition=Ready", &format!("pod/{name}"), "--timeout=120s"])?;
     let ip: IpAddr = kube
         .run(&["get", "pod", "-n", NS, name, "-o", "jsonpath={.status.podIP}"])?
@@ -220,14 +219,14 @@ fn reused_ip_gets_only_its_own_policy(paths: &Paths, kube: &Kube, fx: &Fixture) 
 }
 
 /// Whether a TCP connection from inside `from` to the server completes.
-fn connects(from: &Arc<Netns>, server: IpAddr) -> Result<bool> {
+pub(super) fn connects(from: &Arc<Netns>, server: IpAddr) -> Result<bool> {
     let target = SocketAddr::new(server, PORT);
     from.run(move || TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok())
 }
 
 /// What the traffic saw.
 #[derive(Default, Debug)]
-struct Counts {
+pub(super) struct Counts {
     /// Echo round trips on the long-lived connections.
     exchanges: u64,
     /// Long-lived connections that broke (an exchange failed).
@@ -247,14 +246,14 @@ struct Counts {
 /// Traffic on threads until stopped: long-lived echo conversations and
 /// new connections from the allowed pod, connection attempts from the
 /// denied one.
-struct Traffic {
+pub(super) struct Traffic {
     stop: Arc<AtomicBool>,
     counts: Arc<Mutex<Counts>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Traffic {
-    fn start(fx: &Fixture, conversations: usize) -> Result<Traffic> {
+    pub(super) fn start(fx: &Fixture, conversations: usize) -> Result<Traffic> {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Mutex::new(Counts::default()));
         let mut threads = Vec::new();
@@ -336,7 +335,7 @@ impl Traffic {
     }
 
     /// Fails unless every allowed exchange succeeded and nothing denied passed.
-    fn judge(self, what: &str) -> Result<Counts> {
+    pub(super) fn judge(self, what: &str) -> Result<Counts> {
         let c = self.finish();
         let mut wrong = c.broken.clone();
         if c.new_failed > 0 {
@@ -371,7 +370,7 @@ impl Drop for Traffic {
     }
 }
 
-fn describe(c: &Counts) -> String {
+pub(super) fn describe(c: &Counts) -> String {
     format!(
         "{} echoes on long-lived connections (slowest {:.0} ms), {} new allowed connections, \
          0 of {} denied attempts through",
@@ -396,13 +395,13 @@ struct HostAgent {
 
 impl HostAgent {
     fn new(paths: &Paths, kube: &Kube) -> Result<HostAgent> {
-        let binary = build_agent(true)?;
+        let binary = build_static_agent()?;
         let kubeconfig = paths.work.join("portcullis-agent.kubeconfig");
         let secret = kube.run(&[
             "get",
             "serviceaccount",
             "-n",
-            "kube-system",
+            AGENT_NAMESPACE,
             "portcullis",
             "-o",
             "jsonpath={.secrets[0].name}",
@@ -411,7 +410,7 @@ impl HostAgent {
             "get",
             "secret",
             "-n",
-            "kube-system",
+            AGENT_NAMESPACE,
             &secret,
             "-o",
             "go-template={{.data.token | base64decode}}",
@@ -513,7 +512,7 @@ impl Jitter {
 }
 
 fn set_daemonset(kube: &Kube, patch: &str) -> Result<()> {
-    kube.run(&["patch", "-n", "kube-system", DAEMONSET, "--type", "merge", "-p", patch])?;
+    kube.run(&["patch", "-n", AGENT_NAMESPACE, AGENT_DAEMONSET, "--type", "merge", "-p", patch])?;
     Ok(())
 }
 
@@ -525,9 +524,9 @@ fn wait_daemonset(kube: &Kube, want: u32) -> Result<()> {
             "get",
             "pods",
             "-n",
-            "kube-system",
+            AGENT_NAMESPACE,
             "-l",
-            "app.kubernetes.io/name=portcullis-agent",
+            AGENT_SELECTOR,
             "-o",
             "jsonpath={range .items[*]}{.status.containerStatuses[0].ready}{\"\\n\"}{end}",
         ])?;
@@ -742,14 +741,14 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
-fn agent_restart_count(kube: &Kube) -> Result<u32> {
+pub(super) fn agent_restart_count(kube: &Kube) -> Result<u32> {
     let n = kube.run(&[
         "get",
         "pods",
         "-n",
-        "kube-system",
+        AGENT_NAMESPACE,
         "-l",
-        "app.kubernetes.io/name=portcullis-agent",
+        AGENT_SELECTOR,
         "-o",
         "jsonpath={.items[0].status.containerStatuses[0].restartCount}",
     ])?;

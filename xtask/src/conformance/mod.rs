@@ -54,7 +54,7 @@ pub fn run(opts: Options) -> Result<i32> {
     }
     match opts.source.as_str() {
         "files" => {
-            let agent = build_agent(false)?;
+            let agent = build_agent()?;
             let family = if opts.ipv6 { Family::V6 } else { Family::V4 };
             let shape = Shape { network: network(opts.bridge), nodes: opts.nodes };
             suite(&opts.paths, |case| run_case(case, family, opts.target, shape, &agent, Show::Outcome))

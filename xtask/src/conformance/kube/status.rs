@@ -97,7 +97,7 @@ pub fn wait_enforced(written: &Written, timeout: Duration) -> Result<()> {
             },
             Ok((404, _)) => bail!(
                 "the agent on the node has no GET /v1/status: it predates it; deploy the current one \
-                 (`cargo xtask cluster up`, then delete the portcullis-agent pod for the DaemonSet to restart it)"
+                 (`cargo xtask cluster up`, then `kubectl -n portcullis rollout restart ds/portcullis`)"
             ),
             Ok((code, body)) => format!("the agent answered {code}: {body}"),
             Err(e) => format!("no answer on {}: {e}", socket.display()),
