@@ -131,7 +131,7 @@ fn run(
                 Err(e) => Err(CniError::new(
                     TRY_AGAIN_LATER,
                     format!(
-                        "portcullis: no answer from the agent at {} within {}s: is the portcullis-agent DaemonSet running on this node?",
+                        "portcullis: no answer from the agent at {} within {}s: is the portcullis DaemonSet running on this node (kubectl -n portcullis get pods -o wide)?",
                         socket.display(),
                         timeout.as_secs()
                     ),
@@ -354,7 +354,7 @@ mod tests {
         let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=web";
         let err = run("ADD", &conf(&socket), &env(args), |n: &str| n == "cni0").unwrap_err();
         assert_eq!(err.code, TRY_AGAIN_LATER);
-        assert!(err.msg.contains("is the portcullis-agent DaemonSet running"), "{}", err.msg);
+        assert!(err.msg.contains("is the portcullis DaemonSet running"), "{}", err.msg);
         // DEL must succeed regardless, VERSION lists what we speak.
         assert_eq!(run("DEL", &conf(&socket), &env(args), |_: &str| false).unwrap(), None);
         let version = run("VERSION", "", &env(""), |_: &str| false).unwrap().unwrap();

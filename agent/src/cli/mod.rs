@@ -114,7 +114,7 @@ impl Client {
     fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                "agent not running: is the DaemonSet up (kubectl -n kube-system get ds portcullis-agent)? \
+                "agent not running: is the DaemonSet up (kubectl -n portcullis get ds portcullis)? \
                  Or point --socket / PORTCULLIS_API_SOCKET at its socket"
             }
             std::io::ErrorKind::PermissionDenied => "the socket is root-only: run as root",

@@ -33,14 +33,93 @@ pub fn without_host_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// After the deploy: the init container mounted bpffs, visibly to the
-/// host, and the agent's pins are in it.
-pub fn host_bpffs_mounted_by_the_init_container() -> Result<()> {
+/// After `kubectl apply -k`: what the manifests promise holds on the node.
+/// The mount-bpffs init container mounted bpffs for the host and the pins
+/// are in it; install-cni put a static plugin binary into the CNI bin dir
+/// (no ELF interpreter: it runs on any node's libc); the agent process
+/// holds exactly the capabilities the manifest names and no others; and
+/// its readiness endpoint says it enforces.
+pub fn deployed_as_shipped() -> Result<()> {
     if !is_bpffs(Path::new("/sys/fs/bpf")) || !Path::new("/sys/fs/bpf/portcullis").is_dir() {
         bail!("after the deploy the host's /sys/fs/bpf is no bpffs with the agent's pins");
     }
-    eprintln!("cluster test: the mount-bpffs init container mounted bpffs for the host; the pins are in it");
+    let plugin = Path::new("/opt/cni/bin/portcullis");
+    if has_interpreter(plugin)? {
+        bail!("{} is dynamically linked (it must run on any node's libc)", plugin.display());
+    }
+    const NET_ADMIN: u32 = 12;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let want = (1u64 << NET_ADMIN) | (1u64 << PERFMON) | (1u64 << BPF);
+    let pid = agent_pid()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let cap = |name: &str| -> Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+        u64::from_str_radix(line[name.len()..].trim(), 16).with_context(|| format!("{line:?}"))
+    };
+    let (effective, bounding) = (cap("CapEff:")?, cap("CapBnd:")?);
+    if effective != want || bounding != want {
+        bail!(
+            "the agent (PID {pid}) runs with capabilities {effective:#x} (bounding {bounding:#x}); \
+             the manifest names BPF, PERFMON and NET_ADMIN only ({want:#x})"
+        );
+    }
+    let ready = http_get("127.0.0.1:9962", "/readyz")?;
+    if !ready.starts_with("HTTP/1.1 200") || !ready.contains("enforcing revision") {
+        bail!("GET /readyz: {ready}");
+    }
+    let body = ready.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_owned();
+    eprintln!(
+        "cluster test: deployed as shipped: the mount-bpffs init container mounted bpffs for the host; \
+         the CNI plugin is a static binary; the agent holds only BPF, PERFMON and NET_ADMIN \
+         ({effective:#x}); /readyz: {body}"
+    );
     Ok(())
+}
+
+/// The PID of the DaemonSet's agent (`/usr/bin/agent run --kube`).
+fn agent_pid() -> Result<u32> {
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.first() == Some(&&b"/usr/bin/agent"[..]) && args.get(1) == Some(&&b"run"[..]) {
+            return Ok(pid);
+        }
+    }
+    bail!("no /usr/bin/agent run process on the node")
+}
+
+/// Whether an ELF file names a program interpreter (PT_INTERP): a
+/// dynamically linked executable does, a static one does not.
+fn has_interpreter(path: &Path) -> Result<bool> {
+    let elf = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    if elf.get(..5) != Some(b"\x7fELF\x02") {
+        bail!("{} is not a 64-bit ELF file", path.display());
+    }
+    let (phoff, phentsize, phnum) = match (u64_at(0x20), u16_at(0x36), u16_at(0x38)) {
+        (Some(o), Some(s), Some(n)) => (o as usize, s as usize, n as usize),
+        _ => bail!("{}: truncated ELF header", path.display()),
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        elf.get(at..at + 4).is_some_and(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == PT_INTERP)
+    }))
+}
+
+/// A plain HTTP/1.1 GET; the whole response.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -49,6 +128,47 @@ fn is_bpffs(path: &Path) -> bool {
         .arg(path)
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "bpf"))
+}
+
+/// The main plugin writes its conflist again, without our entry, as
+/// kindnet and k3s' flannel do whenever they start: the agent must chain
+/// itself in again at once, or pods would start unenforced.
+pub fn rewritten_conflist_is_chained_again() -> Result<()> {
+    let conflist = std::fs::read_dir("/etc/cni/net.d")
+        .context("reading /etc/cni/net.d")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+        .min()
+        .context("no conflist in /etc/cni/net.d")?;
+    let chained = |conf: &serde_json::Value| {
+        conf["plugins"].as_array().is_some_and(|p| p.iter().any(|p| p["type"] == "portcullis"))
+    };
+    let read = || -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(&conflist)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", conflist.display()))
+    };
+    let mut conf = read()?;
+    if !chained(&conf) {
+        bail!("{} does not chain portcullis before the test", conflist.display());
+    }
+    if let Some(plugins) = conf["plugins"].as_array_mut() {
+        plugins.retain(|p| p["type"] != "portcullis");
+    }
+    std::fs::write(&conflist, serde_json::to_string_pretty(&conf)?)?;
+    let t = Instant::now();
+    while !chained(&read()?) {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("{} was rewritten without portcullis and not chained again in 10 s", conflist.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "cluster test: {} rewritten without portcullis (as kindnet and flannel do at start) was chained \
+         again {:.0} ms later",
+        conflist.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 /// The k3s variant (deploy/k3s: the base with k3s' CNI paths) is valid
@@ -147,6 +267,7 @@ pub fn rolling_update(paths: &Paths) -> Result<()> {
         AGENT_DAEMONSET,
         &format!("agent={image}"),
         &format!("install-cni={image}"),
+        &format!("mount-bpffs={image}"),
     ])?;
     // A pod created while the old agent is stopping or the new one is
     // starting: its CNI ADD waits for the new agent.

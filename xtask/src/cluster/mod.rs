@@ -47,10 +47,14 @@ pub enum ClusterCmd {
         #[arg(long, default_value = "NetworkPolicy")]
         focus: String,
     },
-    /// The agent on the cluster: up, deploy it, 50 pods that must start
-    /// enforced, a refused policy reported, the conformance cases through
-    /// the cluster, the agent killed 20× and the API server stopped for
-    /// 60 s during traffic, the e2e suite (every spec must pass), down.
+    /// The agent on the cluster as users deploy it: up, `kubectl apply -k
+    /// deploy/kubernetes` on a host without bpffs (as kind), deploy/k3s
+    /// admitted, a rewritten conflist chained again, 50 pods that must
+    /// start enforced, a refused policy reported, the conformance cases
+    /// through the cluster, the agent killed 20× and the API server
+    /// stopped for 60 s during traffic, a rolling update under traffic,
+    /// the e2e suite (every spec must pass), `kubectl delete -k` leaving
+    /// nothing behind, down.
     E2eWithAgent,
     /// With the agent deployed, traffic flowing and judged throughout: a
     /// fresh agent adopts running pods, the agent is SIGKILLed and
@@ -240,8 +244,9 @@ pub fn e2e_with_agent() -> Result<()> {
         .and_then(|()| lifecycle::iptables_rules().map(|r| iptables_before = r))
         .and_then(|()| lifecycle::without_host_bpffs())
         .and_then(|()| deploy(&paths))
-        .and_then(|()| lifecycle::host_bpffs_mounted_by_the_init_container())
+        .and_then(|()| lifecycle::deployed_as_shipped())
         .and_then(|()| lifecycle::k3s_variant_is_admitted(&paths))
+        .and_then(|()| lifecycle::rewritten_conflist_is_chained_again())
         .and_then(|()| check::pods_start_enforced(&paths, 50))
         .and_then(|()| check::refused_policy_is_reported(&paths))
         .and_then(|()| conformance_through_the_cluster())

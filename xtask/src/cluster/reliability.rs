@@ -44,8 +44,19 @@ pub(super) struct Fixture {
 
 impl Fixture {
     pub(super) fn create(kube: &Kube) -> Result<Fixture> {
+        kube.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"))?;
+        // Pods are refused until the namespace's default ServiceAccount
+        // exists, which the controller manager may take a while to make
+        // (after the API server outage, it is still reconnecting).
+        let t = Instant::now();
+        while kube.run(&["get", "serviceaccount", "-n", NS, "default", "-o", "name"]).is_err() {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("namespace {NS} has no default ServiceAccount after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
         kube.apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n---\n{}---\n{}---\n{}---\n{}",
+            "{}---\n{}---\n{}---\n{}",
             pause_pod("server", "app", "server"),
             pause_pod("allowed", "role", "allowed"),
             pause_pod("denied", "role", "denied"),
