@@ -119,7 +119,7 @@ struct RunArgs {
     /// A BPF map's size, as NAME=ENTRIES (repeatable). Maps: endpoints,
     /// ipcache, policy, cidr, conntrack, endpoint-addresses, services,
     /// service-pending, flows-bytes. A pinned map of another size is
-    /// replaced at start.
+    /// replaced at start, its entries carried over (as many as fit).
     #[arg(
         long = "map-size",
         env = "PORTCULLIS_MAP_SIZES",

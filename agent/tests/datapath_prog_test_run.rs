@@ -11,7 +11,7 @@ use portcullis_agent::{
         AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, PrefixEntry,
         Protocol, ServiceFrontend,
     },
-    datapath::{CtEntry, Datapath, DatapathConfig, Hook, monotonic_ns},
+    datapath::{CtEntry, Datapath, DatapathConfig, Hook, monotonic_ns, raw_map},
     flows::drain_ring,
 };
 use portcullis_common::{
@@ -443,6 +443,71 @@ fn a_restarted_agent_replaces_the_state_it_finds() {
         })
         .expect("test body");
     }
+}
+
+/// Makes the pinned map at `path` look like an earlier release's: the same
+/// type, keys and entries, each value cut to its first `value_size` bytes
+/// (layouts grow only by appending fields).
+fn shrink_pinned_values(path: &std::path::Path, value_size: usize) {
+    let info = aya::maps::MapInfo::from_pin(path).expect("pinned map");
+    let (key_size, old_size) = (info.key_size() as usize, info.value_size() as usize);
+    let fd = raw_map::obj_get(path).expect("open pin");
+    let mut entries = Vec::new();
+    let (mut key, mut next, mut value) = (None::<Vec<u8>>, vec![0u8; key_size], vec![0u8; old_size]);
+    while raw_map::next_key(&fd, key.as_deref(), &mut next).expect("next key") {
+        assert!(raw_map::lookup(&fd, &next, &mut value).expect("lookup"));
+        entries.push((next.clone(), value[..value_size].to_vec()));
+        key = Some(next.clone());
+    }
+    assert!(!entries.is_empty(), "{} holds nothing to carry", path.display());
+    let map_type = info.map_type().expect("map type") as u32;
+    let old =
+        raw_map::create(map_type, key_size as u32, value_size as u32, info.max_entries(), info.map_flags())
+            .expect("create the earlier release's map");
+    for (k, v) in &entries {
+        raw_map::update(&old, k, v).expect("fill it");
+    }
+    std::fs::remove_file(path).expect("unpin");
+    raw_map::pin(&old, path).expect("pin the earlier release's map");
+}
+
+/// An upgrade across a layout change (as when `CtValue` grew from 40 to 48
+/// bytes and `PolicyValue` from 4 to 8): the new agent carries the old
+/// maps' entries over before its programs take the links, so a flow opened
+/// before the upgrade still gets its replies, and the policy holds as it
+/// was until the new agent writes its own.
+#[test]
+fn an_upgrade_that_grows_map_layouts_carries_conntrack_and_policy_over() {
+    let ns = Netns::create(format!("pc{}-carry-{}", std::process::id(), unique())).expect("netns");
+    let pins = PinDir::new();
+    let pin_dir = pins.path.clone();
+    ns.run(move || {
+        let config = DatapathConfig { pin_dir: pin_dir.clone(), ..Default::default() };
+        let (me, fe, peer) = (ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.3"));
+        let out = Frame { src_port: 43000, ..Frame::tcp(me, peer, 443) };
+        let reply = Frame { src_port: 443, ..Frame::tcp(peer, me, 43000) };
+        {
+            let mut dp = Datapath::load(&config).expect("load");
+            let report = dp.apply(&backend_state(default_rules()));
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(verdict(&dp, Hook::FromContainer, &out), TC_PASS, "egress is open");
+            assert_eq!(ingress(&dp, reply.clone()), TC_PASS, "the reply of a tracked flow");
+        } // the earlier release's agent stops
+        shrink_pinned_values(&pin_dir.join(portcullis_common::map_names::CT), 40);
+        shrink_pinned_values(&pin_dir.join(portcullis_common::map_names::POLICY), 4);
+
+        // The new release starts; it has not written anything yet.
+        let dp = Datapath::load(&config).expect("load across the layout change");
+        let info = aya::maps::MapInfo::from_pin(pin_dir.join(portcullis_common::map_names::CT)).expect("ct");
+        assert_eq!(info.value_size() as usize, std::mem::size_of::<CtValue>(), "the map was replaced");
+        assert_eq!(ingress(&dp, reply), TC_PASS, "the flow from before the upgrade still gets its replies");
+        let fresh = |f: Frame, port: u16| Frame { src_port: port, ..f };
+        assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, me, 80), 50200)), TC_PASS, "the carried policy allows");
+        assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, me, 81), 50201)), TC_ACT_SHOT, "and isolates");
+        let stranger = Frame { src_port: 443, ..Frame::tcp(peer, me, 43001) };
+        assert_eq!(ingress(&dp, stranger), TC_ACT_SHOT, "nothing else was carried in");
+    })
+    .expect("test body");
 }
 
 /// A policy change cuts the tracked flows it no longer allows, and only those.

@@ -418,7 +418,10 @@ mod pod {
     unsafe impl aya::Pod for super::FragValue {}
 }
 
-// Layouts are ABI: fail the build if one changes size by accident.
+// Layouts are ABI: fail the build if one changes size by accident. They
+// change only by appending fields whose zero means "absent": an upgraded
+// agent then carries the pinned maps' entries over, zero-extended
+// (agent/src/datapath/pins.rs). Keys never change.
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);

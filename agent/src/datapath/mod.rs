@@ -8,6 +8,7 @@ mod counters;
 mod inspect;
 pub mod keys;
 mod pins;
+pub mod raw_map;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -215,7 +216,7 @@ impl Datapath {
             return Err(DatapathError::NoBpffs(config.pin_dir.clone()));
         }
         let sizes = &config.map_sizes;
-        pins::drop_incompatible(&config.pin_dir, sizes);
+        let carried = pins::drop_incompatible(&config.pin_dir, sizes);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&config.pin_dir)
             .map_max_entries(map_names::ENDPOINTS, sizes.endpoints)
@@ -228,6 +229,9 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::SVC_PENDING, sizes.service_pending)
             .load(OBJECT)?;
+        // Before the links get this agent's programs (in `recover`): the
+        // new maps hold what the old ones did when the programs switch.
+        pins::carry_over(&config.pin_dir, carried);
         for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER, program_names::TO_NETDEV] {
             classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }

@@ -1,0 +1,99 @@
+//! The few bpf(2) map commands needed on maps of any layout: the
+//! carry-over of an earlier agent's maps (`pins`), whose key and value
+//! sizes are known only at run time, so aya's typed maps cannot open them.
+
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// `union bpf_attr`, zeroed past what a command uses (the kernel
+/// requires that).
+#[repr(C, align(8))]
+struct Attr([u64; 16]);
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zeroed, sufficiently sized `union bpf_attr`
+    // whose pointers (set by the callers) outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = Attr([0; 16]);
+    attr.0[0] = c.as_ptr() as u64; // pathname
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// map_fd, then key and value (or next_key) pointers, then flags.
+fn map_attr(fd: &OwnedFd, key: u64, value: u64, flags: u64) -> Attr {
+    let mut attr = Attr([0; 16]);
+    attr.0[0] = fd.as_raw_fd() as u32 as u64;
+    attr.0[1] = key;
+    attr.0[2] = value;
+    attr.0[3] = flags;
+    attr
+}
+
+/// The key after `key` (the first with None); false at the end.
+pub fn next_key(fd: &OwnedFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
+    let key = key.map_or(0, |k| k.as_ptr() as u64);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut map_attr(fd, key, next.as_mut_ptr() as u64, 0)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// False if the key is gone.
+pub fn lookup(fd: &OwnedFd, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut map_attr(fd, key.as_ptr() as u64, value.as_mut_ptr() as u64, 0)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn update(fd: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    bpf(BPF_MAP_UPDATE_ELEM, &mut map_attr(fd, key.as_ptr() as u64, value.as_ptr() as u64, 0)).map(|_| ())
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// A new map (`map_type` as `enum bpf_map_type`); tests use it to stand in
+/// for an earlier release's maps.
+pub fn create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
+    let mut attr = Attr([0; 16]);
+    attr.0[0] = u64::from(map_type) | (u64::from(key_size) << 32);
+    attr.0[1] = u64::from(value_size) | (u64::from(max_entries) << 32);
+    attr.0[2] = u64::from(flags);
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins `fd` at `path` (on a bpffs).
+pub fn pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = Attr([0; 16]);
+    attr.0[0] = c.as_ptr() as u64;
+    attr.0[1] = fd.as_raw_fd() as u32 as u64;
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
