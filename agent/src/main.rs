@@ -338,11 +338,7 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
             run(source, config, options).await
         }
         Command::Uninstall { pin_dir, cni_bin_dir, cni_conf_dir } => {
-            if let (Some(bin), Some(conf)) = (&cni_bin_dir, &cni_conf_dir) {
-                cni::uninstall(bin, conf).context("removing the CNI plugin")?;
-                eprintln!("removed the CNI plugin from {} and {}", bin.display(), conf.display());
-            }
-            uninstall(&pin_dir)
+            uninstall(&pin_dir, cni_bin_dir.as_deref().zip(cni_conf_dir.as_deref()))
         }
         // The client commands return before the runtime starts.
         _ => anyhow::bail!("not a command of the running agent"),
@@ -805,13 +801,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         && let Some(why) = installation.being_removed().await
     {
         tracing::warn!("{why}: uninstalling from this node (CNI plugin, programs, pins)");
-        // The plugin first: from here on pods start without us, as they
-        // will once we are gone.
-        if let Some((bin, conf)) = &cni {
-            cni::uninstall(bin, conf).context("removing the CNI plugin")?;
-        }
         drop(dp);
-        uninstall(&pin_dir)?;
+        uninstall(&pin_dir, cni.as_ref().map(|(bin, conf)| (bin.as_path(), conf.as_path())))?;
         println!("uninstalled from this node: {why}");
     } else {
         tracing::info!(
@@ -842,7 +833,14 @@ fn inspect_view<'a>(
     }
 }
 
-fn uninstall(pin_dir: &Path) -> Result<()> {
+/// Takes the agent off the node: the CNI plugin (from `cni`'s bin and conf
+/// dirs) first, so that from then on pods start without it, as they will
+/// once it is gone; then the pins, which detaches the programs.
+fn uninstall(pin_dir: &Path, cni: Option<(&Path, &Path)>) -> Result<()> {
+    if let Some((bin, conf)) = cni {
+        cni::uninstall(bin, conf).context("removing the CNI plugin")?;
+        eprintln!("removed the CNI plugin from {} and {}", bin.display(), conf.display());
+    }
     match std::fs::remove_dir_all(pin_dir) {
         Ok(()) => {
             eprintln!("removed {}", pin_dir.display());
