@@ -12,10 +12,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    AGENT_DAEMONSET, AGENT_NAMESPACE, AGENT_SELECTOR, Paths,
+    AGENT_DAEMONSET, AGENT_NAMESPACE, Paths,
     check::Kube,
     images,
-    reliability::{self, Fixture, NS, Traffic},
+    reliability::{self, Fixture, NS, Traffic, agent_pods},
 };
 use crate::{root, static_agent_path, target_dir};
 
@@ -227,25 +227,6 @@ fn import_update_image(paths: &Paths) -> Result<String> {
     Ok(name)
 }
 
-/// The image the DaemonSet's pod runs, and whether it is ready.
-fn agent_pods(kube: &Kube) -> Result<Vec<(String, bool)>> {
-    let out = kube.run(&[
-        "get",
-        "pods",
-        "-n",
-        AGENT_NAMESPACE,
-        "-l",
-        AGENT_SELECTOR,
-        "-o",
-        "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.containerStatuses[0].ready}{\"\\n\"}{end}",
-    ])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(image, ready)| (image.to_owned(), ready == "true"))
-        .collect())
-}
-
 /// `kubectl set image` on the DaemonSet (agent and init container), as an
 /// upgrade does, while long-lived connections, new connections and a
 /// denied client run. Nothing allowed may fail and nothing denied may pass
@@ -278,7 +259,7 @@ pub fn rolling_update(paths: &Paths) -> Result<()> {
     let counts = traffic.judge("during the rolling update");
     rolled?;
     let pods = agent_pods(&kube)?;
-    if pods.len() != 1 || pods[0] != (image.clone(), true) {
+    if pods.len() != 1 || pods[0].image != image || !pods[0].ready {
         bail!("after the update the agent's pods are {pods:?}, want one ready pod of {image}");
     }
     let counts = counts?;

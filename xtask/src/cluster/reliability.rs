@@ -527,22 +527,47 @@ fn set_daemonset(kube: &Kube, patch: &str) -> Result<()> {
     Ok(())
 }
 
+/// One of the DaemonSet's pods, as its agent container's status says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct AgentPod {
+    pub(super) image: String,
+    pub(super) ready: bool,
+    pub(super) restarts: u32,
+}
+
+/// The DaemonSet's pods.
+pub(super) fn agent_pods(kube: &Kube) -> Result<Vec<AgentPod>> {
+    let out = kube.run(&[
+        "get",
+        "pods",
+        "-n",
+        AGENT_NAMESPACE,
+        "-l",
+        AGENT_SELECTOR,
+        "-o",
+        "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.containerStatuses[0].ready} \
+         {.status.containerStatuses[0].restartCount}{\"\\n\"}{end}",
+    ])?;
+    Ok(out
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            let (image, ready, restarts) = (f.next(), f.next(), f.next());
+            AgentPod {
+                image: image.unwrap_or_default().to_owned(),
+                ready: ready == Some("true"),
+                restarts: restarts.and_then(|n| n.parse().ok()).unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
 /// Waits until the DaemonSet runs `want` pods on the node, all ready.
 fn wait_daemonset(kube: &Kube, want: u32) -> Result<()> {
     let t = Instant::now();
     loop {
-        let pods = kube.run(&[
-            "get",
-            "pods",
-            "-n",
-            AGENT_NAMESPACE,
-            "-l",
-            AGENT_SELECTOR,
-            "-o",
-            "jsonpath={range .items[*]}{.status.containerStatuses[0].ready}{\"\\n\"}{end}",
-        ])?;
-        let (total, ready) =
-            (pods.lines().count() as u32, pods.lines().filter(|l| *l == "true").count() as u32);
+        let pods = agent_pods(kube)?;
+        let (total, ready) = (pods.len() as u32, pods.iter().filter(|p| p.ready).count() as u32);
         if total == want && ready == want {
             return Ok(());
         }
@@ -753,15 +778,5 @@ fn alive(pid: i32) -> bool {
 }
 
 pub(super) fn agent_restart_count(kube: &Kube) -> Result<u32> {
-    let n = kube.run(&[
-        "get",
-        "pods",
-        "-n",
-        AGENT_NAMESPACE,
-        "-l",
-        AGENT_SELECTOR,
-        "-o",
-        "jsonpath={.items[0].status.containerStatuses[0].restartCount}",
-    ])?;
-    n.parse().with_context(|| format!("restartCount {n:?}"))
+    agent_pods(kube)?.first().map(|p| p.restarts).context("no agent pod")
 }
