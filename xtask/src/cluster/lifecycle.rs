@@ -1,5 +1,7 @@
-//! The shipped manifests' life on the node beyond install: a rolling
-//! update to a new image with traffic judged throughout, and an uninstall
+//! The shipped manifests' life on the node: installed on a host without
+//! bpffs (as kind's nodes are) and checked for what they promise, the k3s
+//! variant admitted, a rewritten conflist chained again, a rolling update
+//! to a new image with traffic judged throughout, and an uninstall
 //! (`kubectl delete -k deploy/kubernetes`) that must leave the node as it
 //! was: no pins, programs, CNI plugin, socket or iptables rules.
 
