@@ -205,6 +205,11 @@ pub enum InstallError {
     Invalid { path: PathBuf, why: String },
 }
 
+/// The plugin's entry in the conflist: its type and the agent's socket.
+fn chain_entry(socket: &Path) -> Value {
+    json!({"type": PLUGIN_TYPE, "socket": socket})
+}
+
 /// Installs the plugin: this binary as `BIN_DIR/portcullis`, and
 /// `{"type": "portcullis"}` appended to the first conflist of `CONF_DIR`
 /// (the one the runtime uses). Both writes are atomic renames; a second
@@ -226,7 +231,7 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> Result<PathBuf
     let invalid = |why: String| InstallError::Invalid { path: conflist.clone(), why };
     let mut conf: Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     let plugins = conf["plugins"].as_array_mut().ok_or_else(|| invalid("no \"plugins\" list".into()))?;
-    let entry = json!({"type": PLUGIN_TYPE, "socket": socket});
+    let entry = chain_entry(socket);
     match plugins.iter_mut().find(|p| p["type"] == PLUGIN_TYPE) {
         Some(existing) if *existing == entry => return Ok(conflist),
         Some(existing) => *existing = entry,
@@ -245,7 +250,7 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> Result<PathBuf
 /// their conflist when they restart, which drops the entry; the agent
 /// checks this every second and chains again.
 pub fn is_chained(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> bool {
-    let entry = json!({"type": PLUGIN_TYPE, "socket": socket});
+    let entry = chain_entry(socket);
     bin_dir.join(PLUGIN_TYPE).is_file()
         && first_conflist(conf_dir)
             .ok()
