@@ -385,6 +385,15 @@ impl Source {
         }
     }
 
+    /// Notified when the source has news (`kube` only; the others are
+    /// read at every tick).
+    fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        match self {
+            Source::Kube { source, .. } => source.wake(),
+            _ => Default::default(),
+        }
+    }
+
     /// The API server as the watches see it (`kube` only).
     fn api_server(&self) -> Option<api::ApiServerHealth> {
         match self {
@@ -594,13 +603,25 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut sweep = tokio::time::interval(ct_sweep_interval);
     let mut ticks: u64 = 0;
+    // Watch events and CNI ADDs are acted on at once, not at the next tick:
+    // a pass runs this long after the first of a burst, so that the rest
+    // of the burst (a relist, many pods starting together) goes with it.
+    const GATHER: Duration = Duration::from_millis(2);
+    let wake = source.wake();
+    let mut soon: Option<tokio::time::Instant> = None;
     let mut last_errors: Vec<String> = Vec::new();
     let mut last_failed: std::collections::BTreeSet<String> = Default::default();
     let mut telemetry = inspect::Telemetry::default();
     let mut metrics_cache: Option<(std::time::Instant, portcullis_agent::metrics::Metrics)> = None;
     loop {
+        let mut on_tick = false;
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => on_tick = true,
+            _ = wake.notified(), if soon.is_none() => {
+                soon = Some(tokio::time::Instant::now() + GATHER);
+                continue;
+            }
+            _ = tokio::time::sleep_until(soon.unwrap_or_else(tokio::time::Instant::now)), if soon.is_some() => {}
             _ = sweep.tick() => {
                 let sweep = dp.sweep_conntrack(monotonic_ns());
                 telemetry.conntrack_live = Some(sweep.live as u64);
@@ -626,6 +647,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                                 hints.insert(pod.clone(), hint, engine);
                                 pending.push(PendingAdd { pod, interface: add.interface, reply });
                                 cni_dirty = true;
+                                soon.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
                             }
                             None => {
                                 let _ = reply.send(Err("the agent runs from a state file: no pods to enforce".into()));
@@ -693,13 +715,18 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
-        ticks += 1;
+        soon = None;
+        if on_tick {
+            ticks += 1;
+        }
+        // Once a second (every tenth tick): the periodic checks.
+        let each_second = on_tick && ticks.is_multiple_of(10);
         progress_tx.send_modify(|p| p.heartbeat = std::time::Instant::now());
         // The main plugin may have rewritten its conflist (kindnet and
         // flannel do when they restart): chain again at once, or new pods
         // would start unenforced.
         if let Some((bin, conf)) = &cni
-            && ticks.is_multiple_of(10)
+            && each_second
             && !cni::is_chained(bin, conf, &api_socket)
         {
             match cni::install(bin, conf, &api_socket) {
@@ -711,13 +738,13 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             }
         }
         pending.retain(|p| !p.reply.is_closed());
-        let reconcile = ticks.is_multiple_of(10) || std::mem::take(&mut cni_dirty);
+        let reconcile = each_second || std::mem::take(&mut cni_dirty);
         let compile_started = std::time::Instant::now();
         let (state, news) = match source.poll(reconcile, &mut hints) {
             Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
-            None if ticks.is_multiple_of(10) => match &good {
+            None if each_second => match &good {
                 Some(state) => (state.clone(), false),
                 None => continue,
             },

@@ -1,8 +1,11 @@
-//! A packet sees one generation of its endpoint's policy, never half of one:
-//! a pod sends new UDP flows without pause while the agent rewrites the
-//! receiving endpoint's policy thousands of times, every version allowing
-//! that flow through different entries. Not one packet may be dropped.
-//! Needs root, network namespaces and BPF.
+//! A policy change never drops a packet both versions allow: a pod sends
+//! new UDP flows without pause while the agent rewrites the receiving
+//! endpoint's policy thousands of times, every version allowing that flow
+//! through different entries. Not one packet may be dropped. Both ways the
+//! writer changes an endpoint are driven: entries updated in place in the
+//! live generation (only policy entries differ), and a whole new
+//! generation flipped in (the CIDR prefixes differ too). Needs root,
+//! network namespaces and BPF.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -14,7 +17,8 @@ use std::{
 
 use portcullis_agent::{
     compiled::{
-        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, Protocol,
+        AllowEntry, CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, PortRange, PrefixEntry,
+        Protocol,
     },
     datapath::{Datapath, DatapathConfig},
 };
@@ -23,7 +27,16 @@ use portcullis_testbed::{Bed, PinDir};
 const SENDER: u32 = 1000;
 const REWRITES: u64 = 2000;
 
-fn state(bed: &Bed, revision: u64) -> CompiledState {
+/// How consecutive versions differ.
+#[derive(Clone, Copy)]
+enum Change {
+    /// Policy entries only: updated in place.
+    Entries,
+    /// A CIDR prefix too: a new generation each time.
+    Prefixes,
+}
+
+fn state(bed: &Bed, revision: u64, change: Change) -> CompiledState {
     let sender = bed.pod("sender");
     let receiver = bed.pod("receiver");
     let udp = |peer, start, end, rule| AllowEntry {
@@ -34,13 +47,20 @@ fn state(bed: &Bed, revision: u64) -> CompiledState {
     };
     // Even revisions: the sender by identity on exactly 5353; odd ones: any
     // peer on a range around it, plus unrelated entries. Every version's
-    // keys differ from the last, so each is a full new generation.
+    // keys differ from the last.
     let allow = if revision.is_multiple_of(2) {
         vec![udp(SENDER, 5353, 5353, 1), udp(SENDER + 1, 1, 1000, 2)]
     } else {
         let mut v = vec![udp(0, 5000, 5999, 3)];
         v.extend((0..50).map(|i| udp(SENDER + 2 + i, 7000 + i as u16, 7000 + i as u16, 4)));
         v
+    };
+    let prefixes = match change {
+        Change::Entries => vec![],
+        Change::Prefixes => vec![PrefixEntry {
+            cidr: format!("198.18.{}.0/24", revision % 2).parse().expect("cidr"),
+            allow: vec![udp(0, 53, 53, 5)],
+        }],
     };
     CompiledState {
         revision,
@@ -52,7 +72,7 @@ fn state(bed: &Bed, revision: u64) -> CompiledState {
             interface: receiver.host_if.clone(),
             identity: 1001,
             addresses: vec![IpAddr::from(receiver.ipv4)],
-            ingress: DirectionPolicy { isolated: true, allow, ..Default::default() },
+            ingress: DirectionPolicy { isolated: true, allow, prefixes },
             egress: DirectionPolicy::default(),
         }],
         services: vec![],
@@ -60,7 +80,16 @@ fn state(bed: &Bed, revision: u64) -> CompiledState {
 }
 
 #[test]
-fn rewriting_a_policy_thousands_of_times_drops_no_packet_it_allows() {
+fn updating_entries_in_place_thousands_of_times_drops_no_packet_it_allows() {
+    rewrite_under_traffic(Change::Entries);
+}
+
+#[test]
+fn flipping_generations_thousands_of_times_drops_no_packet_it_allows() {
+    rewrite_under_traffic(Change::Prefixes);
+}
+
+fn rewrite_under_traffic(change: Change) {
     let mut bed = Bed::new().expect("bed");
     bed.add_pod("sender").expect("pod");
     bed.add_pod("receiver").expect("pod");
@@ -68,7 +97,7 @@ fn rewriting_a_policy_thousands_of_times_drops_no_packet_it_allows() {
     let pin_dir = pins.path.clone();
     let target = SocketAddr::new(IpAddr::from(bed.pod("receiver").ipv4), 5353);
 
-    let states: Vec<CompiledState> = (1..=REWRITES + 1).map(|r| state(&bed, r)).collect();
+    let states: Vec<CompiledState> = (1..=REWRITES + 1).map(|r| state(&bed, r, change)).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -104,10 +104,13 @@ enum Cmd {
     Cluster(cluster::ClusterCmd),
     /// Run the benchmarks and print their tables: `policy` (the engine at
     /// cluster scale), `datapath` (per-packet verdict cost, then real traffic
-    /// against no program and iptables+ipset; needs root, takes ~6 min).
-    /// Without a name, all.
+    /// against no program and iptables+ipset; needs root, takes ~6 min),
+    /// `scale` (the agent against a 10,000-pod cluster in the test
+    /// cluster's API server, 250 local pods; needs root, installs and starts
+    /// the test cluster when needed, takes ~10 min). Without a name,
+    /// `policy` and `datapath`.
     Bench {
-        #[arg(value_parser = ["policy", "datapath"])]
+        #[arg(value_parser = ["policy", "datapath", "scale"])]
         which: Vec<String>,
     },
     /// Build the agent's container image as an OCI archive, without a
@@ -161,6 +164,10 @@ fn main() -> Result<()> {
                 require_root("cargo xtask bench datapath")?;
                 bench("datapath")?;
                 bench("datapath_traffic")?;
+            }
+            if which.iter().any(|w| w == "scale") {
+                require_root("cargo xtask bench scale")?;
+                cluster::bench_scale()?;
             }
             Ok(())
         }

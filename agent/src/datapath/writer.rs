@@ -26,7 +26,7 @@ use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use portcullis_common::{
     AF_INET, AF_INET6, CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW,
-    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, PolicyKey, ServiceKey,
+    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, ServiceKey,
 };
 
 use super::{
@@ -91,6 +91,10 @@ pub(super) struct LoadedEndpoint {
     pub(super) keys: EndpointKeys,
     /// Programs attached to `ifindex` (retried on every pass until they are).
     attached: bool,
+    /// The state these entries were written from, when all of it was
+    /// written: the same state again needs no work (not even its keys
+    /// computed), which keeps a pass cheap when few endpoints change.
+    applied: Option<EndpointState>,
 }
 
 /// One generation of one endpoint's entries, to delete.
@@ -266,15 +270,22 @@ impl Datapath {
                 why: "endpoint id 0 is reserved".into(),
             });
         }
+        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
+            endpoint: ep.name.clone(),
+            interface: ep.interface.clone(),
+        })?;
+        if let Some(p) = self.loaded.endpoints.get(&ep.id)
+            && p.attached
+            && p.ifindex == idx
+            && p.applied.as_ref() == Some(ep)
+        {
+            return Ok(false);
+        }
         let mut keys =
             endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
         for ((_, key), value) in keys.policy.iter_mut() {
             value.stats_slot = self.slot_for(ep.id, key.direction, value.rule_cookie);
         }
-        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
-            endpoint: ep.name.clone(),
-            interface: ep.interface.clone(),
-        })?;
         let addresses: BTreeSet<Address> = ep.addresses.iter().map(|ip| family_and_addr(*ip)).collect();
         let mut flags = 0;
         if !addresses.is_empty() {
@@ -303,7 +314,20 @@ impl Datapath {
             if !attached {
                 self.attach_endpoint(ep)?;
             }
+            if let Some(l) = self.loaded.endpoints.get_mut(&ep.id) {
+                l.applied = Some(ep.clone());
+            }
             return Ok(false);
+        }
+        // Only policy entries differ (a peer identity came or went, the
+        // usual change): update the live generation in place instead of
+        // writing a whole new one.
+        if attached
+            && previous.is_some_and(|p| {
+                p.info.flags == flags && p.addresses == addresses && p.keys.cidr == keys.cidr
+            })
+        {
+            return self.update_in_place(ep, idx, keys);
         }
         if previous.is_none() {
             // A new pod may get a recycled id: its counters start at zero.
@@ -347,6 +371,7 @@ impl Datapath {
             info,
             keys: loaded_keys,
             attached,
+            applied: overflow.is_none().then(|| ep.clone()),
         };
         if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
             if prev.ifindex != idx {
@@ -368,11 +393,64 @@ impl Datapath {
                 // Not what the table holds: the next pass retries.
                 l.keys = EndpointKeys::default();
                 l.info.flags = EP_POLICY_OVERFLOW;
+                l.applied = None;
             }
             return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "endpoints", source });
         }
         if let Some((map, source)) = overflow {
             return Err(WriteError::Overflow { endpoint: ep.name.clone(), map, source });
+        }
+        Ok(true)
+    }
+
+    /// Moves the live generation of an attached endpoint's policy entries
+    /// to `keys` (its CIDR classes, flags and addresses unchanged). New
+    /// and changed entries go first, then the ones no longer wanted: while
+    /// it runs, what passes is what the old or the new policy allows (as
+    /// with a generation flip, which keeps the old entries until the
+    /// flip), and an entry moving between an exact port and a wildcard
+    /// never leaves a moment in which neither is there. A full map makes
+    /// the endpoint fail closed, as a failed generation write does.
+    fn update_in_place(
+        &mut self,
+        ep: &EndpointState,
+        idx: u32,
+        keys: EndpointKeys,
+    ) -> Result<bool, WriteError> {
+        let Some(loaded) = self.loaded.endpoints.get(&ep.id) else { return Ok(false) };
+        let (id, generation, info) = (ep.id, loaded.info.generation, loaded.info);
+        let key =
+            |prefix: u32, k: &PolicyKey| Key::new(prefix, PolicyKey { endpoint_id: id, generation, ..*k });
+        let added: Vec<((u32, PolicyKey), PolicyValue)> = keys
+            .policy
+            .iter()
+            .filter(|(k, v)| loaded.keys.policy.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let removed: Vec<(u32, PolicyKey)> =
+            loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
+        for ((prefix, k), value) in &added {
+            if let Err(source) = self.maps.policy.insert(&key(*prefix, k), value, 0) {
+                let failed =
+                    EndpointInfo { flags: (info.flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW, ..info };
+                let _ = self.maps.endpoints.insert(idx, failed, 0);
+                let old = self.loaded.endpoints.get(&id).map(|l| l.keys.clone()).unwrap_or_default();
+                self.remove_keys(&old, id, generation);
+                self.remove_keys(&keys, id, generation);
+                if let Some(l) = self.loaded.endpoints.get_mut(&id) {
+                    l.keys = EndpointKeys::default();
+                    l.info = failed;
+                    l.applied = None;
+                }
+                return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "policy", source });
+            }
+        }
+        for (prefix, k) in &removed {
+            let _ = self.maps.policy.remove(&key(*prefix, k));
+        }
+        if let Some(l) = self.loaded.endpoints.get_mut(&id) {
+            l.keys = keys;
+            l.applied = Some(ep.clone());
         }
         Ok(true)
     }
@@ -479,6 +557,7 @@ impl Datapath {
                 info,
                 keys: EndpointKeys::default(),
                 attached: false,
+                applied: None,
             };
             live.insert(info.endpoint_id, loaded);
         }

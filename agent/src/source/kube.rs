@@ -151,6 +151,9 @@ pub enum Update {
 /// Feeds the engine from the watchers.
 pub struct KubeSource {
     rx: mpsc::UnboundedReceiver<Update>,
+    /// Notified whenever a watcher sends: the agent's loop wakes for it
+    /// instead of waiting for its next tick.
+    wake: std::sync::Arc<tokio::sync::Notify>,
     listed: BTreeSet<Kind>,
     /// Changes held back until every kind has been listed once.
     held: Vec<Change>,
@@ -182,6 +185,8 @@ impl KubeSource {
     /// Starts the four watchers on the current tokio runtime.
     pub fn start(client: Client) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let tx = Sender { tx, wake: wake.clone() };
         let namespaces =
             KindState::new(Kind::Namespace, |ns| namespace_from_api(ns).map(Change::UpsertNamespace));
         spawn_watch::<core::Namespace>(Api::all(client.clone()), tx.clone(), namespaces);
@@ -193,13 +198,14 @@ impl KubeSource {
         spawn_watch::<net::NetworkPolicy>(Api::all(client.clone()), tx.clone(), policies);
         let services = KindState::new(Kind::Service, |svc| service_from_api(svc).map(Change::UpsertService));
         spawn_watch::<core::Service>(Api::all(client), tx, services);
-        Self::from_updates(rx)
+        KubeSource { wake, ..Self::from_updates(rx) }
     }
 
     /// A source over updates from elsewhere (tests).
     pub fn from_updates(rx: mpsc::UnboundedReceiver<Update>) -> Self {
         KubeSource {
             rx,
+            wake: Default::default(),
             listed: BTreeSet::new(),
             held: Vec::new(),
             drained: BTreeMap::new(),
@@ -209,6 +215,12 @@ impl KubeSource {
             last_event: None,
             last_error: None,
         }
+    }
+
+    /// Notified when the watchers have sent something since the last
+    /// poll (a permit is kept if nobody waits).
+    pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     /// Every kind has been listed at least once.
@@ -450,7 +462,14 @@ fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     ResetTimerBackoff::new(ExponentialBackoff::from(steps), Duration::from_secs(60))
 }
 
-fn spawn_watch<K>(api: Api<K>, tx: mpsc::UnboundedSender<Update>, mut state: KindState<K>)
+/// A watcher's way out: the channel, and the agent loop's wake-up.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::UnboundedSender<Update>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+fn spawn_watch<K>(api: Api<K>, tx: Sender, mut state: KindState<K>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
@@ -482,10 +501,11 @@ where
                 }
                 Err(e) => Some(Update::WatchError { kind, error: e.to_string() }),
             };
-            if let Some(update) = update
-                && tx.send(update).is_err()
-            {
-                return; // the agent is stopping
+            if let Some(update) = update {
+                if tx.tx.send(update).is_err() {
+                    return; // the agent is stopping
+                }
+                tx.wake.notify_one();
             }
         }
     });

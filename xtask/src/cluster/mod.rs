@@ -178,6 +178,38 @@ pub fn up(agent_image: bool) -> Result<()> {
     script("up.sh", &[&dir])
 }
 
+/// `cargo xtask bench scale`: the scale benchmark against the test
+/// cluster's API server (installed and brought up when needed, and then
+/// taken down again), with the static release agent the image ships.
+pub fn bench_scale() -> Result<()> {
+    let paths = Paths::read()?;
+    if !paths.k8s_bin.join("kubelet").exists() {
+        script("install.sh", &[])?;
+    }
+    let was_up = paths.kubeconfig().exists()
+        && paths.kubectl().args(["get", "--raw", "/readyz"]).output().is_ok_and(|o| o.status.success());
+    let agent = build_static_agent()?;
+    if !was_up {
+        up(false)?;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["bench", "--quiet", "--package", "portcullis-agent", "--bench", "scale"])
+        .env("PORTCULLIS_SCALE_AGENT", &agent)
+        .env("PORTCULLIS_SCALE_KUBECONFIG", paths.kubeconfig())
+        .current_dir(root())
+        .status()
+        .context("running the scale benchmark");
+    if !was_up {
+        script("down.sh", &[])?;
+    }
+    let status = status?;
+    if !status.success() {
+        bail!("the scale benchmark failed ({status})");
+    }
+    Ok(())
+}
+
 /// `kubectl apply -k deploy/kubernetes`, exactly as shipped (the image
 /// `up` imported has the name the manifests use), then waits until the
 /// DaemonSet is ready, which its readiness probe says only once the agent
