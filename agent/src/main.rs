@@ -789,7 +789,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 None => pending.push(p),
             }
         }
-        if revoke_flows && (news || report.endpoints_written > 0 || report.endpoints_removed > 0) {
+        if revoke_flows && report.narrowed {
             let revoked = dp.revoke_flows();
             if revoked > 0 {
                 tracing::info!(revoked, "cut tracked flows the policy no longer allows");

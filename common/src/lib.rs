@@ -32,11 +32,15 @@ pub mod program_names {
 pub mod map_sizes {
     pub const ENDPOINTS: u32 = 1024;
     pub const IPCACHE: u32 = 65536;
-    pub const POLICY: u32 = 262144;
+    /// LPM tries (policy, CIDR) take memory per entry, not per slot, so
+    /// their limits are set for a full node: 250 pods of a 10,000-pod
+    /// cluster hold about 750,000 policy and 125,000 CIDR entries
+    /// (`cargo xtask bench scale`).
+    pub const POLICY: u32 = 1 << 21;
     /// Bytes; a power of two and a multiple of the page size.
     pub const FLOWS: u32 = 1 << 20;
     pub const CT: u32 = 262144;
-    pub const CIDR: u32 = 65536;
+    pub const CIDR: u32 = 1 << 19;
     /// Endpoint addresses: a few per endpoint.
     pub const EP_ADDRS: u32 = 4096;
     /// Service frontends (ClusterIP, protocol, port).

@@ -33,6 +33,8 @@ pub const LOCAL_NODE: &str = "scale-node-0";
 pub const LOCAL_NS: &str = "scale-00";
 pub const PROBE_NS: &str = "scale-probe";
 pub const PROBER: &str = "prober";
+/// Every this many local pods one has a label of its own.
+pub const SINGLES_EVERY: usize = 25;
 pub const LABEL: &str = "portcullis-scale";
 /// Concurrent requests while filling the API server.
 const PARALLEL: usize = 32;
@@ -114,10 +116,16 @@ fn remote(n: usize) -> (Pod, Ipv4Addr) {
     (pod(&ns, &format!("pod-{n:05}"), &node, app_labels(n), n), ip)
 }
 
-/// Local pod `i` (0..250), in `LOCAL_NS`; `local-target` picks it out.
+/// Local pod `i` (0..250), in `LOCAL_NS`, as a Deployment's replicas
+/// are labelled (they share identities), and `placement: local`. Every
+/// 25th also has a label of its own (`local-target`), as a StatefulSet's
+/// pods do: the single-pod policies select those.
 pub fn local(i: usize) -> Pod {
     let mut labels = app_labels(i);
-    labels["local-target"] = json!(format!("t{i}"));
+    labels["placement"] = json!("local");
+    if i.is_multiple_of(SINGLES_EVERY) {
+        labels["local-target"] = json!(format!("t{i}"));
+    }
     pod(LOCAL_NS, &local_pod_name(i), LOCAL_NODE, labels, i)
 }
 

@@ -171,6 +171,12 @@ impl Drop for Sweeps {
     }
 }
 
+/// When the first probe to `target` sent since `t0` arrived (an arrival
+/// cannot be a fluke; a loss can, so "passing" is not asked to last).
+pub fn first_arrival(probes: &[(Sent, bool)], target: usize, t0: Instant) -> Option<Duration> {
+    probes.iter().find(|(s, ok)| *ok && s.target == target && s.at >= t0).map(|(s, _)| s.at - t0)
+}
+
 /// When `target` reached, and kept, the state `want` (arrived or not):
 /// the send time of the first probe of the final run of probes in that
 /// state, measured from `t0`. None if its last probe is not in it.

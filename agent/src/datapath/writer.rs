@@ -127,6 +127,12 @@ pub struct ApplyReport {
     pub errors: Vec<String>,
     /// Names of the endpoints among `errors`.
     pub failed: std::collections::BTreeSet<String>,
+    /// Something may allow less than before (entries, endpoints, peer
+    /// addresses or Service frontends went or changed): tracked flows are
+    /// worth checking against the policy. A pass that only added (a new
+    /// pod, a new peer) cannot have cut a flow, and walking the whole
+    /// conntrack table for it would slow every pod start.
+    pub narrowed: bool,
 }
 
 impl Datapath {
@@ -141,9 +147,11 @@ impl Datapath {
             state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
         // Addresses first, so new policy never meets an unknown peer.
         for (&(prefix, key), &identity) in &desired_ipcache {
-            if self.loaded.ipcache.get(&(prefix, key)) == Some(&identity) {
+            let was = self.loaded.ipcache.get(&(prefix, key));
+            if was == Some(&identity) {
                 continue;
             }
+            report.narrowed |= was.is_some();
             match self.maps.ipcache.insert(&Key::new(prefix, key), identity, 0) {
                 Ok(()) => {
                     self.loaded.ipcache.insert((prefix, key), identity);
@@ -184,10 +192,11 @@ impl Datapath {
                 prev.name = ep.name.clone();
             }
             if handed_over {
+                report.narrowed = true;
                 self.reset_counters(ep.id);
                 self.release_slots(ep.id);
             }
-            match self.apply_endpoint(ep, &mut stale) {
+            match self.apply_endpoint(ep, &mut stale, &mut report.narrowed) {
                 Ok(true) => report.endpoints_written += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -202,6 +211,7 @@ impl Datapath {
         for id in gone {
             self.remove_endpoint(id, &mut stale);
             report.endpoints_removed += 1;
+            report.narrowed = true;
         }
 
         // Programs that read an old generation just before its flip finish
@@ -218,11 +228,13 @@ impl Datapath {
         for k in gone {
             let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
             self.loaded.ipcache.remove(&k);
+            report.narrowed = true;
         }
         let gone: Vec<ServiceKey> = self.loaded.services.difference(&desired_services).copied().collect();
         for k in gone {
             let _ = self.maps.services.remove(&k);
             self.loaded.services.remove(&k);
+            report.narrowed = true;
         }
 
         // Links no endpoint owns (left by an earlier agent for pods that
@@ -262,8 +274,14 @@ impl Datapath {
         self.loaded.endpoints.values().map(|e| e.keys.len()).sum()
     }
 
-    /// Returns whether the endpoint's entries were (re)written.
-    fn apply_endpoint(&mut self, ep: &EndpointState, stale: &mut Vec<Stale>) -> Result<bool, WriteError> {
+    /// Returns whether the endpoint's entries were (re)written; sets
+    /// `narrowed` when they may allow less than before.
+    fn apply_endpoint(
+        &mut self,
+        ep: &EndpointState,
+        stale: &mut Vec<Stale>,
+        narrowed: &mut bool,
+    ) -> Result<bool, WriteError> {
         if ep.id == 0 {
             return Err(WriteError::Invalid {
                 endpoint: ep.name.clone(),
@@ -327,8 +345,9 @@ impl Datapath {
                 p.info.flags == flags && p.addresses == addresses && p.keys.cidr == keys.cidr
             })
         {
-            return self.update_in_place(ep, idx, keys);
+            return self.update_in_place(ep, idx, keys, narrowed);
         }
+        *narrowed |= previous.is_some();
         if previous.is_none() {
             // A new pod may get a recycled id: its counters start at zero.
             self.reset_counters(ep.id);
@@ -416,6 +435,7 @@ impl Datapath {
         ep: &EndpointState,
         idx: u32,
         keys: EndpointKeys,
+        narrowed: &mut bool,
     ) -> Result<bool, WriteError> {
         let Some(loaded) = self.loaded.endpoints.get(&ep.id) else { return Ok(false) };
         let (id, generation, info) = (ep.id, loaded.info.generation, loaded.info);
@@ -429,6 +449,8 @@ impl Datapath {
             .collect();
         let removed: Vec<(u32, PolicyKey)> =
             loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
+        // A changed value moves a flow to another rule: not less allowed.
+        *narrowed |= !removed.is_empty();
         for ((prefix, k), value) in &added {
             if let Err(source) = self.maps.policy.insert(&key(*prefix, k), value, 0) {
                 let failed =
@@ -442,6 +464,7 @@ impl Datapath {
                     l.info = failed;
                     l.applied = None;
                 }
+                *narrowed = true;
                 return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "policy", source });
             }
         }

@@ -326,18 +326,27 @@ fn rule_l4(rule: &RulePlan, direction: Direction, pod: &Pod) -> Vec<(Option<Prot
 }
 
 /// DESIGN §2: every cidr and except is a prefix; each prefix allows the union
-/// of what the peers containing it (and not excepting it) allow.
+/// of what the peers containing it (and not excepting it) allow. The peers
+/// containing a prefix are found among its ancestors (at most 33 or 129
+/// lookups), not by testing every peer: an egress named-port rule to pods
+/// all over the cluster makes hundreds of /32 peers, and testing each
+/// against each made a compile quadratic in them.
 fn prefix_union(peers: &[(IpNet, Vec<IpNet>, Vec<AllowEntry>)]) -> Vec<PrefixEntry> {
     let bounds: BTreeSet<IpNet> =
         peers.iter().flat_map(|(c, ex, _)| std::iter::once(*c).chain(ex.iter().copied())).collect();
+    let mut by_cidr: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (i, (cidr, _, _)) in peers.iter().enumerate() {
+        by_cidr.entry(cidr.trunc()).or_default().push(i);
+    }
     bounds
         .into_iter()
         .map(|prefix| {
-            let mut allow: Vec<AllowEntry> = peers
-                .iter()
-                .filter(|(cidr, except, _)| {
-                    cidr.contains(&prefix) && !except.iter().any(|e| e.contains(&prefix))
-                })
+            let mut allow: Vec<AllowEntry> = (0..=prefix.prefix_len())
+                .filter_map(|len| IpNet::new(prefix.addr(), len).ok())
+                .filter_map(|ancestor| by_cidr.get(&ancestor.trunc()))
+                .flatten()
+                .map(|&i| &peers[i])
+                .filter(|(_, except, _)| !except.iter().any(|e| e.contains(&prefix)))
                 .flat_map(|(_, _, a)| a.iter().cloned())
                 .collect();
             allow.sort();
