@@ -260,6 +260,16 @@ fn main() {
     let relabel = incremental(&mut |f| Change::UpsertPod(pod(3, 1, Some(if f { "app3" } else { "app1" }))));
     let new_identity =
         incremental(&mut |f| Change::UpsertPod(pod(3, 1, Some(if f { "fresh" } else { "app1" }))));
+    // A local pod's address arrives (its CNI ADD): it becomes an endpoint,
+    // compiled with every peer its rules reach; then it loses it again.
+    let pod_start = incremental(&mut |f| {
+        let mut p = pod(3, 20, None);
+        assert_eq!(p.node.as_deref(), Some(LOCAL), "pod 320 is local");
+        if !f {
+            p.ips.clear();
+        }
+        Change::UpsertPod(p)
+    });
     let policy = incremental(&mut |f| {
         let mut p = policies(7, usize::from(f))[1].clone();
         p.name = "app0-from-app1".into();
@@ -283,6 +293,7 @@ fn main() {
     row("full compile (ingest + 250 endpoints)", &full, &ingest, "ingest");
     row("pod relabel (between existing identities)", &relabel, &full, "full");
     row("pod relabel to a new identity", &new_identity, &full, "full");
+    row("local pod gets its address (becomes an endpoint)", &pod_start, &full, "full");
     row("policy change", &policy, &full, "full");
     row("namespace relabel (100 pods)", &ns_relabel, &full, "full");
     println!(

@@ -3,9 +3,9 @@
 //! endpoint's policy thousands of times, every version allowing that flow
 //! through different entries. Not one packet may be dropped. Both ways the
 //! writer changes an endpoint are driven: entries updated in place in the
-//! live generation (only policy entries differ), and a whole new
-//! generation flipped in (the CIDR prefixes differ too). Needs root,
-//! network namespaces and BPF.
+//! live generation (policy entries differ, or CIDR prefixes too), and a
+//! whole new generation flipped in (the endpoint's flags differ). Needs
+//! root, network namespaces and BPF.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -32,8 +32,10 @@ const REWRITES: u64 = 2000;
 enum Change {
     /// Policy entries only: updated in place.
     Entries,
-    /// A CIDR prefix too: a new generation each time.
+    /// A CIDR prefix too: in place as well.
     Prefixes,
+    /// Egress isolation too: a new generation each time.
+    Flags,
 }
 
 fn state(bed: &Bed, revision: u64, change: Change) -> CompiledState {
@@ -56,7 +58,7 @@ fn state(bed: &Bed, revision: u64, change: Change) -> CompiledState {
         v
     };
     let prefixes = match change {
-        Change::Entries => vec![],
+        Change::Entries | Change::Flags => vec![],
         Change::Prefixes => vec![PrefixEntry {
             cidr: format!("198.18.{}.0/24", revision % 2).parse().expect("cidr"),
             allow: vec![udp(0, 53, 53, 5)],
@@ -73,7 +75,12 @@ fn state(bed: &Bed, revision: u64, change: Change) -> CompiledState {
             identity: 1001,
             addresses: vec![IpAddr::from(receiver.ipv4)],
             ingress: DirectionPolicy { isolated: true, allow, prefixes },
-            egress: DirectionPolicy::default(),
+            // Isolated egress that lets everything out: only the flag differs.
+            egress: DirectionPolicy {
+                isolated: matches!(change, Change::Flags) && revision.is_multiple_of(2),
+                allow: vec![AllowEntry { peer: 0, protocol: None, ports: None, rule: 6 }],
+                prefixes: vec![],
+            },
         }],
         services: vec![],
     }
@@ -85,8 +92,13 @@ fn updating_entries_in_place_thousands_of_times_drops_no_packet_it_allows() {
 }
 
 #[test]
-fn flipping_generations_thousands_of_times_drops_no_packet_it_allows() {
+fn updating_prefixes_in_place_thousands_of_times_drops_no_packet_it_allows() {
     rewrite_under_traffic(Change::Prefixes);
+}
+
+#[test]
+fn flipping_generations_thousands_of_times_drops_no_packet_it_allows() {
+    rewrite_under_traffic(Change::Flags);
 }
 
 fn rewrite_under_traffic(change: Change) {

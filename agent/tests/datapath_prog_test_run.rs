@@ -523,11 +523,18 @@ fn revoking_a_rule_cuts_its_tracked_flows() {
         let out = Frame { src_port: 46000, ..Frame::tcp(backend, ip("192.0.2.1"), 443) };
         assert_eq!(verdict(dp, Hook::FromContainer, &out), TC_PASS);
 
+        // A rule added (in place) allows more: no flow to check.
+        let mut more = default_rules();
+        more.push(allow(ADMIN, Some(Protocol::Udp), Some((5000, 5000)), 5));
+        let report = dp.apply(&backend_state(more));
+        assert_eq!((report.endpoints_written, report.narrowed), (1, false), "{report:?}");
+
         // Frontend loses TCP/80; admin keeps its range.
         let mut rules = default_rules();
         rules.retain(|r| r.peer != FRONTEND);
         let report = dp.apply(&backend_state(rules));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(report.narrowed, "entries went: tracked flows are to be checked");
         assert_eq!(dp.revoke_flows(), 1, "exactly the frontend flow");
         assert_eq!(ingress(dp, flow), TC_ACT_SHOT, "the tracked flow is cut");
         assert_eq!(ingress(dp, other), TC_PASS, "still allowed");

@@ -552,10 +552,7 @@ fn policy_cycles(
     let mut out = Cycles::default();
     for k in 0..cycles {
         let (targets, selector) = if all {
-            (
-                (0..LOCAL_PODS).collect::<Vec<_>>(),
-                json!({"matchLabels": {"placement": "local"}}),
-            )
+            ((0..LOCAL_PODS).collect::<Vec<_>>(), json!({"matchLabels": {"placement": "local"}}))
         } else {
             let i = k % (LOCAL_PODS / objects::SINGLES_EVERY) * objects::SINGLES_EVERY;
             (vec![i], json!({"matchLabels": {"local-target": format!("t{i}")}}))
@@ -600,7 +597,10 @@ fn policy_cycles(
         };
         out.allow.push(last(&|i| probes::first_arrival(&before, i, t0), "passed")?);
         out.forbid.push(last(&|i| probes::settled(&after, i, false, t1), "stayed dropped")?);
-        eprintln!("scale: {name}: allowed after {:.1} ms, forbidden after {:.1} ms", out.allow[k], out.forbid[k]);
+        eprintln!(
+            "scale: {name}: allowed after {:.1} ms, forbidden after {:.1} ms",
+            out.allow[k], out.forbid[k]
+        );
         let seen = seen.lock().expect("seen lock");
         if let (Some(a), Some(f)) = (seen.get(&(name.clone(), true)), seen.get(&(name.clone(), false))) {
             out.watch_allow.push(ms(*a - t0));

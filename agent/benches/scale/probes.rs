@@ -114,6 +114,9 @@ pub struct Sweeps {
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// The last source port used per target, across sweeps.
+static LAST_PORT: Mutex<std::collections::BTreeMap<Ipv4Addr, u16>> =
+    Mutex::new(std::collections::BTreeMap::new());
 
 impl Sweeps {
     /// Sweeps `targets` × `ports` from `prober`, waiting `pause` between
@@ -123,6 +126,13 @@ impl Sweeps {
         let stop = Arc::new(AtomicBool::new(false));
         let (log, halt) = (sent.clone(), stop.clone());
         let thread = prober.spawn(move || {
+            // Source ports in turn per target, not the kernel's random pick:
+            // a port used again soon after for the same target would be a
+            // flow conntrack already knows, not a new one.
+            let mut next_port: Vec<u16> = {
+                let last = LAST_PORT.lock().expect("port lock");
+                targets.iter().map(|ip| last.get(ip).copied().unwrap_or(0)).collect()
+            };
             while !halt.load(Ordering::Relaxed) {
                 let mut batch = Vec::with_capacity(targets.len() * ports.len());
                 for (target, ip) in targets.iter().enumerate() {
@@ -130,7 +140,10 @@ impl Sweeps {
                         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                         let at = Instant::now();
                         // A new socket per probe: a new source port, a new flow.
-                        if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
+                        let n = &mut next_port[target];
+                        *n = (*n + 1) % 50000;
+                        let source = 10000 + *n;
+                        if let Ok(s) = UdpSocket::bind(("0.0.0.0", source)) {
                             let _ = s.send_to(&id.to_le_bytes(), SocketAddr::from((*ip, port)));
                         }
                         batch.push(Sent { id, target, port, at });
@@ -140,6 +153,10 @@ impl Sweeps {
                 if !pause.is_zero() {
                     std::thread::sleep(pause);
                 }
+            }
+            let mut last = LAST_PORT.lock().expect("port lock");
+            for (ip, n) in targets.iter().zip(next_port) {
+                last.insert(*ip, n);
             }
         })?;
         Ok(Sweeps { sent, stop, thread: Some(thread) })

@@ -25,6 +25,48 @@ pub struct EndpointKeys {
 }
 
 impl EndpointKeys {
+    /// Gives each prefix the class it has in `previous` (a fresh one, above
+    /// all of `previous`' classes, when it is new), so that a prefix coming
+    /// or going leaves the other prefixes' entries as they are and the
+    /// writer can update the live generation in place. Classes are only
+    /// names: any numbering that is unique per direction means the same.
+    pub fn keep_classes_of(&mut self, previous: &EndpointKeys) {
+        let old: BTreeMap<(u32, CidrKey), u32> = previous.cidr.clone();
+        let mut next: BTreeMap<u8, u32> = BTreeMap::new();
+        for ((_, key), class) in &previous.cidr {
+            let n = next.entry(key.direction).or_insert(CLASS_BASE);
+            *n = (*n).max(class.saturating_add(1));
+        }
+        let mut rename: BTreeMap<(u8, u32), u32> = BTreeMap::new();
+        for (key, class) in self.cidr.iter_mut() {
+            let to = match old.get(key) {
+                Some(kept) => *kept,
+                None => {
+                    let n = next.entry(key.1.direction).or_insert(CLASS_BASE);
+                    let fresh = *n;
+                    *n = n.saturating_add(1);
+                    fresh
+                }
+            };
+            rename.insert((key.1.direction, *class), to);
+            *class = to;
+        }
+        if rename.iter().all(|((_, from), to)| from == to) {
+            return;
+        }
+        self.policy = std::mem::take(&mut self.policy)
+            .into_iter()
+            .map(|((bits, mut key), value)| {
+                if key.identity >= CLASS_BASE
+                    && let Some(to) = rename.get(&(key.direction, key.identity))
+                {
+                    key.identity = *to;
+                }
+                ((bits, key), value)
+            })
+            .collect();
+    }
+
     pub fn len(&self) -> usize {
         self.policy.len() + self.cidr.len()
     }
@@ -196,4 +238,86 @@ pub fn lookup(keys: &EndpointKeys, ep: u16, probe: Probe) -> Option<u32> {
     let (bits, ck) = cidr_key(ep, probe.direction, &IpNet::from(probe.remote_ip));
     let class = lpm(&keys.cidr, &ck, bits, cidr_bytes)?;
     find(*class).map(|v| v.rule_cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compiled::{PortRange, PrefixEntry, Protocol};
+
+    fn endpoint(prefixes: &[&str]) -> EndpointState {
+        let allow = |port| AllowEntry {
+            peer: 0,
+            protocol: Some(Protocol::Tcp),
+            ports: Some(PortRange { start: port, end: port }),
+            rule: 1,
+        };
+        EndpointState {
+            id: 1,
+            name: "default/a".into(),
+            interface: "lo".into(),
+            identity: 9,
+            addresses: vec![],
+            ingress: DirectionPolicy::default(),
+            egress: DirectionPolicy {
+                isolated: true,
+                allow: vec![],
+                prefixes: prefixes
+                    .iter()
+                    .enumerate()
+                    .map(|(n, c)| PrefixEntry {
+                        cidr: c.parse().expect("cidr"),
+                        allow: vec![allow(80 + n as u16)],
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// prefix -> the ports its class allows.
+    fn by_prefix(k: &EndpointKeys) -> BTreeMap<String, Vec<u16>> {
+        k.cidr
+            .iter()
+            .map(|((bits, key), class)| {
+                let ip = ip_from(key.family, &key.addr).expect("address");
+                let ports = k
+                    .policy
+                    .keys()
+                    .filter(|(_, p)| p.identity == *class)
+                    .map(|(_, p)| u16::from_be_bytes(p.port))
+                    .collect();
+                (format!("{ip}/{}", bits - CidrKey::HEADER_BITS), ports)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_prefix_leaves_the_classes_of_the_others_alone() {
+        let before = endpoint_keys(&endpoint(&["10.0.0.0/8", "10.2.0.0/16"])).expect("keys");
+        let plain = endpoint_keys(&endpoint(&["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"])).expect("keys");
+        let mut kept = plain.clone();
+        kept.keep_classes_of(&before);
+        // The same meaning under other names.
+        assert_eq!(by_prefix(&kept), by_prefix(&plain));
+        // 10.2/16 was the second prefix and is now the third: it keeps
+        // its class all the same, and the new one gets a fresh class.
+        let class_of = |k: &EndpointKeys, p: &str| {
+            k.cidr
+                .iter()
+                .find(|((_, key), _)| ip_from(key.family, &key.addr) == Some(p.parse().expect("ip")))
+                .map(|(_, c)| *c)
+        };
+        assert_eq!(class_of(&kept, "10.2.0.0"), class_of(&before, "10.2.0.0"));
+        assert_eq!(class_of(&kept, "10.0.0.0"), class_of(&before, "10.0.0.0"));
+        assert_eq!(class_of(&kept, "10.1.0.0"), Some(CLASS_BASE + 2));
+        // Only the new prefix and its entry differ from before.
+        let new_cidr = kept.cidr.iter().filter(|(k, c)| before.cidr.get(k) != Some(c)).count();
+        let new_policy = kept.policy.keys().filter(|k| !before.policy.contains_key(k)).count();
+        let gone = before.policy.keys().filter(|k| !kept.policy.contains_key(k)).count();
+        assert_eq!(
+            (new_cidr, new_policy, gone),
+            (1, 2, 1),
+            "the port entries of 10.2/16 moved from 81 to 82"
+        );
+    }
 }

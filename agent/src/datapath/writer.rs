@@ -299,8 +299,7 @@ impl Datapath {
         {
             return Ok(false);
         }
-        let mut keys =
-            endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
+        let mut keys = self.compiled_keys(ep)?;
         for ((_, key), value) in keys.policy.iter_mut() {
             value.stats_slot = self.slot_for(ep.id, key.direction, value.rule_cookie);
         }
@@ -337,14 +336,10 @@ impl Datapath {
             }
             return Ok(false);
         }
-        // Only policy entries differ (a peer identity came or went, the
-        // usual change): update the live generation in place instead of
-        // writing a whole new one.
-        if attached
-            && previous.is_some_and(|p| {
-                p.info.flags == flags && p.addresses == addresses && p.keys.cidr == keys.cidr
-            })
-        {
+        // Only entries differ (a peer, or a peer's prefix, came or went:
+        // the usual change): update the live generation in place instead
+        // of writing a whole new one.
+        if attached && previous.is_some_and(|p| p.info.flags == flags && p.addresses == addresses) {
             return self.update_in_place(ep, idx, keys, narrowed);
         }
         *narrowed |= previous.is_some();
@@ -422,14 +417,28 @@ impl Datapath {
         Ok(true)
     }
 
-    /// Moves the live generation of an attached endpoint's policy entries
-    /// to `keys` (its CIDR classes, flags and addresses unchanged). New
-    /// and changed entries go first, then the ones no longer wanted: while
-    /// it runs, what passes is what the old or the new policy allows (as
-    /// with a generation flip, which keeps the old entries until the
-    /// flip), and an entry moving between an exact port and a wildcard
-    /// never leaves a moment in which neither is there. A full map makes
-    /// the endpoint fail closed, as a failed generation write does.
+    /// The entries `ep` compiles to, with the prefix classes its loaded
+    /// entries use (`EndpointKeys::keep_classes_of`).
+    pub fn compiled_keys(&self, ep: &EndpointState) -> Result<EndpointKeys, WriteError> {
+        let mut keys =
+            endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
+        if let Some(previous) = self.loaded.endpoints.get(&ep.id) {
+            keys.keep_classes_of(&previous.keys);
+        }
+        Ok(keys)
+    }
+
+    /// Moves the live generation of an attached endpoint's entries to
+    /// `keys` (its flags and addresses unchanged), in an order in which
+    /// every moment allows, for each peer, what the old or the new policy
+    /// allows (as a generation flip, which keeps the old entries until the
+    /// flip): policy entries of new and changed classes and peers first,
+    /// then new prefixes (their classes' entries are there), then prefixes
+    /// that went (their addresses fall back to a broader prefix, already
+    /// updated), then the policy entries no longer wanted. An entry moving
+    /// between an exact port and a wildcard never leaves a moment in which
+    /// neither is there. A full map makes the endpoint fail closed, as a
+    /// failed generation write does.
     fn update_in_place(
         &mut self,
         ep: &EndpointState,
@@ -449,10 +458,31 @@ impl Datapath {
             .collect();
         let removed: Vec<(u32, PolicyKey)> =
             loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
+        let cidr_key =
+            |prefix: u32, k: &CidrKey| Key::new(prefix, CidrKey { endpoint_id: id, generation, ..*k });
+        let cidr_added: Vec<((u32, CidrKey), u32)> = keys
+            .cidr
+            .iter()
+            .filter(|(k, c)| loaded.keys.cidr.get(k) != Some(c))
+            .map(|(k, c)| (*k, *c))
+            .collect();
+        let cidr_removed: Vec<(u32, CidrKey)> =
+            loaded.keys.cidr.keys().filter(|k| !keys.cidr.contains_key(k)).copied().collect();
         // A changed value moves a flow to another rule: not less allowed.
-        *narrowed |= !removed.is_empty();
-        for ((prefix, k), value) in &added {
-            if let Err(source) = self.maps.policy.insert(&key(*prefix, k), value, 0) {
+        // A new prefix may carve a hole into a broader one.
+        *narrowed |= !removed.is_empty() || !cidr_added.is_empty() || !cidr_removed.is_empty();
+        let written = added
+            .iter()
+            .try_for_each(|((prefix, k), value)| {
+                self.maps.policy.insert(&key(*prefix, k), value, 0).map_err(|e| ("policy", e))
+            })
+            .and_then(|()| {
+                cidr_added.iter().try_for_each(|((prefix, k), class)| {
+                    self.maps.cidr.insert(&cidr_key(*prefix, k), class, 0).map_err(|e| ("cidr", e))
+                })
+            });
+        {
+            if let Err((map, source)) = written {
                 let failed =
                     EndpointInfo { flags: (info.flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW, ..info };
                 let _ = self.maps.endpoints.insert(idx, failed, 0);
@@ -465,8 +495,11 @@ impl Datapath {
                     l.applied = None;
                 }
                 *narrowed = true;
-                return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "policy", source });
+                return Err(WriteError::Overflow { endpoint: ep.name.clone(), map, source });
             }
+        }
+        for (prefix, k) in &cidr_removed {
+            let _ = self.maps.cidr.remove(&cidr_key(*prefix, k));
         }
         for (prefix, k) in &removed {
             let _ = self.maps.policy.remove(&key(*prefix, k));

@@ -102,7 +102,7 @@ pub fn endpoint(view: &View<'_>, which: &str) -> Result<EndpointDetail, Failure>
                     disagreements.push(format!("{name} isolation: compiled {want}, in the kernel {}", !want));
                 }
             }
-            match keys::endpoint_keys(ep) {
+            match view.dp.compiled_keys(ep) {
                 Ok(want) if !k.overflowed() => {
                     let missing = want.policy.keys().filter(|key| !k.keys.policy.contains_key(key)).count()
                         + want.cidr.keys().filter(|key| !k.keys.cidr.contains_key(key)).count();
