@@ -9,10 +9,46 @@
 //! Sweeping: the programs ignore an expired entry; the sweep deletes it, so
 //! the table holds live flows and the LRU evicts only those under pressure.
 
+use std::collections::HashMap;
+
 use portcullis_common::{
     AF_INET, CtKey, CtValue, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW, IpKey,
     ct_flags, identity,
 };
+
+/// What decides whether a tracked flow is still allowed: its endpoint and
+/// direction, and the peer and port its first packet was judged on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Question {
+    endpoint: u16,
+    direction: u8,
+    service: bool,
+    family: u8,
+    protocol: u8,
+    remote: [u8; 16],
+    port: u16,
+}
+
+impl Question {
+    fn of(entry: &CtEntry) -> Question {
+        let (k, v) = (&entry.key, &entry.value);
+        let service = v.flags & ct_flags::SERVICE != 0;
+        let (remote, port) = match (v.origin == DIR_INGRESS, service) {
+            (true, _) => (k.remote_addr, k.local_port),
+            (false, true) => (v.nat_addr, v.nat_port),
+            (false, false) => (k.remote_addr, k.remote_port),
+        };
+        Question {
+            endpoint: k.endpoint_id,
+            direction: v.origin,
+            service,
+            family: k.family,
+            protocol: k.protocol,
+            remote,
+            port,
+        }
+    }
+}
 
 /// A conntrack entry as the map holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,10 +105,35 @@ impl Datapath {
 
     /// Deletes the conntrack entries the loaded policy no longer allows;
     /// returns how many.
+    ///
+    /// A full table holds hundreds of thousands of flows but far fewer
+    /// distinct questions (endpoint, direction, peer, protocol, port):
+    /// each is answered once per call, and a peer's identity comes from a
+    /// hash of the host entries before the prefix walk.
     pub fn revoke_flows(&mut self) -> usize {
+        let hosts: HashMap<(u8, [u8; 16]), u32> = self
+            .loaded
+            .ipcache
+            .iter()
+            .filter(|((prefix, key), _)| {
+                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
+                len == if key.family == AF_INET { 32 } else { 128 }
+            })
+            .map(|((_, key), id)| ((key.family, key.addr), *id))
+            .collect();
+        let mut answers: HashMap<Question, bool> = HashMap::new();
         let mut revoked = 0;
         for entry in self.conntrack_entries() {
-            if !self.flow_allowed(&entry) && self.maps.conntrack.remove(&entry.key).is_ok() {
+            let question = Question::of(&entry);
+            let allowed = match answers.get(&question) {
+                Some(a) => *a,
+                None => {
+                    let a = self.flow_allowed(&entry, &hosts);
+                    answers.insert(question, a);
+                    a
+                }
+            };
+            if !allowed && self.maps.conntrack.remove(&entry.key).is_ok() {
                 revoked += 1;
             }
         }
@@ -103,7 +164,7 @@ impl Datapath {
         self.maps.conntrack.insert(entry.key, entry.value, 0)
     }
 
-    fn flow_allowed(&self, entry: &CtEntry) -> bool {
+    fn flow_allowed(&self, entry: &CtEntry, hosts: &HashMap<(u8, [u8; 16]), u32>) -> bool {
         let key = &entry.key;
         let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
         if ep.info.flags & EP_POLICY_OVERFLOW != 0 {
@@ -127,7 +188,10 @@ impl Datapath {
             (false, true) => (&entry.value.nat_addr, entry.value.nat_port),
             (false, false) => (&key.remote_addr, key.remote_port),
         };
-        let remote_identity = self.identity_of(key.family, remote);
+        let remote_identity = hosts
+            .get(&(key.family, *remote))
+            .copied()
+            .unwrap_or_else(|| self.identity_of(key.family, remote));
         if direction == DIR_INGRESS && remote_identity == identity::HOST {
             return true;
         }

@@ -97,6 +97,36 @@ pub(super) struct LoadedEndpoint {
     applied: Option<EndpointState>,
 }
 
+/// Whether the prefix `new` (in `keys`) allows less than the broader prefix
+/// its addresses matched before it came (the longest one of `keys`
+/// containing it): an `except` hole, or fewer ports. A new pod's own /32
+/// under a named-port rule allows what the rules around it allow and more.
+fn carves_a_hole(keys: &EndpointKeys, new: &(u32, CidrKey)) -> bool {
+    let (bits, key) = new;
+    let net = |bits: u32, k: &CidrKey| {
+        super::keys::ip_from(k.family, &k.addr)
+            .and_then(|ip| IpNet::new(ip, (bits - CidrKey::HEADER_BITS) as u8).ok())
+    };
+    let Some(inner) = net(*bits, key) else { return true };
+    let broader = keys
+        .cidr
+        .iter()
+        .filter(|((b, k), _)| b < bits && k.direction == key.direction && k.family == key.family)
+        .filter(|((b, k), _)| net(*b, k).is_some_and(|outer| outer.contains(&inner)))
+        .max_by_key(|((b, _), _)| *b);
+    let Some((_, outer_class)) = broader else { return false };
+    let Some(inner_class) = keys.cidr.get(new) else { return true };
+    // What a class allows: its entries' protocol and port prefix.
+    let allows = |class: u32| -> BTreeSet<(u32, u8, [u8; 2])> {
+        keys.policy
+            .keys()
+            .filter(|(_, k)| k.direction == key.direction && k.identity == class)
+            .map(|(b, k)| (*b, k.protocol, k.port))
+            .collect()
+    };
+    !allows(*inner_class).is_superset(&allows(*outer_class))
+}
+
 /// One generation of one endpoint's entries, to delete.
 struct Stale {
     endpoint: u16,
@@ -469,8 +499,9 @@ impl Datapath {
         let cidr_removed: Vec<(u32, CidrKey)> =
             loaded.keys.cidr.keys().filter(|k| !keys.cidr.contains_key(k)).copied().collect();
         // A changed value moves a flow to another rule: not less allowed.
-        // A new prefix may carve a hole into a broader one.
-        *narrowed |= !removed.is_empty() || !cidr_added.is_empty() || !cidr_removed.is_empty();
+        *narrowed |= !removed.is_empty()
+            || !cidr_removed.is_empty()
+            || cidr_added.iter().any(|(key, _)| carves_a_hole(&keys, key));
         let written = added
             .iter()
             .try_for_each(|((prefix, k), value)| {
