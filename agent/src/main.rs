@@ -613,30 +613,18 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut last_failed: std::collections::BTreeSet<String> = Default::default();
     let mut telemetry = inspect::Telemetry::default();
     let mut metrics_cache: Option<(std::time::Instant, portcullis_agent::metrics::Metrics)> = None;
+    // Requests handled since the last pass: queued ones go first (a burst
+    // of CNI ADDs then shares one pass), up to this many.
+    const REQUESTS_PER_PASS: usize = 256;
+    let mut requests = 0usize;
     loop {
         let mut on_tick = false;
         tokio::select! {
-            _ = tick.tick() => on_tick = true,
-            _ = wake.notified(), if soon.is_none() => {
-                soon = Some(tokio::time::Instant::now() + GATHER);
-                continue;
-            }
-            _ = tokio::time::sleep_until(soon.unwrap_or_else(tokio::time::Instant::now)), if soon.is_some() => {}
-            _ = sweep.tick() => {
-                let sweep = dp.sweep_conntrack(monotonic_ns());
-                telemetry.conntrack_live = Some(sweep.live as u64);
-                tracing::debug!(removed = sweep.removed, live = sweep.live, "swept conntrack");
-                if sweep.nearly_full() {
-                    tracing::warn!(
-                        live = sweep.live,
-                        capacity = sweep.capacity,
-                        "conntrack table nearly full: the oldest flows are evicted and meet the policy again \
-                         (raise --map-size conntrack=N)"
-                    );
-                }
-                continue;
-            }
-            Some(request) = api_rx.recv() => {
+            biased;
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            Some(request) = api_rx.recv(), if requests < REQUESTS_PER_PASS => {
+                requests += 1;
                 match request {
                     api::Request::CniAdd(add, reply) => {
                         let pod = PodKey { namespace: add.namespace.clone(), name: add.name.clone() };
@@ -712,10 +700,29 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 }
                 continue;
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = tokio::time::sleep_until(soon.unwrap_or_else(tokio::time::Instant::now)), if soon.is_some() => {}
+            _ = wake.notified(), if soon.is_none() => {
+                soon = Some(tokio::time::Instant::now() + GATHER);
+                continue;
+            }
+            _ = tick.tick() => on_tick = true,
+            _ = sweep.tick() => {
+                let sweep = dp.sweep_conntrack(monotonic_ns());
+                telemetry.conntrack_live = Some(sweep.live as u64);
+                tracing::debug!(removed = sweep.removed, live = sweep.live, "swept conntrack");
+                if sweep.nearly_full() {
+                    tracing::warn!(
+                        live = sweep.live,
+                        capacity = sweep.capacity,
+                        "conntrack table nearly full: the oldest flows are evicted and meet the policy again \
+                         (raise --map-size conntrack=N)"
+                    );
+                }
+                continue;
+            }
         }
         soon = None;
+        requests = 0;
         if on_tick {
             ticks += 1;
         }

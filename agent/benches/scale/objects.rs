@@ -269,7 +269,12 @@ pub async fn create(client: &Client) -> Result<Created> {
     for n in 0..NODES {
         let node: Node =
             from_json(json!({"metadata": {"name": format!("scale-node-{n}"), "labels": {LABEL: "1"}}}));
-        nodes.create(&PostParams::default(), &node).await.context("creating a node")?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => {} // an earlier run's
+            other => {
+                other.context("creating a node")?;
+            }
+        }
     }
     let mut all_ns: Vec<Namespace> = (0..NAMESPACES).map(|n| namespace(&namespace_name(n), n)).collect();
     all_ns.push(namespace(PROBE_NS, NAMESPACES));
