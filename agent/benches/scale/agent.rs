@@ -95,12 +95,26 @@ impl Agent {
         usage(self.pid())
     }
 
-    /// A Prometheus sample's value: `name{labels}` as printed.
+    /// A Prometheus sample's value: `name{labels}` as printed, or a bare
+    /// name for the sum over all its label sets.
     pub fn metric(&self, series: &str) -> Result<f64> {
         let (_, body) = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .with_context(|| format!("no metric {series}"))
+        let values: Vec<f64> = body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(series)?;
+                let rest = match rest.strip_prefix('{') {
+                    Some(labelled) if !series.contains('{') => labelled.split_once('}')?.1,
+                    Some(_) => return None,
+                    None => rest,
+                };
+                rest.trim().parse().ok()
+            })
+            .collect();
+        if values.is_empty() {
+            bail!("no metric {series}");
+        }
+        Ok(values.iter().sum())
     }
 }
 
