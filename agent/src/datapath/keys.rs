@@ -31,7 +31,7 @@ impl EndpointKeys {
     /// writer can update the live generation in place. Classes are only
     /// names: any numbering that is unique per direction means the same.
     pub fn keep_classes_of(&mut self, previous: &EndpointKeys) {
-        let old: BTreeMap<(u32, CidrKey), u32> = previous.cidr.clone();
+        let old = &previous.cidr;
         let mut next: BTreeMap<u8, u32> = BTreeMap::new();
         for ((_, key), class) in &previous.cidr {
             let n = next.entry(key.direction).or_insert(CLASS_BASE);
