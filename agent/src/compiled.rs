@@ -49,7 +49,7 @@ pub struct IpcacheEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointState {
-    /// Node-local endpoint id (1..=65535).
+    /// Node-local endpoint id (1..32768; the ids above name policy sets).
     pub id: u16,
     /// `namespace/pod`.
     pub name: String,
@@ -65,7 +65,7 @@ pub struct EndpointState {
     pub egress: DirectionPolicy,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectionPolicy {
     /// Some policy of this direction selects the endpoint: only what `allow`
@@ -81,7 +81,7 @@ pub struct DirectionPolicy {
     pub prefixes: Vec<PrefixEntry>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrefixEntry {
     pub cidr: IpNet,
@@ -91,7 +91,7 @@ pub struct PrefixEntry {
     pub allow: Vec<AllowEntry>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
     /// Remote identity; 0 = any peer.

@@ -603,6 +603,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut sweep = tokio::time::interval(ct_sweep_interval);
     let mut ticks: u64 = 0;
+    let mut trim_due = false;
+    // Addresses CNI ADDs gave pods, fed to the engine together at the pass.
+    let mut hint_changes: Vec<portcullis_agent::policy::Change> = Vec::new();
     // Watch events and CNI ADDs are acted on at once, not at the next tick:
     // a pass runs this long after the first of a burst, so that the rest
     // of the burst (a relist, many pods starting together) goes with it.
@@ -632,7 +635,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                         let hint = Hint { container_id: add.container_id, interface: add.interface.clone(), ips: add.ips };
                         match source.engine_mut() {
                             Some(engine) => {
-                                hints.insert(pod.clone(), hint, engine);
+                                hint_changes.extend(hints.insert(pod.clone(), hint, engine));
                                 pending.push(PendingAdd { pod, interface: add.interface, reply });
                                 cni_dirty = true;
                                 soon.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
@@ -744,21 +747,36 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 Err(e) => tracing::error!(error = %e, "the CNI plugin is not chained and chaining it failed"),
             }
         }
+        // What a relist or a burst of changes allocated and freed stays in
+        // the allocator's free lists (tens of MiB after listing a 10,000-pod
+        // cluster): hand it back to the kernel, at most every 10 s.
+        if on_tick && ticks.is_multiple_of(100) && std::mem::take(&mut trim_due) {
+            release_free_memory();
+        }
         pending.retain(|p| !p.reply.is_closed());
+        if !hint_changes.is_empty()
+            && let Some(engine) = source.engine_mut()
+        {
+            engine.apply(std::mem::take(&mut hint_changes));
+        }
         let reconcile = each_second || std::mem::take(&mut cni_dirty);
         let compile_started = std::time::Instant::now();
-        let (state, news) = match source.poll(reconcile, &mut hints) {
+        let polled = source.poll(reconcile, &mut hints);
+        let rebuilt = polled.is_some();
+        let (state, news) = match polled {
             Some((state, news)) => (state, news),
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
-            None if each_second => match &good {
-                Some(state) => (state.clone(), false),
+            // (Taken, not cloned: it is put back at the end of this pass.)
+            None if each_second => match good.take() {
+                Some(state) => (state, false),
                 None => continue,
             },
             None => continue,
         };
         if news {
             telemetry.compile.observe(compile_started.elapsed().as_secs_f64());
+            trim_due = true;
         }
         let write_started = std::time::Instant::now();
         let report = dp.apply(&state);
@@ -779,8 +797,12 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             }
             last_errors = report.errors.clone();
         }
-        let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
-        names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));
+        // The names follow the state (the once-a-second re-check of the
+        // last one changes none).
+        if rebuilt {
+            let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
+            names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));
+        }
         // CNI ADDs whose endpoint is now in the maps, on its interface.
         let enforced = |p: &PendingAdd| {
             let name = p.pod.to_string();
@@ -844,6 +866,16 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         );
     }
     Ok(())
+}
+
+/// Returns the allocator's free memory to the kernel (glibc keeps freed
+/// chunks for reuse, so the resident size would stay at its peak).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// What the operator tools see of the main loop's state.

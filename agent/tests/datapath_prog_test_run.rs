@@ -324,6 +324,73 @@ fn a_new_state_replaces_the_old_one_whole() {
     });
 }
 
+/// Endpoints with the same policy (a Deployment's replicas) share one
+/// policy set: its entries are written once, a new replica adds none, and
+/// a replica whose policy alone changes moves to a set of its own (and
+/// back) while the others keep theirs.
+#[test]
+fn endpoints_with_the_same_policy_share_one_policy_set() {
+    with_datapath(backend_state(default_rules()), |dp, _| {
+        let status = std::process::Command::new("ip")
+            .args(["link", "add", "pcrep1", "type", "veth", "peer", "name", "pcrep1p"])
+            .status()
+            .expect("ip link add");
+        assert!(status.success());
+        let one = dp.loaded_entries();
+        let (set, n) = dp.policy_set_of(1).expect("endpoint 1 has a set");
+        assert_eq!(n, 1);
+        let with_replica = |rules: Vec<AllowEntry>, revision: u64| {
+            let mut state = backend_state(default_rules());
+            let mut replica = state.endpoints[0].clone();
+            replica.id = 2;
+            replica.name = "default/backend-2".into();
+            replica.interface = "pcrep1".into();
+            replica.addresses = vec![ip("10.0.0.12")];
+            replica.ingress.allow = rules;
+            state.endpoints.push(replica);
+            state.revision = revision;
+            state
+        };
+
+        // A replica joins the set: no new entries.
+        let report = dp.apply(&with_replica(default_rules(), 2));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!((report.endpoints_written, report.narrowed), (1, false), "{report:?}");
+        assert_eq!(dp.loaded_entries(), one, "the replica's policy is already there");
+        assert_eq!(dp.policy_set_of(1), Some((set, 2)));
+        assert_eq!(dp.policy_set_of(2), Some((set, 2)));
+
+        // Its policy alone changes: a set of its own; endpoint 1 keeps the
+        // shared one, entries and verdicts.
+        let report = dp.apply(&with_replica(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)], 3));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let (own, n) = dp.policy_set_of(2).expect("endpoint 2 has a set");
+        assert_ne!(own, set);
+        assert_eq!(n, 1);
+        assert_eq!(dp.policy_set_of(1), Some((set, 1)));
+        assert_eq!(dp.loaded_entries(), one + 1);
+        let (fe, backend) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(ingress(dp, Frame { src_port: 50100, ..Frame::tcp(fe, backend, 80) }), TC_PASS);
+
+        // Back to the common policy: it rejoins, and its own set goes.
+        let report = dp.apply(&with_replica(default_rules(), 4));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(dp.policy_set_of(2), Some((set, 2)));
+        assert_eq!(dp.loaded_entries(), one);
+
+        // Both change together: the shared set is updated in place.
+        let mut both = with_replica(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)], 5);
+        both.endpoints[0].ingress.allow = both.endpoints[1].ingress.allow.clone();
+        let report = dp.apply(&both);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.endpoints_written, 2);
+        assert_eq!(dp.policy_set_of(1), Some((set, 2)), "the same set, rewritten");
+        assert_eq!(dp.loaded_entries(), 1);
+        assert_eq!(ingress(dp, Frame { src_port: 50101, ..Frame::tcp(fe, backend, 80) }), TC_ACT_SHOT);
+        assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.3"), backend, 22)), TC_PASS);
+    });
+}
+
 #[test]
 fn an_endpoint_whose_update_fails_keeps_its_last_good_policy() {
     with_datapath(backend_state(default_rules()), |dp, _| {
@@ -449,6 +516,11 @@ fn a_restarted_agent_replaces_the_state_it_finds() {
 /// type, keys and entries, each value cut to its first `value_size` bytes
 /// (layouts grow only by appending fields).
 fn shrink_pinned_values(path: &std::path::Path, value_size: usize) {
+    rewrite_pinned(path, value_size, |_| {})
+}
+
+/// Like `shrink_pinned_values`, with each key passed through `rekey`.
+fn rewrite_pinned(path: &std::path::Path, value_size: usize, rekey: impl Fn(&mut Vec<u8>)) {
     let info = aya::maps::MapInfo::from_pin(path).expect("pinned map");
     let (key_size, old_size) = (info.key_size() as usize, info.value_size() as usize);
     let fd = raw_map::obj_get(path).expect("open pin");
@@ -456,7 +528,9 @@ fn shrink_pinned_values(path: &std::path::Path, value_size: usize) {
     let (mut key, mut next, mut value) = (None::<Vec<u8>>, vec![0u8; key_size], vec![0u8; old_size]);
     while raw_map::next_key(&fd, key.as_deref(), &mut next).expect("next key") {
         assert!(raw_map::lookup(&fd, &next, &mut value).expect("lookup"));
-        entries.push((next.clone(), value[..value_size].to_vec()));
+        let mut k = next.clone();
+        rekey(&mut k);
+        entries.push((k, value[..value_size].to_vec()));
         key = Some(next.clone());
     }
     assert!(!entries.is_empty(), "{} holds nothing to carry", path.display());
@@ -472,10 +546,12 @@ fn shrink_pinned_values(path: &std::path::Path, value_size: usize) {
 }
 
 /// An upgrade across a layout change (as when `CtValue` grew from 40 to 48
-/// bytes and `PolicyValue` from 4 to 8): the new agent carries the old
-/// maps' entries over before its programs take the links, so a flow opened
-/// before the upgrade still gets its replies, and the policy holds as it
-/// was until the new agent writes its own.
+/// bytes, `PolicyValue` from 4 to 8, and `EndpointInfo` from 28 to 32 with
+/// policy sets, whose entries were keyed by the endpoint's own id before):
+/// the new agent carries the old maps' entries over before its programs
+/// take the links, so a flow opened before the upgrade still gets its
+/// replies, and the policy holds as it was until the new agent writes its
+/// own.
 #[test]
 fn an_upgrade_that_grows_map_layouts_carries_conntrack_and_policy_over() {
     let ns = Netns::create(format!("pc{}-carry-{}", std::process::id(), unique())).expect("netns");
@@ -494,7 +570,16 @@ fn an_upgrade_that_grows_map_layouts_carries_conntrack_and_policy_over() {
             assert_eq!(ingress(&dp, reply.clone()), TC_PASS, "the reply of a tracked flow");
         } // the earlier release's agent stops
         shrink_pinned_values(&pin_dir.join(portcullis_common::map_names::CT), 40);
-        shrink_pinned_values(&pin_dir.join(portcullis_common::map_names::POLICY), 4);
+        // Before sets: entries under the endpoint's id (1), and a table
+        // entry without `policy_id`.
+        let own_id = |key: &mut Vec<u8>| {
+            // The LPM prefix length, then the key data: `policy_id` first.
+            if key[4..6] == portcullis_common::POLICY_SET_BASE.to_ne_bytes() {
+                key[4..6].copy_from_slice(&1u16.to_ne_bytes());
+            }
+        };
+        rewrite_pinned(&pin_dir.join(portcullis_common::map_names::POLICY), 4, own_id);
+        shrink_pinned_values(&pin_dir.join(portcullis_common::map_names::ENDPOINTS), 28);
 
         // The new release starts; it has not written anything yet.
         let dp = Datapath::load(&config).expect("load across the layout change");
@@ -506,6 +591,15 @@ fn an_upgrade_that_grows_map_layouts_carries_conntrack_and_policy_over() {
         assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, me, 81), 50201)), TC_ACT_SHOT, "and isolates");
         let stranger = Frame { src_port: 443, ..Frame::tcp(peer, me, 43001) };
         assert_eq!(ingress(&dp, stranger), TC_ACT_SHOT, "nothing else was carried in");
+        // The new agent writes its state: the endpoint's entries stay where
+        // they are (a set of one under its own id) and still decide.
+        let mut dp = dp;
+        let report = dp.apply(&backend_state(default_rules()));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(!report.narrowed, "{report:?}");
+        assert_eq!(dp.policy_set_of(1), Some((1, 1)));
+        assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, me, 80), 50202)), TC_PASS);
+        assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, me, 81), 50203)), TC_ACT_SHOT);
     })
     .expect("test body");
 }
@@ -696,16 +790,21 @@ fn each_rule_counts_the_packets_of_the_flows_it_allowed_both_ways() {
         state.revision = 2;
         assert!(dp.apply(&state).errors.is_empty());
         assert_eq!(dp.rule_counters(1).keys().copied().collect::<Vec<_>>(), [(DIR_INGRESS, 1)]);
-        // The id handed to another pod in one pass (the old one gone, the
-        // lowest free id reused at once) starts from nothing.
         assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 1)].0, 3, "rule 1 kept its count across the change");
+        // The id handed to another pod in one pass (the old one gone, the
+        // lowest free id reused at once): its endpoint counters start from
+        // nothing. Rules count per policy set, and its policy is the same.
         assert!(dp.endpoint_counters(1).expect("counted").ingress.forwarded_packets > 0);
         state.endpoints[0].name = "default/successor".into();
         state.revision = 3;
         assert!(dp.apply(&state).errors.is_empty());
         assert_eq!(dp.endpoint_counters(1).expect("counted").ingress.forwarded_packets, 0);
-        let inherited = dp.rule_counters(1);
-        assert!(inherited.values().all(|c| *c == (0, 0)), "a recycled id inherits no counts: {inherited:?}");
+        assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 1)].0, 3, "the set's count");
+        // A rule new to the set counts from nothing.
+        state.endpoints[0].ingress.allow[0].rule = 7;
+        state.revision = 4;
+        assert!(dp.apply(&state).errors.is_empty());
+        assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 7)], (0, 0));
     });
 }
 

@@ -49,7 +49,7 @@ pub mod map_sizes {
     pub const SVC_PENDING: u32 = 65536;
     /// Fragmented datagrams in flight (first fragment passed, later ones due).
     pub const FRAGS: u32 = 8192;
-    /// Per-rule counter slots: one per (endpoint, direction, rule) in use;
+    /// Per-rule counter slots: one per (policy set, direction, rule) in use;
     /// slot 0 means "not counted".
     pub const RULE_STATS: u32 = 65536;
 }
@@ -160,7 +160,27 @@ pub struct EndpointInfo {
     /// addresses are in the endpoint address map.
     pub ipv4: [u8; 4],
     pub ipv6: [u8; 16],
+    /// The policy set the endpoint's verdicts are looked up in (the `policy_id`
+    /// of its policy and CIDR entries): endpoints whose compiled policy is
+    /// the same (a Deployment's replicas) share one set, so a new replica is
+    /// a handful of map writes. 0: the endpoint's own entries, keyed by its
+    /// `endpoint_id` (the layout before sets).
+    pub policy_id: u16,
+    pub _pad2: [u8; 2],
 }
+
+impl EndpointInfo {
+    /// The id its policy and CIDR entries are keyed by.
+    #[inline(always)]
+    pub fn policy_id(&self) -> u16 {
+        if self.policy_id != 0 { self.policy_id } else { self.endpoint_id }
+    }
+}
+
+/// Policy set ids start here; endpoint ids stay below it, so a set never
+/// meets the entries an endpoint of the layout before sets keyed by its
+/// own id.
+pub const POLICY_SET_BASE: u16 = 0x8000;
 
 /// ipcache LPM key data: `{family, addr}`; the prefix length counts the 32 bits
 /// of `family` and padding first, so one trie holds both families.
@@ -178,13 +198,14 @@ impl IpKey {
     pub const HEADER_BITS: u32 = 32;
 }
 
-/// Policy LPM key data. Exact on `{endpoint, generation, direction, identity}`,
-/// then optionally protocol, then a prefix of the destination port (network
-/// byte order) — so an `endPort` range is a handful of aligned prefixes.
+/// Policy LPM key data. Exact on `{policy set, generation, direction,
+/// identity}`, then optionally protocol, then a prefix of the destination port
+/// (network byte order) — so an `endPort` range is a handful of aligned prefixes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyKey {
-    pub endpoint_id: u16,
+    /// `EndpointInfo::policy_id()`.
+    pub policy_id: u16,
     pub generation: u8,
     pub direction: u8,
     pub identity: u32,
@@ -207,14 +228,15 @@ impl PolicyKey {
     }
 }
 
-/// Per-endpoint CIDR trie key data: exact on `{endpoint, generation,
+/// Per-policy-set CIDR trie key data: exact on `{policy set, generation,
 /// direction, family}` (64 bits), then a prefix of the remote address. The
 /// value is a prefix class (`identity::CLASS_BASE + n`) looked up in the
 /// policy trie like an identity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CidrKey {
-    pub endpoint_id: u16,
+    /// `EndpointInfo::policy_id()`.
+    pub policy_id: u16,
     pub generation: u8,
     pub direction: u8,
     pub family: u8,
@@ -234,7 +256,7 @@ impl CidrKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyValue {
     pub rule_cookie: u32,
-    /// The rule's counter slot on this endpoint (`PC_RULE_STATS`); the
+    /// The rule's counter slot in this policy set (`PC_RULE_STATS`); the
     /// flow's conntrack entry keeps it, so its later packets count there
     /// with one array lookup. 0: not counted.
     pub stats_slot: u32,
@@ -315,7 +337,7 @@ pub struct PendingKey {
 }
 
 /// The Service address the client asked for, and the client's policy as it
-/// was when the packet left (the verdict uses that generation).
+/// was when the packet left (the verdict uses that set and generation).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PendingValue {
@@ -324,6 +346,9 @@ pub struct PendingValue {
     pub generation: u8,
     pub _pad: u8,
     pub flags: u32,
+    /// The client's `EndpointInfo::policy_id` (0: the client's endpoint id).
+    pub policy_id: u16,
+    pub _pad2: [u8; 2],
 }
 
 /// A fragmented datagram: addresses, protocol and the IP identification.
@@ -426,7 +451,7 @@ mod pod {
 // change only by appending fields whose zero means "absent": an upgraded
 // agent then carries the pinned maps' entries over, zero-extended
 // (agent/src/datapath/pins.rs). Keys never change.
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 72);
@@ -435,7 +460,7 @@ const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
-const _: () = assert!(core::mem::size_of::<PendingValue>() == 24);
+const _: () = assert!(core::mem::size_of::<PendingValue>() == 28);
 const _: () = assert!(reason::COUNT as u32 <= COUNTER_REASONS);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);

@@ -246,7 +246,7 @@ mod datapath {
                 let lookup = if overflow {
                     None
                 } else {
-                    policy_lookup(ep.endpoint_id, ep.generation, direction, remote_identity, remote, &pkt)
+                    policy_lookup(ep.policy_id(), ep.generation, direction, remote_identity, remote, &pkt)
                 };
                 match lookup {
                     Some(v) => {
@@ -322,6 +322,8 @@ mod datapath {
             generation: ep.generation,
             _pad: 0,
             flags: ep.flags,
+            policy_id: ep.policy_id(),
+            _pad2: [0; 2],
         };
         // LRU: a full table evicts the oldest pending connection, whose
         // verdict then fails closed.
@@ -373,7 +375,9 @@ mod datapath {
         let verdict = if pending.flags & EP_POLICY_OVERFLOW != 0 {
             Err(reason::NO_MAP_SPACE)
         } else {
-            policy_lookup(client, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
+            // Records from before policy sets have no set: the client's own id.
+            let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
+            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
                 .ok_or(reason::POLICY_DENIED)
         };
         match verdict {
@@ -549,7 +553,7 @@ mod datapath {
     /// remote's address in the endpoint's CIDR trie.
     #[inline(always)]
     fn policy_lookup(
-        endpoint_id: u16,
+        policy_id: u16,
         generation: u8,
         direction: u8,
         remote: u32,
@@ -566,7 +570,7 @@ mod datapath {
         let mut key = Key::new(
             prefix,
             PolicyKey {
-                endpoint_id,
+                policy_id,
                 generation,
                 direction,
                 identity: remote,
@@ -586,7 +590,7 @@ mod datapath {
         let cidr = Key::new(
             CidrKey::HEADER_BITS + bits,
             CidrKey {
-                endpoint_id,
+                policy_id,
                 generation,
                 direction,
                 family: pkt.family,

@@ -104,7 +104,11 @@ pub fn endpoint(d: &EndpointDetail) -> String {
         }
     }
     if !d.rules.is_empty() {
-        let _ = writeln!(out, "\nTraffic per rule (the flows it allowed, both ways):");
+        let shared = match (d.policy_set, d.policy_set_endpoints) {
+            (Some(set), n) if n > 1 => format!("; policy set {set}, counted for its {n} endpoints together"),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "\nTraffic per rule (the flows it allowed, both ways{shared}):");
         let rows: Vec<Vec<String>> = d
             .rules
             .iter()

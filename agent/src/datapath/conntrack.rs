@@ -205,6 +205,7 @@ impl Datapath {
             protocol: key.protocol,
             port,
         };
-        lookup(&ep.keys, key.endpoint_id, probe).is_some()
+        let Some(set) = ep.set.and_then(|r| self.loaded.sets.get(&r)) else { return false };
+        lookup(&set.keys, probe).is_some()
     }
 }

@@ -68,9 +68,13 @@ impl Datapath {
         Some(out)
     }
 
-    /// Packets and bytes of the flows each rule allowed on one endpoint (both
-    /// ways), keyed `(direction, rule cookie)`.
+    /// Packets and bytes of the flows each rule allowed (both ways), keyed
+    /// `(direction, rule cookie)`, in the policy set of endpoint `id`: rules
+    /// are counted per set, so endpoints with the same policy (a
+    /// Deployment's replicas) count together (`policy_set_of`).
     pub fn rule_counters(&self, id: u16) -> BTreeMap<(u8, u32), (u64, u64)> {
+        let Some(set) = self.loaded.endpoints.get(&id).and_then(|l| l.set) else { return BTreeMap::new() };
+        let id = set.id;
         self.loaded
             .slots
             .range((id, 0, 0)..=(id, u8::MAX, u32::MAX))
@@ -82,7 +86,7 @@ impl Datapath {
             .collect()
     }
 
-    /// The counter slot of a rule on an endpoint, zeroed when newly handed
+    /// The counter slot of a rule in a policy set, zeroed when newly handed
     /// out; 0 (not counted) when all are taken.
     pub(super) fn slot_for(&mut self, id: u16, direction: u8, cookie: u32) -> u32 {
         if let Some(&slot) = self.loaded.slots.get(&(id, direction, cookie)) {
@@ -102,25 +106,14 @@ impl Datapath {
         slot
     }
 
-    /// Frees every slot of an endpoint id (handed to another pod).
-    pub(super) fn release_slots(&mut self, id: u16) {
-        let mine: Vec<(u16, u8, u32)> =
-            self.loaded.slots.range((id, 0, 0)..=(id, u8::MAX, u32::MAX)).map(|(k, _)| *k).collect();
-        for k in mine {
-            if let Some(slot) = self.loaded.slots.remove(&k) {
-                self.loaded.free_slots.push(slot);
-            }
-        }
-    }
-
-    /// Frees the slots of rules no loaded endpoint has any more.
+    /// Frees the slots of rules no loaded policy set has any more.
     pub(super) fn prune_slots(&mut self) {
         let live: BTreeSet<(u16, u8, u32)> = self
             .loaded
-            .endpoints
+            .sets
             .iter()
-            .flat_map(|(id, e)| {
-                e.keys.policy.iter().map(move |((_, k), v)| (*id, k.direction, v.rule_cookie))
+            .flat_map(|(r, s)| {
+                s.keys.policy.iter().map(move |((_, k), v)| (r.id, k.direction, v.rule_cookie))
             })
             .collect();
         let gone: Vec<(u16, u8, u32)> =

@@ -23,7 +23,7 @@ use super::{
 pub struct KernelEndpoint {
     pub ifindex: u32,
     pub info: EndpointInfo,
-    /// The live generation's entries (generation set to 0, as the pure
+    /// The entries of its policy set (set id and generation 0, as the pure
     /// lookup model expects).
     pub keys: EndpointKeys,
 }
@@ -55,7 +55,7 @@ pub enum KernelVerdict {
 impl Datapath {
     /// The endpoint with this id as the kernel holds it; `None` when the
     /// endpoint table has no such id. Its entries are the ones the agent
-    /// wrote, each looked up in the kernel's tries at the live generation
+    /// wrote, each looked up in the kernel's tries in the set its entry names
     /// (point lookups: walking a 262,144-entry trie would hold the main loop
     /// for seconds), so an entry the kernel lost or holds differently shows.
     pub fn kernel_endpoint(&self, id: u16) -> Option<KernelEndpoint> {
@@ -70,15 +70,18 @@ impl Datapath {
             }
         };
         let mut keys = EndpointKeys::default();
-        if let Some(l) = loaded {
-            for (bits, key) in l.keys.policy.keys() {
-                let live = Key::new(*bits, PolicyKey { generation: info.generation, ..*key });
+        // The set the kernel's table entry names, with the entries the agent
+        // wrote there.
+        let (policy_id, generation) = (info.policy_id(), info.generation);
+        if let Some(set) = self.endpoint_set(id) {
+            for (bits, key) in set.keys.policy.keys() {
+                let live = Key::new(*bits, PolicyKey { policy_id, generation, ..*key });
                 if let Ok(value) = self.maps.policy.get(&live, 0) {
                     keys.policy.insert((*bits, *key), value);
                 }
             }
-            for (bits, key) in l.keys.cidr.keys() {
-                let live = Key::new(*bits, CidrKey { generation: info.generation, ..*key });
+            for (bits, key) in set.keys.cidr.keys() {
+                let live = Key::new(*bits, CidrKey { policy_id, generation, ..*key });
                 if let Ok(class) = self.maps.cidr.get(&live, 0) {
                     keys.cidr.insert((*bits, *key), class);
                 }
@@ -115,7 +118,7 @@ impl Datapath {
         if probe.direction == DIR_INGRESS && probe.remote_identity == identity::HOST {
             return KernelVerdict::Host;
         }
-        match lookup(&endpoint.keys, endpoint.info.endpoint_id, probe) {
+        match lookup(&endpoint.keys, probe) {
             Some(rule_cookie) => KernelVerdict::Allowed { rule_cookie },
             None => KernelVerdict::Dropped,
         }
@@ -126,8 +129,8 @@ impl Datapath {
     pub fn map_fill(&self, conntrack_live: Option<u64>) -> Vec<MapFill> {
         let l = &self.loaded;
         let s = &self.sizes;
-        let policy: u64 = l.endpoints.values().map(|e| e.keys.policy.len() as u64).sum();
-        let cidr: u64 = l.endpoints.values().map(|e| e.keys.cidr.len() as u64).sum();
+        let policy: u64 = l.sets.values().map(|e| e.keys.policy.len() as u64).sum();
+        let cidr: u64 = l.sets.values().map(|e| e.keys.cidr.len() as u64).sum();
         let addresses: u64 = l.endpoints.values().map(|e| e.addresses.len() as u64).sum();
         let mut out = vec![
             MapFill {

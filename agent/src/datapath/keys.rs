@@ -12,10 +12,10 @@ use portcullis_common::{
 
 use crate::compiled::{AllowEntry, DirectionPolicy, EndpointState, PortPrefixes as _};
 
-/// Policy trie entries of one endpoint, keyed `(prefix length, key)` with
-/// generation 0 (the writer sets the live one).
+/// Policy trie entries of one policy set, keyed `(prefix length, key)` with
+/// set id and generation 0 (the writer sets both when it writes them).
 pub type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
-/// CIDR trie entries of one endpoint: `(prefix length, key) -> class`.
+/// CIDR trie entries of one policy set: `(prefix length, key) -> class`.
 pub type CidrEntries = BTreeMap<(u32, CidrKey), u32>;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,44 +76,39 @@ impl EndpointKeys {
     }
 }
 
+/// The entries an endpoint's policy compiles to; they depend on its policy
+/// alone, so endpoints with the same policy share them.
 pub fn endpoint_keys(ep: &EndpointState) -> Result<EndpointKeys, String> {
+    policy_keys(&ep.ingress, &ep.egress)
+}
+
+pub fn policy_keys(ingress: &DirectionPolicy, egress: &DirectionPolicy) -> Result<EndpointKeys, String> {
     let mut out = EndpointKeys::default();
-    for (direction, policy) in [(DIR_INGRESS, &ep.ingress), (DIR_EGRESS, &ep.egress)] {
-        add_direction(&mut out, ep.id, direction, policy)?;
+    for (direction, policy) in [(DIR_INGRESS, ingress), (DIR_EGRESS, egress)] {
+        add_direction(&mut out, direction, policy)?;
     }
     Ok(out)
 }
 
-fn add_direction(
-    out: &mut EndpointKeys,
-    ep: u16,
-    direction: u8,
-    policy: &DirectionPolicy,
-) -> Result<(), String> {
+fn add_direction(out: &mut EndpointKeys, direction: u8, policy: &DirectionPolicy) -> Result<(), String> {
     for entry in &policy.allow {
-        add_allow(&mut out.policy, ep, direction, entry.peer, entry)?;
+        add_allow(&mut out.policy, direction, entry.peer, entry)?;
     }
     if policy.prefixes.len() >= (u32::MAX - CLASS_BASE) as usize {
         return Err("too many prefixes".into());
     }
     for (n, prefix) in policy.prefixes.iter().enumerate() {
         let class = CLASS_BASE + n as u32;
-        out.cidr.insert(cidr_key(ep, direction, &prefix.cidr), class);
+        out.cidr.insert(cidr_key(direction, &prefix.cidr), class);
         for entry in &prefix.allow {
-            add_allow(&mut out.policy, ep, direction, class, entry)?;
+            add_allow(&mut out.policy, direction, class, entry)?;
         }
     }
     Ok(())
 }
 
-fn add_allow(
-    out: &mut PolicyEntries,
-    ep: u16,
-    direction: u8,
-    peer: u32,
-    entry: &AllowEntry,
-) -> Result<(), String> {
-    let base = PolicyKey { endpoint_id: ep, generation: 0, direction, identity: peer, ..Default::default() };
+fn add_allow(out: &mut PolicyEntries, direction: u8, peer: u32, entry: &AllowEntry) -> Result<(), String> {
+    let base = PolicyKey { policy_id: 0, generation: 0, direction, identity: peer, ..Default::default() };
     // The writer gives each rule its counter slot.
     let value = PolicyValue { rule_cookie: entry.rule, stats_slot: 0 };
     let mut put = |prefix: u32, key: PolicyKey| {
@@ -157,15 +152,15 @@ pub fn ip_from(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-pub fn cidr_key(ep: u16, direction: u8, cidr: &IpNet) -> (u32, CidrKey) {
+pub fn cidr_key(direction: u8, cidr: &IpNet) -> (u32, CidrKey) {
     let (family, addr) = family_and_addr(cidr.trunc().addr());
-    let key = CidrKey { endpoint_id: ep, generation: 0, direction, family, _pad: [0; 3], addr };
+    let key = CidrKey { policy_id: 0, generation: 0, direction, family, _pad: [0; 3], addr };
     (CidrKey::HEADER_BITS + u32::from(cidr.prefix_len()), key)
 }
 
 fn policy_bytes(k: &PolicyKey) -> [u8; 12] {
     let mut b = [0u8; 12];
-    b[..2].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    b[..2].copy_from_slice(&k.policy_id.to_ne_bytes());
     b[2] = k.generation;
     b[3] = k.direction;
     b[4..8].copy_from_slice(&k.identity.to_ne_bytes());
@@ -176,7 +171,7 @@ fn policy_bytes(k: &PolicyKey) -> [u8; 12] {
 
 fn cidr_bytes(k: &CidrKey) -> [u8; 24] {
     let mut b = [0u8; 24];
-    b[..2].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    b[..2].copy_from_slice(&k.policy_id.to_ne_bytes());
     b[2] = k.generation;
     b[3] = k.direction;
     b[4] = k.family;
@@ -219,11 +214,12 @@ pub struct Probe {
     pub port: u16,
 }
 
-/// What the programs decide for a new flow of an isolated endpoint: the rule
-/// cookie that allows it, or `None` (drop). Mirrors `ebpf/src/main.rs`.
-pub fn lookup(keys: &EndpointKeys, ep: u16, probe: Probe) -> Option<u32> {
+/// What the programs decide for a new flow of an isolated endpoint whose
+/// policy set holds `keys`: the rule cookie that allows it, or `None`
+/// (drop). Mirrors `ebpf/src/main.rs`.
+pub fn lookup(keys: &EndpointKeys, probe: Probe) -> Option<u32> {
     let key = |identity: u32| PolicyKey {
-        endpoint_id: ep,
+        policy_id: 0,
         generation: 0,
         direction: probe.direction,
         identity,
@@ -235,7 +231,7 @@ pub fn lookup(keys: &EndpointKeys, ep: u16, probe: Probe) -> Option<u32> {
     if let Some(v) = find(probe.remote_identity).or_else(|| find(0)) {
         return Some(v.rule_cookie);
     }
-    let (bits, ck) = cidr_key(ep, probe.direction, &IpNet::from(probe.remote_ip));
+    let (bits, ck) = cidr_key(probe.direction, &IpNet::from(probe.remote_ip));
     let class = lpm(&keys.cidr, &ck, bits, cidr_bytes)?;
     find(*class).map(|v| v.rule_cookie)
 }

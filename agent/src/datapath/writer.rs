@@ -1,24 +1,40 @@
 //! Writing compiled state into the maps as a diff against what is loaded.
 //!
-//! Per endpoint the update is atomic for packets: the new entries go in under
-//! the endpoint's other generation, one write to the endpoint table flips the
-//! generation, and the old entries are deleted at the end of the pass (after
-//! any packet that read the old generation is done with it).
+//! Policy lives in **policy sets**: the entries one compiled policy makes,
+//! keyed by the set's id. Endpoints whose policy is the same (a Deployment's
+//! replicas) share a set, and each endpoint's table entry names its set. So
+//! a new replica costs a few map writes, not a thousand trie inserts, and a
+//! policy change touches each distinct policy once, not every pod.
 //!
-//! A policy that does not fit (a full map) fails closed: the partial new
-//! generation is removed and the endpoint flips to an empty one flagged
-//! `EP_POLICY_OVERFLOW`, which denies everything but the node until a later
-//! pass fits it. Keeping the old policy instead could pass what the new one
-//! denies. An endpoint the endpoint table cannot take gets the programs
-//! anyway: they drop what arrives on an interface they do not know.
+//! Every change is atomic for packets:
+//! - an endpoint moving to another set (its policy changed and others keep
+//!   the old one, or another set holds the new one already) moves with one
+//!   write to the endpoint table; a set is deleted at the end of the pass
+//!   once no endpoint names it and any packet that read an old table entry
+//!   is done with it;
+//! - a set whose endpoints all move to the same new policy is updated in
+//!   place, in an order in which every moment allows what the old or the
+//!   new policy allows (`update_set`).
 //!
-//! What is loaded is tracked per endpoint id, and recovered from the pinned
-//! maps when the agent starts: a restarted agent continues from what the
-//! kernel enforces, never from an empty slate that would leave stale entries.
+//! A policy that does not fit (a full map) fails closed: the partial set is
+//! removed and its endpoints are flagged `EP_POLICY_OVERFLOW`, which denies
+//! everything but the node until a later pass fits it. Keeping the old policy
+//! instead could pass what the new one denies. An endpoint the endpoint
+//! table cannot take gets the programs anyway: they drop what arrives on an
+//! interface they do not know.
+//!
+//! What is loaded is tracked per endpoint id and per set, and recovered from
+//! the pinned maps when the agent starts: a restarted agent continues from
+//! what the kernel enforces, never from an empty slate that would leave
+//! stale entries. Endpoints written before sets existed keep their entries
+//! under their own id (`EndpointInfo::policy_id` 0) as a set of one, which
+//! others with the same policy join when the next pass writes them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::{Hash, Hasher},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,15 +42,16 @@ use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use portcullis_common::{
     AF_INET, AF_INET6, CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW,
-    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, PolicyKey, PolicyValue, ServiceKey,
+    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, POLICY_SET_BASE, PolicyKey, PolicyValue,
+    ServiceKey,
 };
 
 use super::{
     Datapath,
     attach::{ifindex, ifname},
-    keys::{EndpointKeys, endpoint_keys, family_and_addr},
+    keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys},
 };
-use crate::compiled::{CompiledState, EndpointState, ServiceFrontend};
+use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, ServiceFrontend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -69,7 +86,8 @@ pub enum WriteError {
 #[derive(Default)]
 pub(crate) struct Loaded {
     pub(super) endpoints: BTreeMap<u16, LoadedEndpoint>,
-    /// Counter slots of `(endpoint, direction, rule cookie)` in use.
+    pub(super) sets: BTreeMap<SetRef, LoadedSet>,
+    /// Counter slots of `(policy set id, direction, rule cookie)` in use.
     pub(super) slots: BTreeMap<(u16, u8, u32), u32>,
     pub(super) free_slots: Vec<u32>,
     /// The next never-used slot (slot 0 means "not counted").
@@ -81,6 +99,28 @@ pub(crate) struct Loaded {
 /// An endpoint address as the address map keys it: `(family, address)`.
 type Address = (u8, [u8; 16]);
 
+/// Where a policy set's entries are in the tries: their `policy_id` and
+/// `generation` (always 0 for sets; endpoints written before sets existed
+/// may hold either generation under their own id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct SetRef {
+    pub(super) id: u16,
+    pub(super) generation: u8,
+}
+
+/// The policy a set was compiled from: both directions.
+type SetPolicy = (DirectionPolicy, DirectionPolicy);
+
+pub(super) struct LoadedSet {
+    pub(super) keys: EndpointKeys,
+    /// What the entries were compiled from, to find the set again for the
+    /// same policy; `None` when recovered from the pins (unknown until a
+    /// pass compares the entries themselves).
+    policy: Option<Arc<SetPolicy>>,
+    policy_hash: u64,
+    pub(super) members: BTreeSet<u16>,
+}
+
 pub(super) struct LoadedEndpoint {
     /// `namespace/pod`; empty when recovered from the pins (unknown).
     name: String,
@@ -88,13 +128,21 @@ pub(super) struct LoadedEndpoint {
     /// Addresses the endpoint may send from (in the address map under `ifindex`).
     pub(super) addresses: BTreeSet<Address>,
     pub(super) info: EndpointInfo,
-    pub(super) keys: EndpointKeys,
+    /// The set its table entry names; `None` while it fails closed.
+    pub(super) set: Option<SetRef>,
     /// Programs attached to `ifindex` (retried on every pass until they are).
     attached: bool,
-    /// The state these entries were written from, when all of it was
-    /// written: the same state again needs no work (not even its keys
-    /// computed), which keeps a pass cheap when few endpoints change.
+    /// The state this endpoint was written from, when all of it was
+    /// written: the same state again needs no work, which keeps a pass
+    /// cheap when few endpoints change.
     applied: Option<EndpointState>,
+}
+
+fn policy_hash(ingress: &DirectionPolicy, egress: &DirectionPolicy) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ingress.hash(&mut h);
+    egress.hash(&mut h);
+    h.finish()
 }
 
 /// Whether the prefix `new` (in `keys`) allows less than the broader prefix
@@ -127,11 +175,22 @@ fn carves_a_hole(keys: &EndpointKeys, new: &(u32, CidrKey)) -> bool {
     !allows(*inner_class).is_superset(&allows(*outer_class))
 }
 
-/// One generation of one endpoint's entries, to delete.
-struct Stale {
-    endpoint: u16,
-    generation: u8,
-    keys: EndpointKeys,
+/// What an in-place set update still has to remove once its members'
+/// table entries are written.
+#[derive(Default)]
+struct Removals {
+    /// Entries were written or are to be removed: the set's policy changed.
+    wrote: bool,
+    set: Option<SetRef>,
+    policy: Vec<(u32, PolicyKey)>,
+    cidr: Vec<(u32, CidrKey)>,
+}
+
+/// Endpoints of one pass that share a policy, and the set they go to.
+struct Group<'a> {
+    policy: &'a EndpointState,
+    hash: u64,
+    members: Vec<(&'a EndpointState, u32)>,
 }
 
 /// Where an endpoint is enforced: what a restarted agent needs to keep
@@ -171,7 +230,6 @@ impl Datapath {
     /// nothing changed, so callers may re-apply to retry failures.
     pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let mut stale = Vec::new();
 
         let desired_ipcache: BTreeMap<(u32, IpKey), u32> =
             state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
@@ -202,12 +260,24 @@ impl Datapath {
             }
         }
 
+        // The endpoints that need writing, grouped by their policy.
         let mut seen = HashSet::new();
+        let mut groups: Vec<Group<'_>> = Vec::new();
+        let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+        let fail = |report: &mut ApplyReport, ep: &EndpointState, e: WriteError| {
+            tracing::warn!(error = %e, "endpoint kept at its last good state");
+            report.errors.push(e.to_string());
+            report.failed.insert(ep.name.clone());
+        };
         for ep in &state.endpoints {
             if !seen.insert(ep.id) {
                 let why = format!("endpoint id {} is used twice", ep.id);
-                report.errors.push(WriteError::Invalid { endpoint: ep.name.clone(), why }.to_string());
-                report.failed.insert(ep.name.clone());
+                fail(&mut report, ep, WriteError::Invalid { endpoint: ep.name.clone(), why });
+                continue;
+            }
+            if ep.id == 0 || ep.id >= POLICY_SET_BASE {
+                let why = format!("endpoint id {} is outside 1..{POLICY_SET_BASE}", ep.id);
+                fail(&mut report, ep, WriteError::Invalid { endpoint: ep.name.clone(), why });
                 continue;
             }
             // A new pod on this id, also when the old one left in this same
@@ -224,33 +294,92 @@ impl Datapath {
             if handed_over {
                 report.narrowed = true;
                 self.reset_counters(ep.id);
-                self.release_slots(ep.id);
             }
-            match self.apply_endpoint(ep, &mut stale, &mut report.narrowed) {
-                Ok(true) => report.endpoints_written += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "endpoint kept at its last good state");
-                    report.errors.push(e.to_string());
-                    report.failed.insert(ep.name.clone());
+            let Some(idx) = ifindex(&ep.interface) else {
+                let interface = ep.interface.clone();
+                fail(&mut report, ep, WriteError::NoInterface { endpoint: ep.name.clone(), interface });
+                continue;
+            };
+            if let Some(p) = self.loaded.endpoints.get(&ep.id)
+                && p.attached
+                && p.ifindex == idx
+                && p.applied.as_ref() == Some(ep)
+            {
+                continue;
+            }
+            let hash = policy_hash(&ep.ingress, &ep.egress);
+            let same = by_hash.entry(hash).or_default();
+            match same.iter().find(|g| {
+                let p = groups[**g].policy;
+                p.ingress == ep.ingress && p.egress == ep.egress
+            }) {
+                Some(&g) => groups[g].members.push((ep, idx)),
+                None => {
+                    same.push(groups.len());
+                    groups.push(Group { policy: ep, hash, members: vec![(ep, idx)] });
                 }
             }
         }
 
+        let targets = self.choose_sets(&groups);
+        let mut removals = Vec::new();
+        for (group, target) in groups.iter().zip(targets) {
+            let set = match self.prepare_set(group, target, &mut report.narrowed) {
+                Ok((set, removal)) => {
+                    let rewritten = removal.wrote;
+                    removals.push(removal);
+                    (set, rewritten)
+                }
+                Err(e) => {
+                    // A full map fails every member closed; other errors
+                    // leave enforced endpoints at their last good state,
+                    // and new ones closed.
+                    let full = matches!(e, WriteError::Overflow { .. });
+                    tracing::warn!(error = %e, endpoints = group.members.len(), "policy not written");
+                    for &(ep, idx) in &group.members {
+                        report.errors.push(e.to_string());
+                        report.failed.insert(ep.name.clone());
+                        if full || !self.loaded.endpoints.contains_key(&ep.id) {
+                            let _ = self.apply_endpoint(ep, idx, None, &mut report.narrowed);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let (set, rewritten) = set;
+            for &(ep, idx) in &group.members {
+                match self.apply_endpoint(ep, idx, Some(set), &mut report.narrowed) {
+                    Ok(wrote) if wrote || rewritten => report.endpoints_written += 1,
+                    Ok(_) => {}
+                    Err(e) => fail(&mut report, ep, e),
+                }
+            }
+        }
+        // Members have their new table entries: what only the old policy
+        // of an updated set allowed may go now.
+        for r in removals {
+            self.finish_set_update(r);
+        }
+
         let gone: Vec<u16> = self.loaded.endpoints.keys().copied().filter(|id| !seen.contains(id)).collect();
         for id in gone {
-            self.remove_endpoint(id, &mut stale);
+            self.remove_endpoint(id);
             report.endpoints_removed += 1;
             report.narrowed = true;
         }
 
-        // Programs that read an old generation just before its flip finish
-        // in microseconds; give them that before their entries go.
-        if !stale.is_empty() {
+        // Sets no endpoint names any more. Programs that read an endpoint's
+        // old table entry just before it moved finish in microseconds; give
+        // them that before the entries go.
+        let empty: Vec<SetRef> =
+            self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
+        if !empty.is_empty() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        for s in stale {
-            self.remove_keys(&s.keys, s.endpoint, s.generation);
+        for r in empty {
+            if let Some(set) = self.loaded.sets.remove(&r) {
+                self.remove_keys(&set.keys, r);
+            }
         }
 
         let gone: Vec<(u32, IpKey)> =
@@ -281,7 +410,7 @@ impl Datapath {
         }
 
         report.services = self.loaded.services.len();
-        report.policy_entries = self.loaded.endpoints.values().map(|e| e.keys.len()).sum();
+        report.policy_entries = self.loaded_entries();
         report.ipcache_entries = self.loaded.ipcache.len();
         report
     }
@@ -299,40 +428,250 @@ impl Datapath {
             .collect()
     }
 
-    /// Policy and CIDR entries loaded, over all endpoints.
+    /// Policy and CIDR entries loaded, over all policy sets.
     pub fn loaded_entries(&self) -> usize {
-        self.loaded.endpoints.values().map(|e| e.keys.len()).sum()
+        self.loaded.sets.values().map(|s| s.keys.len()).sum()
     }
 
-    /// Returns whether the endpoint's entries were (re)written; sets
-    /// `narrowed` when they may allow less than before.
+    /// The policy set an endpoint is in: its id and how many endpoints
+    /// share it.
+    pub fn policy_set_of(&self, endpoint: u16) -> Option<(u16, usize)> {
+        let set = self.loaded.endpoints.get(&endpoint)?.set?;
+        Some((set.id, self.loaded.sets.get(&set)?.members.len()))
+    }
+
+    /// For each group, the set it goes to: `Some` an existing one (holding
+    /// its policy already, or to be updated in place), `None` a new one. A
+    /// set is updated in place only when all its members are in the group
+    /// (each endpoint sees its old or its new policy, never another's), and
+    /// is given to one group only.
+    fn choose_sets(&self, groups: &[Group<'_>]) -> Vec<Option<SetRef>> {
+        let mut taken: BTreeSet<SetRef> = BTreeSet::new();
+        let mut out: Vec<Option<SetRef>> = groups
+            .iter()
+            .map(|g| {
+                let found = self.loaded.sets.iter().find(|(_, s)| {
+                    s.policy_hash == g.hash
+                        && s.policy
+                            .as_deref()
+                            .is_some_and(|(i, e)| *i == g.policy.ingress && *e == g.policy.egress)
+                });
+                found.map(|(r, _)| {
+                    taken.insert(*r);
+                    *r
+                })
+            })
+            .collect();
+        for (g, target) in groups.iter().zip(out.iter_mut()) {
+            if target.is_some() {
+                continue;
+            }
+            let ids: BTreeSet<u16> = g.members.iter().map(|(ep, _)| ep.id).collect();
+            let mut candidates: BTreeMap<SetRef, usize> = BTreeMap::new();
+            for (ep, _) in &g.members {
+                if let Some(r) = self.loaded.endpoints.get(&ep.id).and_then(|l| l.set) {
+                    *candidates.entry(r).or_default() += 1;
+                }
+            }
+            let best = candidates
+                .into_iter()
+                .filter(|(r, _)| !taken.contains(r))
+                .filter(|(r, _)| self.loaded.sets.get(r).is_some_and(|s| s.members.is_subset(&ids)))
+                .max_by_key(|(r, n)| (*n, std::cmp::Reverse(*r)));
+            if let Some((r, _)) = best {
+                taken.insert(r);
+                *target = Some(r);
+            }
+        }
+        out
+    }
+
+    /// Makes `target` (or a new set) hold the group's policy: writes what
+    /// is new and returns what is to be removed once the members point at
+    /// it. On a full map the set is gone and the group fails closed.
+    fn prepare_set(
+        &mut self,
+        group: &Group<'_>,
+        target: Option<SetRef>,
+        narrowed: &mut bool,
+    ) -> Result<(SetRef, Removals), WriteError> {
+        let name = || match group.members.as_slice() {
+            [(ep, _)] => ep.name.clone(),
+            [(ep, _), rest @ ..] => format!("{} and {} more with the same policy", ep.name, rest.len()),
+            [] => String::new(),
+        };
+        let policy = group.policy;
+        let mut keys = policy_keys(&policy.ingress, &policy.egress)
+            .map_err(|why| WriteError::Invalid { endpoint: name(), why })?;
+        let set = match target {
+            Some(r) => r,
+            None => {
+                let id = self.free_set_id().ok_or_else(|| WriteError::Invalid {
+                    endpoint: name(),
+                    why: "no policy set id left".into(),
+                })?;
+                let r = SetRef { id, generation: 0 };
+                self.loaded.sets.insert(
+                    r,
+                    LoadedSet {
+                        keys: EndpointKeys::default(),
+                        policy: None,
+                        policy_hash: 0,
+                        members: BTreeSet::new(),
+                    },
+                );
+                r
+            }
+        };
+        let Some(loaded) = self.loaded.sets.get(&set) else {
+            return Err(WriteError::Invalid { endpoint: name(), why: "policy set vanished".into() });
+        };
+        if loaded.policy.as_deref().is_some_and(|(i, e)| *i == policy.ingress && *e == policy.egress) {
+            return Ok((set, Removals::default()));
+        }
+        keys.keep_classes_of(&loaded.keys);
+        for ((_, key), value) in keys.policy.iter_mut() {
+            value.stats_slot = self.slot_for(set.id, key.direction, value.rule_cookie);
+        }
+        let removals = self.update_set(set, keys, narrowed).map_err(|(map, source)| {
+            // The set is emptied and forgotten; its members fail closed
+            // (apply_endpoint with no set) and are retried next pass.
+            if let Some(old) = self.loaded.sets.remove(&set) {
+                for m in &old.members {
+                    if let Some(l) = self.loaded.endpoints.get_mut(m) {
+                        l.set = None;
+                        l.applied = None;
+                    }
+                }
+            }
+            *narrowed = true;
+            WriteError::Overflow { endpoint: name(), map, source }
+        })?;
+        if let Some(s) = self.loaded.sets.get_mut(&set) {
+            s.policy = Some(Arc::new((policy.ingress.clone(), policy.egress.clone())));
+            s.policy_hash = group.hash;
+        }
+        Ok((set, removals))
+    }
+
+    /// The lowest set id no loaded set uses.
+    fn free_set_id(&self) -> Option<u16> {
+        let used: BTreeSet<u16> = self.loaded.sets.keys().map(|r| r.id).collect();
+        (POLICY_SET_BASE..=u16::MAX).find(|id| !used.contains(id))
+    }
+
+    /// Moves a set's entries to `keys`: policy entries of new and changed
+    /// classes and peers first, then new prefixes (their classes' entries
+    /// are there). What went is returned, to be removed after the members'
+    /// table entries (their isolation flags) are written: prefixes first
+    /// (their addresses fall back to a broader prefix, already updated),
+    /// then policy entries. Every moment allows, for each peer, what the old
+    /// or the new policy allows. On a full map everything the set had and
+    /// got is removed.
+    fn update_set(
+        &mut self,
+        set: SetRef,
+        keys: EndpointKeys,
+        narrowed: &mut bool,
+    ) -> Result<Removals, (&'static str, aya::maps::MapError)> {
+        let Some(loaded) = self.loaded.sets.get(&set) else { return Ok(Removals::default()) };
+        let policy_key = |prefix: u32, k: &PolicyKey| {
+            Key::new(prefix, PolicyKey { policy_id: set.id, generation: set.generation, ..*k })
+        };
+        let cidr_key = |prefix: u32, k: &CidrKey| {
+            Key::new(prefix, CidrKey { policy_id: set.id, generation: set.generation, ..*k })
+        };
+        let added: Vec<((u32, PolicyKey), PolicyValue)> = keys
+            .policy
+            .iter()
+            .filter(|(k, v)| loaded.keys.policy.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let cidr_added: Vec<((u32, CidrKey), u32)> = keys
+            .cidr
+            .iter()
+            .filter(|(k, c)| loaded.keys.cidr.get(k) != Some(c))
+            .map(|(k, c)| (*k, *c))
+            .collect();
+        let removed: Vec<(u32, PolicyKey)> =
+            loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
+        let cidr_removed: Vec<(u32, CidrKey)> =
+            loaded.keys.cidr.keys().filter(|k| !keys.cidr.contains_key(k)).copied().collect();
+        // A changed value moves a flow to another rule: not less allowed.
+        // A set with no members yet (new) narrows nothing.
+        *narrowed |= !loaded.members.is_empty()
+            && (!removed.is_empty()
+                || !cidr_removed.is_empty()
+                || cidr_added.iter().any(|(key, _)| carves_a_hole(&keys, key)));
+        let mut written: Result<(), (&'static str, aya::maps::MapError)> = Ok(());
+        for ((prefix, k), value) in &added {
+            written = self.maps.policy.insert(&policy_key(*prefix, k), value, 0).map_err(|e| ("policy", e));
+            if written.is_err() {
+                break;
+            }
+        }
+        if written.is_ok() {
+            for ((prefix, k), class) in &cidr_added {
+                written = self.maps.cidr.insert(&cidr_key(*prefix, k), class, 0).map_err(|e| ("cidr", e));
+                if written.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Err(e) = written {
+            let old = self.loaded.sets.get(&set).map(|s| s.keys.clone()).unwrap_or_default();
+            // The members' table entries must not name it any more before
+            // its entries go: they fail closed first (apply_endpoint).
+            self.fail_members(set);
+            self.remove_keys(&old, set);
+            self.remove_keys(&keys, set);
+            return Err(e);
+        }
+        if let Some(s) = self.loaded.sets.get_mut(&set) {
+            s.keys = keys;
+        }
+        let wrote =
+            !(added.is_empty() && cidr_added.is_empty() && removed.is_empty() && cidr_removed.is_empty());
+        Ok(Removals { wrote, set: Some(set), policy: removed, cidr: cidr_removed })
+    }
+
+    /// Flags every member of a set as failing closed, in the kernel too.
+    fn fail_members(&mut self, set: SetRef) {
+        let members: Vec<u16> =
+            self.loaded.sets.get(&set).map(|s| s.members.iter().copied().collect()).unwrap_or_default();
+        for m in members {
+            if let Some(l) = self.loaded.endpoints.get_mut(&m) {
+                let failed =
+                    EndpointInfo { flags: (l.info.flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW, ..l.info };
+                let _ = self.maps.endpoints.insert(l.ifindex, failed, 0);
+                l.info = failed;
+            }
+        }
+    }
+
+    fn finish_set_update(&mut self, r: Removals) {
+        let Some(set) = r.set else { return };
+        for (prefix, k) in &r.cidr {
+            let key = CidrKey { policy_id: set.id, generation: set.generation, ..*k };
+            let _ = self.maps.cidr.remove(&Key::new(*prefix, key));
+        }
+        for (prefix, k) in &r.policy {
+            let key = PolicyKey { policy_id: set.id, generation: set.generation, ..*k };
+            let _ = self.maps.policy.remove(&Key::new(*prefix, key));
+        }
+    }
+
+    /// Writes one endpoint's table entry naming `set` (`None`: its policy
+    /// did not fit, it fails closed), its addresses, and attaches the
+    /// programs; returns whether anything was written, and sets `narrowed`
+    /// when it may allow less than before.
     fn apply_endpoint(
         &mut self,
         ep: &EndpointState,
-        stale: &mut Vec<Stale>,
+        idx: u32,
+        set: Option<SetRef>,
         narrowed: &mut bool,
     ) -> Result<bool, WriteError> {
-        if ep.id == 0 {
-            return Err(WriteError::Invalid {
-                endpoint: ep.name.clone(),
-                why: "endpoint id 0 is reserved".into(),
-            });
-        }
-        let idx = ifindex(&ep.interface).ok_or_else(|| WriteError::NoInterface {
-            endpoint: ep.name.clone(),
-            interface: ep.interface.clone(),
-        })?;
-        if let Some(p) = self.loaded.endpoints.get(&ep.id)
-            && p.attached
-            && p.ifindex == idx
-            && p.applied.as_ref() == Some(ep)
-        {
-            return Ok(false);
-        }
-        let mut keys = self.compiled_keys(ep)?;
-        for ((_, key), value) in keys.policy.iter_mut() {
-            value.stats_slot = self.slot_for(ep.id, key.direction, value.rule_cookie);
-        }
         let addresses: BTreeSet<Address> = ep.addresses.iter().map(|ip| family_and_addr(*ip)).collect();
         let mut flags = 0;
         if !addresses.is_empty() {
@@ -347,48 +686,35 @@ impl Datapath {
         if self.report_allowed {
             flags |= EP_REPORT_ALLOWED;
         }
-
+        if set.is_none() {
+            flags = (flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW;
+        }
         let previous = self.loaded.endpoints.get(&ep.id);
-        // Addresses count too: a pod whose address changed on the same
-        // interface (its Pod object replacing a CNI hint) must have its
-        // source check follow, or its packets are dropped as forged.
-        let unchanged = previous.is_some_and(|p| {
-            p.ifindex == idx && p.info.flags == flags && p.keys == keys && p.addresses == addresses
-        });
-        let attached = previous.is_some_and(|p| p.attached && p.ifindex == idx);
-        let generation = previous.map_or(0, |p| p.info.generation ^ 1);
-        if unchanged {
-            if !attached {
-                self.attach_endpoint(ep)?;
-            }
-            if let Some(l) = self.loaded.endpoints.get_mut(&ep.id) {
-                l.applied = Some(ep.clone());
-            }
-            return Ok(false);
-        }
-        // Only entries differ (a peer, or a peer's prefix, came or went:
-        // the usual change): update the live generation in place instead
-        // of writing a whole new one.
-        if attached && previous.is_some_and(|p| p.info.flags == flags && p.addresses == addresses) {
-            return self.update_in_place(ep, idx, keys, narrowed);
-        }
-        *narrowed |= previous.is_some();
         if previous.is_none() {
             // A new pod may get a recycled id: its counters start at zero.
             self.reset_counters(ep.id);
         }
+        let previous = self.loaded.endpoints.get(&ep.id);
+        // Moving to another set or changing isolation may allow less; a new
+        // endpoint, or one whose set changed in place (counted there), not.
+        *narrowed |= previous.is_some_and(|p| p.set != set || p.info.flags != flags);
+        let attached = previous.is_some_and(|p| p.attached && p.ifindex == idx);
 
-        // The new generation's entries and addresses, or the failure that
-        // makes the endpoint fail closed.
-        let mut overflow = self.write_keys(&keys, ep.id, generation).err();
-        if overflow.is_none() {
-            for a in &addresses {
-                let key = EndpointAddr { ifindex: idx, family: a.0, _pad: [0; 3], addr: a.1 };
-                if let Err(source) = self.maps.ep_addrs.insert(key, 1, 0) {
-                    overflow = Some(("endpoint-addresses", source));
-                    break;
-                }
+        let addresses_changed = previous.is_none_or(|p| p.ifindex != idx || p.addresses != addresses);
+        // Addresses it may send from, before the entry that checks them.
+        let mut overflow = None;
+        for a in &addresses {
+            if previous.is_some_and(|p| p.ifindex == idx && p.addresses.contains(a)) {
+                continue;
             }
+            let key = EndpointAddr { ifindex: idx, family: a.0, _pad: [0; 3], addr: a.1 };
+            if let Err(source) = self.maps.ep_addrs.insert(key, 1, 0) {
+                overflow = Some(("endpoint-addresses", source));
+                break;
+            }
+        }
+        if overflow.is_some() {
+            flags = (flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW;
         }
         let mut ipv4 = [0; 4];
         let mut ipv6 = [0; 16];
@@ -398,24 +724,45 @@ impl Datapath {
         if let Some(IpAddr::V6(a)) = ep.addresses.iter().find(|a| a.is_ipv6()) {
             ipv6 = a.octets();
         }
-        let info = |flags| EndpointInfo { endpoint_id: ep.id, generation, _pad: 0, flags, ipv4, ipv6 };
-        let (info, loaded_keys) = match overflow {
-            None => (info(flags), keys),
-            Some(_) => {
-                self.remove_keys(&keys, ep.id, generation);
-                (info((flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW), EndpointKeys::default())
-            }
+        let set = set.filter(|_| overflow.is_none());
+        let (policy_id, generation) = set.map_or((0, 0), |r| (r.id, r.generation));
+        let info = EndpointInfo {
+            endpoint_id: ep.id,
+            generation,
+            _pad: 0,
+            flags,
+            ipv4,
+            ipv6,
+            policy_id,
+            _pad2: [0; 2],
         };
-        // The flip: from here packets see the new generation.
-        let table_full = self.maps.endpoints.insert(idx, info, 0).err();
+        // The switch: from here packets see the new set and flags.
+        let unchanged = previous.is_some_and(|p| p.ifindex == idx && p.info == info);
+        let table_full = if unchanged { None } else { self.maps.endpoints.insert(idx, info, 0).err() };
+
+        let prev_set = previous.and_then(|p| p.set);
+        if prev_set != set
+            && let Some(s) = prev_set.and_then(|r| self.loaded.sets.get_mut(&r))
+        {
+            s.members.remove(&ep.id);
+        }
+        let written_set = set.filter(|_| table_full.is_none());
+        if let Some(s) = written_set.and_then(|r| self.loaded.sets.get_mut(&r)) {
+            s.members.insert(ep.id);
+        }
+        let complete = overflow.is_none() && table_full.is_none() && set.is_some();
         let new = LoadedEndpoint {
             name: ep.name.clone(),
             ifindex: idx,
             addresses: addresses.clone(),
-            info,
-            keys: loaded_keys,
+            info: if table_full.is_none() {
+                info
+            } else {
+                EndpointInfo { flags: EP_POLICY_OVERFLOW, ..info }
+            },
+            set: written_set,
             attached,
-            applied: overflow.is_none().then(|| ep.clone()),
+            applied: complete.then(|| ep.clone()),
         };
         if let Some(prev) = self.loaded.endpoints.insert(ep.id, new) {
             if prev.ifindex != idx {
@@ -425,7 +772,6 @@ impl Datapath {
                 let gone: BTreeSet<Address> = prev.addresses.difference(&addresses).copied().collect();
                 self.remove_addresses(idx, &gone);
             }
-            stale.push(Stale { endpoint: ep.id, generation: prev.info.generation, keys: prev.keys });
         }
         if !attached {
             // Even when the table could not take the endpoint: the programs
@@ -433,113 +779,28 @@ impl Datapath {
             self.attach_endpoint(ep)?;
         }
         if let Some(source) = table_full {
-            if let Some(l) = self.loaded.endpoints.get_mut(&ep.id) {
-                // Not what the table holds: the next pass retries.
-                l.keys = EndpointKeys::default();
-                l.info.flags = EP_POLICY_OVERFLOW;
-                l.applied = None;
-            }
             return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "endpoints", source });
         }
         if let Some((map, source)) = overflow {
             return Err(WriteError::Overflow { endpoint: ep.name.clone(), map, source });
         }
-        Ok(true)
+        Ok(!unchanged || !attached || addresses_changed)
     }
 
-    /// The entries `ep` compiles to, with the prefix classes its loaded
-    /// entries use (`EndpointKeys::keep_classes_of`).
+    /// The entries `ep` compiles to, with the prefix classes of the set it
+    /// is in (`EndpointKeys::keep_classes_of`).
     pub fn compiled_keys(&self, ep: &EndpointState) -> Result<EndpointKeys, WriteError> {
         let mut keys =
             endpoint_keys(ep).map_err(|why| WriteError::Invalid { endpoint: ep.name.clone(), why })?;
-        if let Some(previous) = self.loaded.endpoints.get(&ep.id) {
-            keys.keep_classes_of(&previous.keys);
+        if let Some(set) = self.endpoint_set(ep.id) {
+            keys.keep_classes_of(&set.keys);
         }
         Ok(keys)
     }
 
-    /// Moves the live generation of an attached endpoint's entries to
-    /// `keys` (its flags and addresses unchanged), in an order in which
-    /// every moment allows, for each peer, what the old or the new policy
-    /// allows (as a generation flip, which keeps the old entries until the
-    /// flip): policy entries of new and changed classes and peers first,
-    /// then new prefixes (their classes' entries are there), then prefixes
-    /// that went (their addresses fall back to a broader prefix, already
-    /// updated), then the policy entries no longer wanted. An entry moving
-    /// between an exact port and a wildcard never leaves a moment in which
-    /// neither is there. A full map makes the endpoint fail closed, as a
-    /// failed generation write does.
-    fn update_in_place(
-        &mut self,
-        ep: &EndpointState,
-        idx: u32,
-        keys: EndpointKeys,
-        narrowed: &mut bool,
-    ) -> Result<bool, WriteError> {
-        let Some(loaded) = self.loaded.endpoints.get(&ep.id) else { return Ok(false) };
-        let (id, generation, info) = (ep.id, loaded.info.generation, loaded.info);
-        let key =
-            |prefix: u32, k: &PolicyKey| Key::new(prefix, PolicyKey { endpoint_id: id, generation, ..*k });
-        let added: Vec<((u32, PolicyKey), PolicyValue)> = keys
-            .policy
-            .iter()
-            .filter(|(k, v)| loaded.keys.policy.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let removed: Vec<(u32, PolicyKey)> =
-            loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
-        let cidr_key =
-            |prefix: u32, k: &CidrKey| Key::new(prefix, CidrKey { endpoint_id: id, generation, ..*k });
-        let cidr_added: Vec<((u32, CidrKey), u32)> = keys
-            .cidr
-            .iter()
-            .filter(|(k, c)| loaded.keys.cidr.get(k) != Some(c))
-            .map(|(k, c)| (*k, *c))
-            .collect();
-        let cidr_removed: Vec<(u32, CidrKey)> =
-            loaded.keys.cidr.keys().filter(|k| !keys.cidr.contains_key(k)).copied().collect();
-        // A changed value moves a flow to another rule: not less allowed.
-        *narrowed |= !removed.is_empty()
-            || !cidr_removed.is_empty()
-            || cidr_added.iter().any(|(key, _)| carves_a_hole(&keys, key));
-        let written = added
-            .iter()
-            .try_for_each(|((prefix, k), value)| {
-                self.maps.policy.insert(&key(*prefix, k), value, 0).map_err(|e| ("policy", e))
-            })
-            .and_then(|()| {
-                cidr_added.iter().try_for_each(|((prefix, k), class)| {
-                    self.maps.cidr.insert(&cidr_key(*prefix, k), class, 0).map_err(|e| ("cidr", e))
-                })
-            });
-        {
-            if let Err((map, source)) = written {
-                let failed =
-                    EndpointInfo { flags: (info.flags & EP_REPORT_ALLOWED) | EP_POLICY_OVERFLOW, ..info };
-                let _ = self.maps.endpoints.insert(idx, failed, 0);
-                let old = self.loaded.endpoints.get(&id).map(|l| l.keys.clone()).unwrap_or_default();
-                self.remove_keys(&old, id, generation);
-                self.remove_keys(&keys, id, generation);
-                if let Some(l) = self.loaded.endpoints.get_mut(&id) {
-                    l.keys = EndpointKeys::default();
-                    l.info = failed;
-                    l.applied = None;
-                }
-                *narrowed = true;
-                return Err(WriteError::Overflow { endpoint: ep.name.clone(), map, source });
-            }
-        }
-        for (prefix, k) in &cidr_removed {
-            let _ = self.maps.cidr.remove(&cidr_key(*prefix, k));
-        }
-        for (prefix, k) in &removed {
-            let _ = self.maps.policy.remove(&key(*prefix, k));
-        }
-        if let Some(l) = self.loaded.endpoints.get_mut(&id) {
-            l.keys = keys;
-            l.applied = Some(ep.clone());
-        }
-        Ok(true)
+    /// The set an endpoint's table entry names, as loaded.
+    pub(super) fn endpoint_set(&self, id: u16) -> Option<&LoadedSet> {
+        self.loaded.sets.get(&self.loaded.endpoints.get(&id)?.set?)
     }
 
     /// Policy is in place before the programs see a packet.
@@ -554,10 +815,12 @@ impl Datapath {
         Ok(())
     }
 
-    fn remove_endpoint(&mut self, id: u16, stale: &mut Vec<Stale>) {
+    fn remove_endpoint(&mut self, id: u16) {
         if let Some(prev) = self.loaded.endpoints.remove(&id) {
             self.release_ifindex(prev.ifindex, &prev.addresses);
-            stale.push(Stale { endpoint: id, generation: prev.info.generation, keys: prev.keys });
+            if let Some(s) = prev.set.and_then(|r| self.loaded.sets.get_mut(&r)) {
+                s.members.remove(&id);
+            }
         }
     }
 
@@ -594,92 +857,87 @@ impl Datapath {
         let _ = self.maps.endpoints.remove(&idx);
     }
 
-    /// Writes one generation of an endpoint's entries; on failure, names
-    /// the map that was full.
-    fn write_keys(
-        &mut self,
-        keys: &EndpointKeys,
-        ep: u16,
-        generation: u8,
-    ) -> Result<(), (&'static str, aya::maps::MapError)> {
-        for (&(prefix, key), value) in &keys.policy {
-            let key = Key::new(prefix, PolicyKey { endpoint_id: ep, generation, ..key });
-            self.maps.policy.insert(&key, value, 0).map_err(|e| ("policy", e))?;
-        }
-        for (&(prefix, key), class) in &keys.cidr {
-            let key = Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key });
-            self.maps.cidr.insert(&key, class, 0).map_err(|e| ("cidr", e))?;
-        }
-        Ok(())
-    }
-
-    /// Removes one generation of an endpoint's entries (missing ones are fine).
-    fn remove_keys(&mut self, keys: &EndpointKeys, ep: u16, generation: u8) {
+    /// Removes a set's entries (missing ones are fine).
+    fn remove_keys(&mut self, keys: &EndpointKeys, set: SetRef) {
+        let (policy_id, generation) = (set.id, set.generation);
         for &(prefix, key) in keys.policy.keys() {
-            let _ =
-                self.maps.policy.remove(&Key::new(prefix, PolicyKey { endpoint_id: ep, generation, ..key }));
+            let _ = self.maps.policy.remove(&Key::new(prefix, PolicyKey { policy_id, generation, ..key }));
         }
         for &(prefix, key) in keys.cidr.keys() {
-            let _ = self.maps.cidr.remove(&Key::new(prefix, CidrKey { endpoint_id: ep, generation, ..key }));
+            let _ = self.maps.cidr.remove(&Key::new(prefix, CidrKey { policy_id, generation, ..key }));
         }
     }
 
     /// Rebuilds what is loaded from the pinned maps (a restart or upgrade):
-    /// the live generation of each endpoint is kept, everything else (other
-    /// generations, entries of endpoints that are gone, interfaces that
-    /// vanished while no agent ran) is removed, and the programs inside the
-    /// pinned links are replaced by this agent's.
+    /// the sets the endpoints name are kept, everything else (other
+    /// generations, sets no endpoint names, interfaces that vanished while
+    /// no agent ran) is removed, and the programs inside the pinned links
+    /// are replaced by this agent's.
     pub(super) fn recover(&mut self) {
         let endpoints: Vec<(u32, EndpointInfo)> = self.maps.endpoints.iter().filter_map(Result::ok).collect();
         let mut live: BTreeMap<u16, LoadedEndpoint> = BTreeMap::new();
+        let mut sets: BTreeMap<SetRef, LoadedSet> = BTreeMap::new();
         for (idx, info) in endpoints {
             if ifname(idx).is_none() || live.contains_key(&info.endpoint_id) {
                 let _ = self.maps.endpoints.remove(&idx);
                 continue;
+            }
+            let set = (info.flags & EP_POLICY_OVERFLOW == 0)
+                .then_some(SetRef { id: info.policy_id(), generation: info.generation });
+            if let Some(r) = set {
+                sets.entry(r)
+                    .or_insert_with(|| LoadedSet {
+                        keys: EndpointKeys::default(),
+                        policy: None,
+                        policy_hash: 0,
+                        members: BTreeSet::new(),
+                    })
+                    .members
+                    .insert(info.endpoint_id);
             }
             let loaded = LoadedEndpoint {
                 name: String::new(),
                 ifindex: idx,
                 addresses: BTreeSet::new(),
                 info,
-                keys: EndpointKeys::default(),
+                set,
                 attached: false,
                 applied: None,
             };
             live.insert(info.endpoint_id, loaded);
         }
-        let live_generation: BTreeMap<u16, u8> =
-            live.iter().map(|(id, l)| (*id, l.info.generation)).collect();
-        let is_live = |ep: u16, generation: u8| live_generation.get(&ep) == Some(&generation);
 
         let policy: Vec<Key<PolicyKey>> = self.maps.policy.keys().filter_map(Result::ok).collect();
         for key in policy {
             let data = key.data();
-            if is_live(data.endpoint_id, data.generation) {
-                if let (Ok(value), Some(ep)) =
-                    (self.maps.policy.get(&key, 0), live.get_mut(&data.endpoint_id))
-                {
+            let set = SetRef { id: data.policy_id, generation: data.generation };
+            match (self.maps.policy.get(&key, 0), sets.get_mut(&set)) {
+                (Ok(value), Some(s)) => {
                     if value.stats_slot != 0 {
-                        let slot = (data.endpoint_id, data.direction, value.rule_cookie);
+                        let slot = (set.id, data.direction, value.rule_cookie);
                         self.loaded.slots.insert(slot, value.stats_slot);
                         self.loaded.next_slot = self.loaded.next_slot.max(value.stats_slot + 1);
                     }
-                    ep.keys.policy.insert((key.prefix_len(), PolicyKey { generation: 0, ..data }), value);
+                    let bare = PolicyKey { policy_id: 0, generation: 0, ..data };
+                    s.keys.policy.insert((key.prefix_len(), bare), value);
                 }
-            } else {
-                let _ = self.maps.policy.remove(&key);
+                _ => {
+                    let _ = self.maps.policy.remove(&key);
+                }
             }
         }
         let cidr: Vec<Key<CidrKey>> = self.maps.cidr.keys().filter_map(Result::ok).collect();
         for key in cidr {
             let data = key.data();
-            if is_live(data.endpoint_id, data.generation) {
-                if let (Ok(class), Some(ep)) = (self.maps.cidr.get(&key, 0), live.get_mut(&data.endpoint_id))
-                {
-                    ep.keys.cidr.insert((key.prefix_len(), CidrKey { generation: 0, ..data }), class);
+            let set = SetRef { id: data.policy_id, generation: data.generation };
+            match (self.maps.cidr.get(&key, 0), sets.get_mut(&set)) {
+                (Ok(class), Some(s)) => {
+                    let bare = CidrKey { policy_id: 0, generation: 0, ..data };
+                    s.keys.cidr.insert((key.prefix_len(), bare), class);
                 }
-            } else {
-                let _ = self.maps.cidr.remove(&key);
+                _ => {
+                    let _ = self.maps.cidr.remove(&key);
+                }
             }
         }
         let addresses: Vec<EndpointAddr> = self.maps.ep_addrs.keys().filter_map(Result::ok).collect();
@@ -715,6 +973,7 @@ impl Datapath {
             }
         }
         self.loaded.endpoints = live;
+        self.loaded.sets = sets;
         let ids: Vec<u16> = self.loaded.endpoints.keys().copied().collect();
         for id in ids {
             let Some(idx) = self.loaded.endpoints.get(&id).map(|l| l.ifindex) else { continue };
@@ -730,6 +989,7 @@ impl Datapath {
         if !self.loaded.endpoints.is_empty() {
             tracing::info!(
                 endpoints = self.loaded.endpoints.len(),
+                policy_sets = self.loaded.sets.len(),
                 "recovered enforced state from pinned maps"
             );
         }

@@ -130,6 +130,8 @@ pub fn endpoint(view: &View<'_>, which: &str) -> Result<EndpointDetail, Failure>
         egress_policies,
         entries,
         rules: rules_traffic,
+        policy_set: view.dp.policy_set_of(ep.id).map(|(id, _)| id),
+        policy_set_endpoints: view.dp.policy_set_of(ep.id).map_or(0, |(_, n)| n),
         drops,
         disagreements,
     })

@@ -127,8 +127,15 @@ pub struct EndpointDetail {
     /// Allow entries as read back from the kernel's maps.
     pub entries: Vec<MapEntry>,
     /// Per rule: the packets and bytes of the flows it allowed (both ways),
-    /// as the programs count them.
+    /// as the programs count them: per policy set, so together for every
+    /// endpoint in `policy_set_endpoints`.
     pub rules: Vec<RuleTraffic>,
+    /// The policy set the endpoint's entries are in (shared by endpoints
+    /// whose policy is the same) and how many endpoints use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_set: Option<u16>,
+    #[serde(default)]
+    pub policy_set_endpoints: usize,
     /// Drops per reason, per direction.
     pub drops: Vec<DropCount>,
     /// Where the kernel's entries differ from what the agent compiled.

@@ -12,13 +12,12 @@ use portcullis_common::{DIR_EGRESS, DIR_INGRESS, identity};
 
 use super::{EndpointPolicy, Engine, oracle::Party};
 use crate::{
-    compiled::EndpointState,
-    datapath::keys::{EndpointKeys, Probe, endpoint_keys, lookup},
+    datapath::keys::{EndpointKeys, Probe, lookup, policy_keys},
     model::{Pod, PodKey, Protocol},
 };
 
 pub struct Simulation {
-    endpoints: BTreeMap<PodKey, (u16, bool, bool, EndpointKeys)>,
+    endpoints: BTreeMap<PodKey, (bool, bool, EndpointKeys)>,
     ipcache: HashMap<IpAddr, u32>,
 }
 
@@ -32,19 +31,9 @@ impl Simulation {
         let mut ipcache: HashMap<IpAddr, u32> = ipcache.into_iter().collect();
         ipcache.extend(node_ips.iter().map(|ip| (*ip, identity::HOST)));
         let mut out = BTreeMap::new();
-        for (n, (key, policy)) in endpoints.into_iter().enumerate() {
-            let id = u16::try_from(n + 1).map_err(|_| "more than 65535 endpoints".to_string())?;
-            let state = EndpointState {
-                id,
-                name: key.to_string(),
-                interface: String::new(),
-                identity: 0,
-                addresses: Vec::new(),
-                ingress: policy.ingress.clone(),
-                egress: policy.egress.clone(),
-            };
-            let keys = endpoint_keys(&state)?;
-            out.insert(key.clone(), (id, policy.ingress.isolated, policy.egress.isolated, keys));
+        for (key, policy) in endpoints {
+            let keys = policy_keys(&policy.ingress, &policy.egress).map_err(|e| format!("{key}: {e}"))?;
+            out.insert(key.clone(), (policy.ingress.isolated, policy.egress.isolated, keys));
         }
         Ok(Simulation { endpoints: out, ipcache })
     }
@@ -74,7 +63,7 @@ impl Simulation {
     }
 
     fn side(&self, pod: &Pod, direction: u8, remote: IpAddr, protocol: Protocol, port: u16) -> bool {
-        let Some((id, ingress_isolated, egress_isolated, keys)) = self.endpoints.get(&pod.key()) else {
+        let Some((ingress_isolated, egress_isolated, keys)) = self.endpoints.get(&pod.key()) else {
             return true;
         };
         let isolated = if direction == DIR_INGRESS { *ingress_isolated } else { *egress_isolated };
@@ -88,6 +77,6 @@ impl Simulation {
             protocol: protocol.number(),
             port,
         };
-        lookup(keys, *id, probe).is_some()
+        lookup(keys, probe).is_some()
     }
 }

@@ -59,8 +59,11 @@ impl Hints {
 
     /// Records a hint; when the engine already has the pod without
     /// addresses (the API server learns them only after CNI ADD returns),
-    /// gives it the hinted ones so it becomes an endpoint now.
-    pub fn insert(&mut self, pod: PodKey, hint: Hint, engine: &mut Engine) {
+    /// returns the change that gives it the hinted ones, so it becomes an
+    /// endpoint now. (The caller applies the changes of a burst of ADDs
+    /// together: one recompile for all.)
+    #[must_use]
+    pub fn insert(&mut self, pod: PodKey, hint: Hint, engine: &Engine) -> Option<Change> {
         // Addresses an earlier hint gave it are replaced too: that hint may
         // be a stale sandbox's (an ADD for a pod deleted meanwhile, whose
         // name a new pod took).
@@ -76,9 +79,7 @@ impl Hints {
                 p
             });
         self.by_pod.insert(pod, hint);
-        if let Some(p) = patched {
-            engine.apply([Change::UpsertPod(p)]);
-        }
+        patched.map(Change::UpsertPod)
     }
 
     /// Forgets the hint of a sandbox (CNI DEL names the container).
@@ -126,7 +127,10 @@ impl StateBuilder {
         let used: BTreeSet<u16> = self.ids.values().copied().collect();
         let id = preferred
             .filter(|p| !used.contains(p))
-            .or_else(|| (1..=u16::MAX).find(|i| !used.contains(i) && !reserved.contains(i)))?;
+            .filter(|p| *p < portcullis_common::POLICY_SET_BASE)
+            .or_else(|| {
+                (1..portcullis_common::POLICY_SET_BASE).find(|i| !used.contains(i) && !reserved.contains(i))
+            })?;
         self.ids.insert(pod.clone(), id);
         Some(id)
     }
@@ -278,13 +282,13 @@ mod tests {
         let ips = |engine: &Engine| engine.cluster().pods[&key("a")].ips.clone();
         // A stale sandbox's ADD (its pod deleted, the name taken again),
         // then the new pod's own.
-        hints.insert(key("a"), hint("old", 6), &mut engine);
+        engine.apply(hints.insert(key("a"), hint("old", 6), &engine));
         assert_eq!(ips(&engine), pod("a", 6).ips);
-        hints.insert(key("a"), hint("new", 7), &mut engine);
+        engine.apply(hints.insert(key("a"), hint("new", 7), &engine));
         assert_eq!(ips(&engine), pod("a", 7).ips, "the newer sandbox's address wins");
         // Once the API server has said, a hint does not overrule it.
         engine.apply([Change::UpsertPod(pod("a", 9))]);
-        hints.insert(key("a"), hint("other", 8), &mut engine);
+        engine.apply(hints.insert(key("a"), hint("other", 8), &engine));
         assert_eq!(ips(&engine), pod("a", 9).ips);
     }
 
@@ -312,7 +316,7 @@ mod tests {
         let mut builder = StateBuilder::default();
         let mut engine = engine;
         let hint = Hint { container_id: "c1".into(), interface: "lo".into(), ips: pod("a", 10).ips };
-        hints.insert(key("a"), hint, &mut engine);
+        engine.apply(hints.insert(key("a"), hint, &engine));
         let (state, _) = builder.build(&engine, 2, &[], &hints);
         assert_eq!(placed(&state), vec![("x/a".into(), "lo".into(), 2), ("x/b".into(), "lo".into(), 1)]);
 
