@@ -355,12 +355,6 @@ impl Datapath {
                 }
             }
         }
-        // Members have their new table entries: what only the old policy
-        // of an updated set allowed may go now.
-        for r in removals {
-            self.finish_set_update(r);
-        }
-
         let gone: Vec<u16> = self.loaded.endpoints.keys().copied().filter(|id| !seen.contains(id)).collect();
         for id in gone {
             self.remove_endpoint(id);
@@ -368,13 +362,20 @@ impl Datapath {
             report.narrowed = true;
         }
 
-        // Sets no endpoint names any more. Programs that read an endpoint's
-        // old table entry just before it moved finish in microseconds; give
-        // them that before the entries go.
+        // Members have their new table entries: what only the old policy of
+        // an updated set allowed may go now, and sets no endpoint names any
+        // more. A verdict takes several lookups (the peer's identity, any
+        // peer, its prefix): a packet that made some of them before an
+        // update began and the rest after it ended would see neither policy
+        // whole. Programs finish in microseconds; give them a millisecond
+        // before the entries go.
         let empty: Vec<SetRef> =
             self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
-        if !empty.is_empty() {
+        if !empty.is_empty() || removals.iter().any(|r| !r.policy.is_empty() || !r.cidr.is_empty()) {
             std::thread::sleep(Duration::from_millis(1));
+        }
+        for r in removals {
+            self.finish_set_update(r);
         }
         for r in empty {
             if let Some(set) = self.loaded.sets.remove(&r) {
