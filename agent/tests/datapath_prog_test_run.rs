@@ -331,11 +331,13 @@ fn a_new_state_replaces_the_old_one_whole() {
 #[test]
 fn endpoints_with_the_same_policy_share_one_policy_set() {
     with_datapath(backend_state(default_rules()), |dp, _| {
-        let status = std::process::Command::new("ip")
-            .args(["link", "add", "pcrep1", "type", "veth", "peer", "name", "pcrep1p"])
-            .status()
-            .expect("ip link add");
-        assert!(status.success());
+        for (name, peer) in [("pcrep1", "pcrep1p"), ("pcrep2", "pcrep2p")] {
+            let status = std::process::Command::new("ip")
+                .args(["link", "add", name, "type", "veth", "peer", "name", peer])
+                .status()
+                .expect("ip link add");
+            assert!(status.success());
+        }
         let one = dp.loaded_entries();
         let (set, n) = dp.policy_set_of(1).expect("endpoint 1 has a set");
         assert_eq!(n, 1);
@@ -378,13 +380,22 @@ fn endpoints_with_the_same_policy_share_one_policy_set() {
         assert_eq!(dp.policy_set_of(2), Some((set, 2)));
         assert_eq!(dp.loaded_entries(), one);
 
-        // Both change together: the shared set is updated in place.
+        // Both change together, and a third replica starts: the shared set
+        // is updated in place, and the newcomer joins it once the old
+        // policy's entries are gone.
         let mut both = with_replica(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)], 5);
         both.endpoints[0].ingress.allow = both.endpoints[1].ingress.allow.clone();
+        let mut third = both.endpoints[1].clone();
+        third.id = 3;
+        third.name = "default/backend-3".into();
+        third.interface = "pcrep2".into();
+        third.addresses = vec![ip("10.0.0.13")];
+        both.endpoints.push(third);
         let report = dp.apply(&both);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert_eq!(report.endpoints_written, 2);
-        assert_eq!(dp.policy_set_of(1), Some((set, 2)), "the same set, rewritten");
+        assert_eq!(report.endpoints_written, 3);
+        assert_eq!(dp.policy_set_of(1), Some((set, 3)), "the same set, rewritten");
+        assert_eq!(dp.policy_set_of(3), Some((set, 3)));
         assert_eq!(dp.loaded_entries(), 1);
         assert_eq!(ingress(dp, Frame { src_port: 50101, ..Frame::tcp(fe, backend, 80) }), TC_ACT_SHOT);
         assert_eq!(ingress(dp, Frame::tcp(ip("10.0.0.3"), backend, 22)), TC_PASS);

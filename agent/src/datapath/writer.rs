@@ -186,6 +186,12 @@ struct Removals {
     cidr: Vec<(u32, CidrKey)>,
 }
 
+impl Removals {
+    fn removes(&self) -> bool {
+        !self.policy.is_empty() || !self.cidr.is_empty()
+    }
+}
+
 /// Endpoints of one pass that share a policy, and the set they go to.
 struct Group<'a> {
     policy: &'a EndpointState,
@@ -323,12 +329,16 @@ impl Datapath {
 
         let targets = self.choose_sets(&groups);
         let mut removals = Vec::new();
+        // Endpoints joining a set that is updated in place, to be written
+        // once it holds the new policy alone (until its removals, the set
+        // still allows what its old policy allowed, which was never theirs).
+        let mut joiners: Vec<(&EndpointState, u32, SetRef, bool)> = Vec::new();
         for (group, target) in groups.iter().zip(targets) {
-            let set = match self.prepare_set(group, target, &mut report.narrowed) {
+            let (set, rewritten, narrowing) = match self.prepare_set(group, target, &mut report.narrowed) {
                 Ok((set, removal)) => {
-                    let rewritten = removal.wrote;
+                    let (rewritten, narrowing) = (removal.wrote, removal.removes());
                     removals.push(removal);
-                    (set, rewritten)
+                    (set, rewritten, narrowing)
                 }
                 Err(e) => {
                     // A full map fails every member closed; other errors
@@ -346,8 +356,11 @@ impl Datapath {
                     continue;
                 }
             };
-            let (set, rewritten) = set;
             for &(ep, idx) in &group.members {
+                if narrowing && self.loaded.endpoints.get(&ep.id).and_then(|l| l.set) != Some(set) {
+                    joiners.push((ep, idx, set, rewritten));
+                    continue;
+                }
                 match self.apply_endpoint(ep, idx, Some(set), &mut report.narrowed) {
                     Ok(wrote) if wrote || rewritten => report.endpoints_written += 1,
                     Ok(_) => {}
@@ -363,23 +376,37 @@ impl Datapath {
         }
 
         // Members have their new table entries: what only the old policy of
-        // an updated set allowed may go now, and sets no endpoint names any
-        // more. A verdict takes several lookups (the peer's identity, any
-        // peer, its prefix): a packet that made some of them before an
-        // update began and the rest after it ended would see neither policy
-        // whole. Programs finish in microseconds; give them a millisecond
-        // before the entries go.
-        let empty: Vec<SetRef> =
-            self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
-        if !empty.is_empty() || removals.iter().any(|r| !r.policy.is_empty() || !r.cidr.is_empty()) {
-            std::thread::sleep(Duration::from_millis(1));
+        // an updated set allowed may go now. A verdict takes several lookups
+        // (the peer's identity, any peer, its prefix): a packet that made
+        // some of them before an update began and the rest after it ended
+        // would see neither policy whole. Programs finish in microseconds;
+        // give them a millisecond before entries go.
+        let grace = || std::thread::sleep(Duration::from_millis(1));
+        let mut graced = false;
+        if removals.iter().any(Removals::removes) {
+            grace();
+            graced = true;
         }
         for r in removals {
             self.finish_set_update(r);
         }
-        for r in empty {
-            if let Some(set) = self.loaded.sets.remove(&r) {
-                self.remove_keys(&set.keys, r);
+        let joined = !joiners.is_empty();
+        for (ep, idx, set, rewritten) in joiners {
+            match self.apply_endpoint(ep, idx, Some(set), &mut report.narrowed) {
+                Ok(wrote) if wrote || rewritten => report.endpoints_written += 1,
+                Ok(_) => {}
+                Err(e) => fail(&mut report, ep, e),
+            }
+        }
+        // Then the sets no endpoint names any more.
+        let empty: Vec<SetRef> =
+            self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
+        if !empty.is_empty() && (joined || !graced) {
+            grace();
+        }
+        for r in &empty {
+            if let Some(set) = self.loaded.sets.remove(r) {
+                self.remove_keys(&set.keys, *r);
             }
         }
 
@@ -406,7 +433,7 @@ impl Datapath {
             }
         }
 
-        if report.endpoints_written > 0 || report.endpoints_removed > 0 {
+        if report.endpoints_written > 0 || report.endpoints_removed > 0 || !empty.is_empty() {
             self.prune_slots();
         }
 
@@ -451,15 +478,20 @@ impl Datapath {
         let mut out: Vec<Option<SetRef>> = groups
             .iter()
             .map(|g| {
-                let found = self.loaded.sets.iter().find(|(_, s)| {
-                    s.policy_hash == g.hash
-                        && s.policy
-                            .as_deref()
-                            .is_some_and(|(i, e)| *i == g.policy.ingress && *e == g.policy.egress)
-                });
-                found.map(|(r, _)| {
+                let found = self
+                    .loaded
+                    .sets
+                    .iter()
+                    .find(|(_, s)| {
+                        s.policy_hash == g.hash
+                            && s.policy
+                                .as_deref()
+                                .is_some_and(|(i, e)| *i == g.policy.ingress && *e == g.policy.egress)
+                    })
+                    .map(|(r, _)| *r)
+                    .or_else(|| self.recovered_set_holding(g));
+                found.inspect(|r| {
                     taken.insert(*r);
-                    *r
                 })
             })
             .collect();
@@ -485,6 +517,33 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// A set recovered from the pins (its policy unknown) that one of the
+    /// group's endpoints names and whose entries are the group's policy
+    /// already: after a restart the endpoints stay where they are, even
+    /// when a set's other endpoints are not in this pass (a pod deleted
+    /// while no agent ran).
+    fn recovered_set_holding(&self, g: &Group<'_>) -> Option<SetRef> {
+        let mut sets: Vec<SetRef> =
+            g.members.iter().filter_map(|(ep, _)| self.loaded.endpoints.get(&ep.id)?.set).collect();
+        sets.sort_unstable();
+        sets.dedup();
+        sets.retain(|r| self.loaded.sets.get(r).is_some_and(|s| s.policy.is_none()));
+        if sets.is_empty() {
+            return None;
+        }
+        let want = policy_keys(&g.policy.ingress, &g.policy.egress).ok()?;
+        // The rule each entry names decides; counter slots are the writer's.
+        let rules = |k: &EndpointKeys| -> Vec<((u32, PolicyKey), u32)> {
+            k.policy.iter().map(|(key, v)| (*key, v.rule_cookie)).collect()
+        };
+        sets.into_iter().find(|r| {
+            let Some(loaded) = self.loaded.sets.get(r) else { return false };
+            let mut keys = want.clone();
+            keys.keep_classes_of(&loaded.keys);
+            keys.cidr == loaded.keys.cidr && rules(&keys) == rules(&loaded.keys)
+        })
     }
 
     /// Makes `target` (or a new set) hold the group's policy: writes what
@@ -535,11 +594,16 @@ impl Datapath {
             value.stats_slot = self.slot_for(set.id, key.direction, value.rule_cookie);
         }
         let removals = self.update_set(set, keys, narrowed).map_err(|(map, source)| {
-            // The set is emptied and forgotten; its members fail closed
-            // (apply_endpoint with no set) and are retried next pass.
-            if let Some(old) = self.loaded.sets.remove(&set) {
-                for m in &old.members {
-                    if let Some(l) = self.loaded.endpoints.get_mut(m) {
+            // The set is emptied; its members fail closed (apply_endpoint
+            // with no set) and are retried next pass. It goes, its id and
+            // counter slots freed, with the sets no endpoint names at the
+            // end of the pass: never another policy's in this one.
+            if let Some(failed) = self.loaded.sets.get_mut(&set) {
+                failed.keys = EndpointKeys::default();
+                failed.policy = None;
+                failed.policy_hash = 0;
+                for m in std::mem::take(&mut failed.members) {
+                    if let Some(l) = self.loaded.endpoints.get_mut(&m) {
                         l.set = None;
                         l.applied = None;
                     }
@@ -741,14 +805,22 @@ impl Datapath {
         let unchanged = previous.is_some_and(|p| p.ifindex == idx && p.info == info);
         let table_full = if unchanged { None } else { self.maps.endpoints.insert(idx, info, 0).err() };
 
+        // What the kernel's table names now: the new entry, or when it
+        // could not be written, the old one on the same interface (none on
+        // a new interface: the programs drop there).
         let prev_set = previous.and_then(|p| p.set);
-        if prev_set != set
+        let same_interface = previous.filter(|p| p.ifindex == idx);
+        let (named, held) = match (&table_full, same_interface) {
+            (None, _) => (set, info),
+            (Some(_), Some(p)) => (p.set, p.info),
+            (Some(_), None) => (None, EndpointInfo { flags: EP_POLICY_OVERFLOW, ..info }),
+        };
+        if prev_set != named
             && let Some(s) = prev_set.and_then(|r| self.loaded.sets.get_mut(&r))
         {
             s.members.remove(&ep.id);
         }
-        let written_set = set.filter(|_| table_full.is_none());
-        if let Some(s) = written_set.and_then(|r| self.loaded.sets.get_mut(&r)) {
+        if let Some(s) = named.and_then(|r| self.loaded.sets.get_mut(&r)) {
             s.members.insert(ep.id);
         }
         let complete = overflow.is_none() && table_full.is_none() && set.is_some();
@@ -756,12 +828,8 @@ impl Datapath {
             name: ep.name.clone(),
             ifindex: idx,
             addresses: addresses.clone(),
-            info: if table_full.is_none() {
-                info
-            } else {
-                EndpointInfo { flags: EP_POLICY_OVERFLOW, ..info }
-            },
-            set: written_set,
+            info: held,
+            set: named,
             attached,
             applied: complete.then(|| ep.clone()),
         };
