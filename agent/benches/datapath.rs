@@ -64,8 +64,8 @@ fn state(endpoint: bool, peers: u32) -> CompiledState {
                 interface: "lo".into(),
                 identity: 999,
                 addresses: vec![],
-                ingress: DirectionPolicy { isolated: true, allow, prefixes },
-                egress: DirectionPolicy::default(),
+                ingress: DirectionPolicy { isolated: true, allow, prefixes }.into(),
+                egress: DirectionPolicy::default().into(),
             }]
         } else {
             vec![]

@@ -307,7 +307,7 @@ fn portcullis_state(bed: &Bed, rules: &Rules) -> CompiledState {
         .flat_map(|(ids, _)| ids.iter())
         .map(|id| IpcacheEntry { cidr: IpAddr::from(peer_ip(*id)).into(), identity: *id, name: None })
         .collect();
-    let endpoint = |id: u16, pod: &str, identity: u32, ingress, egress| {
+    let endpoint = |id: u16, pod: &str, identity: u32, ingress: DirectionPolicy, egress: DirectionPolicy| {
         let p = bed.pod(pod);
         EndpointState {
             id,
@@ -315,8 +315,8 @@ fn portcullis_state(bed: &Bed, rules: &Rules) -> CompiledState {
             interface: p.host_if.clone(),
             identity,
             addresses: vec![IpAddr::from(p.ipv4)],
-            ingress,
-            egress,
+            ingress: ingress.into(),
+            egress: egress.into(),
         }
     };
     for (pod, identity) in [("client", CLIENT), ("server", SERVER)] {

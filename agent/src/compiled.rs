@@ -2,7 +2,7 @@
 //! loads. Plain data, serialisable, so a state can also be fed to `agent run
 //! --state FILE` to drive the datapath directly.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -59,10 +59,11 @@ pub struct EndpointState {
     /// The pod's addresses; when given, it may send from these only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<std::net::IpAddr>,
+    /// Shared with the endpoints whose policy is the same.
     #[serde(default)]
-    pub ingress: DirectionPolicy,
+    pub ingress: Arc<DirectionPolicy>,
     #[serde(default)]
-    pub egress: DirectionPolicy,
+    pub egress: Arc<DirectionPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

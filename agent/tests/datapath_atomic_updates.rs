@@ -74,13 +74,14 @@ fn state(bed: &Bed, revision: u64, change: Change) -> CompiledState {
             interface: receiver.host_if.clone(),
             identity: 1001,
             addresses: vec![IpAddr::from(receiver.ipv4)],
-            ingress: DirectionPolicy { isolated: true, allow, prefixes },
+            ingress: DirectionPolicy { isolated: true, allow, prefixes }.into(),
             // Isolated egress that lets everything out: only the flag differs.
             egress: DirectionPolicy {
                 isolated: matches!(change, Change::Flags) && revision.is_multiple_of(2),
                 allow: vec![AllowEntry { peer: 0, protocol: None, ports: None, rule: 6 }],
                 prefixes: vec![],
-            },
+            }
+            .into(),
         }],
         services: vec![],
     }

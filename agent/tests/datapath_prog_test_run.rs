@@ -4,7 +4,7 @@
 //! program as if on that namespace's loopback (ifindex 1); the endpoint under
 //! test is therefore `lo`. Needs root and BPF.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use portcullis_agent::{
     compiled::{
@@ -58,8 +58,8 @@ fn backend_state(ingress: Vec<AllowEntry>) -> CompiledState {
             interface: "lo".into(),
             identity: 400,
             addresses: vec![ip("10.0.0.2"), ip("fd00::2"), ip("fd00:1::1"), ip("10.9.9.9")],
-            ingress: DirectionPolicy { isolated: true, allow: ingress, ..Default::default() },
-            egress: DirectionPolicy::default(),
+            ingress: DirectionPolicy { isolated: true, allow: ingress, ..Default::default() }.into(),
+            egress: DirectionPolicy::default().into(),
         }],
         services: vec![],
     }
@@ -348,7 +348,7 @@ fn endpoints_with_the_same_policy_share_one_policy_set() {
             replica.name = "default/backend-2".into();
             replica.interface = "pcrep1".into();
             replica.addresses = vec![ip("10.0.0.12")];
-            replica.ingress.allow = rules;
+            Arc::make_mut(&mut replica.ingress).allow = rules;
             state.endpoints.push(replica);
             state.revision = revision;
             state
@@ -384,7 +384,7 @@ fn endpoints_with_the_same_policy_share_one_policy_set() {
         // is updated in place, and the newcomer joins it once the old
         // policy's entries are gone.
         let mut both = with_replica(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)], 5);
-        both.endpoints[0].ingress.allow = both.endpoints[1].ingress.allow.clone();
+        both.endpoints[0].ingress = both.endpoints[1].ingress.clone();
         let mut third = both.endpoints[1].clone();
         third.id = 3;
         third.name = "default/backend-3".into();
@@ -450,7 +450,7 @@ fn prefixes_decide_by_longest_match_with_except_holes() {
     let prefix =
         |cidr: &str, allow: Vec<AllowEntry>| PrefixEntry { cidr: cidr.parse().expect("cidr"), allow };
     let mut state = backend_state(vec![]);
-    state.endpoints[0].ingress.prefixes = vec![
+    Arc::make_mut(&mut state.endpoints[0].ingress).prefixes = vec![
         prefix("10.0.0.0/8", vec![tcp80]),
         prefix("10.1.0.0/16", vec![]),
         prefix("10.1.2.0/24", vec![udp53]),
@@ -812,7 +812,7 @@ fn each_rule_counts_the_packets_of_the_flows_it_allowed_both_ways() {
         assert_eq!(dp.endpoint_counters(1).expect("counted").ingress.forwarded_packets, 0);
         assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 1)].0, 3, "the set's count");
         // A rule new to the set counts from nothing.
-        state.endpoints[0].ingress.allow[0].rule = 7;
+        Arc::make_mut(&mut state.endpoints[0].ingress).allow[0].rule = 7;
         state.revision = 4;
         assert!(dp.apply(&state).errors.is_empty());
         assert_eq!(dp.rule_counters(1)[&(DIR_INGRESS, 7)], (0, 0));
@@ -888,7 +888,8 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         isolated: true,
         allow: vec![allow(FRONTEND, Some(Protocol::Tcp), Some((8080, 8080)), 7)],
         ..Default::default()
-    };
+    }
+    .into();
     state.services = vec![ServiceFrontend { ip: ip("10.96.0.10"), protocol: Protocol::Tcp, port: 80 }];
     let dp_state = state.clone();
     with_datapath(state, move |dp, events| {
@@ -953,7 +954,7 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         // made through the Service: its next packet is marked again.
         let mut next = dp_state.clone();
         next.revision = 2;
-        next.endpoints[0].egress.allow.clear();
+        Arc::make_mut(&mut next.endpoints[0].egress).allow.clear();
         assert!(dp.apply(&next).errors.is_empty());
         assert!(dp.revoke_flows() >= 1);
         let (_, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0).expect("run");

@@ -254,7 +254,7 @@ mod tests {
             interface: "lo".into(),
             identity: 9,
             addresses: vec![],
-            ingress: DirectionPolicy::default(),
+            ingress: DirectionPolicy::default().into(),
             egress: DirectionPolicy {
                 isolated: true,
                 allow: vec![],
@@ -266,7 +266,8 @@ mod tests {
                         allow: vec![allow(80 + n as u16)],
                     })
                     .collect(),
-            },
+            }
+            .into(),
         }
     }
 

@@ -109,7 +109,7 @@ pub(super) struct SetRef {
 }
 
 /// The policy a set was compiled from: both directions.
-type SetPolicy = (DirectionPolicy, DirectionPolicy);
+type SetPolicy = (Arc<DirectionPolicy>, Arc<DirectionPolicy>);
 
 pub(super) struct LoadedSet {
     pub(super) keys: EndpointKeys,

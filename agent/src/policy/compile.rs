@@ -28,11 +28,13 @@ use crate::{
     },
 };
 
-/// Both directions of one endpoint.
+/// Both directions of one endpoint. Shared (`Arc`): endpoints whose policy
+/// is the same (a Deployment's replicas) hold one copy, and so do the
+/// states built from them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
-    pub ingress: DirectionPolicy,
-    pub egress: DirectionPolicy,
+    pub ingress: Arc<DirectionPolicy>,
+    pub egress: Arc<DirectionPolicy>,
 }
 
 /// A stable, non-zero number naming one rule of one policy in flow events.
@@ -129,8 +131,8 @@ impl<'a> Compiler<'a> {
 
     pub fn endpoint(&self, pod: &Pod) -> EndpointPolicy {
         EndpointPolicy {
-            ingress: self.direction(pod, Direction::Ingress),
-            egress: self.direction(pod, Direction::Egress),
+            ingress: Arc::new(self.direction(pod, Direction::Ingress)),
+            egress: Arc::new(self.direction(pod, Direction::Egress)),
         }
     }
 

@@ -14,13 +14,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{Hash as _, Hasher as _},
     net::IpAddr,
+    sync::{Arc, Weak},
 };
 
 use super::{
     compile::{Compiler, EndpointPolicy, PlanCache, PodsByIdentity, pod_peer_matches},
     identity::{Identities, IdentityLabels},
 };
+use crate::compiled::DirectionPolicy;
 use crate::model::{
     Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef, Service,
 };
@@ -86,6 +89,37 @@ pub struct Engine {
     /// falls back to the one before.
     ip_owner: HashMap<IpAddr, Vec<PodKey>>,
     endpoints: BTreeMap<PodKey, EndpointPolicy>,
+    shared: SharedPolicies,
+}
+
+/// One copy of each distinct direction policy the endpoints hold: a
+/// Deployment's 250 replicas compile to the same ~50 KB, kept once.
+#[derive(Default)]
+struct SharedPolicies {
+    by_hash: HashMap<u64, Vec<Weak<DirectionPolicy>>>,
+    added: u64,
+}
+
+impl SharedPolicies {
+    fn intern(&mut self, policy: Arc<DirectionPolicy>) -> Arc<DirectionPolicy> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        policy.hash(&mut h);
+        let same = self.by_hash.entry(h.finish()).or_default();
+        same.retain(|w| w.strong_count() > 0);
+        if let Some(kept) = same.iter().filter_map(Weak::upgrade).find(|kept| **kept == *policy) {
+            return kept;
+        }
+        same.push(Arc::downgrade(&policy));
+        // Now and then, forget the policies no endpoint holds any more.
+        self.added += 1;
+        if self.added.is_multiple_of(256) {
+            self.by_hash.retain(|_, v| {
+                v.retain(|w| w.strong_count() > 0);
+                !v.is_empty()
+            });
+        }
+        policy
+    }
 }
 
 impl Engine {
@@ -100,6 +134,7 @@ impl Engine {
             plans: PlanCache::default(),
             ip_owner: HashMap::new(),
             endpoints: BTreeMap::new(),
+            shared: SharedPolicies::default(),
         }
     }
 
@@ -171,9 +206,19 @@ impl Engine {
 
         let mut diff = Diff { ipcache, services, ..Diff::default() };
         let compiler = Compiler::new(&self.cluster, &self.identities, &self.pods_by_identity, &self.plans);
-        for key in affected {
-            let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
-            let new = pod.map(|p| compiler.endpoint(p));
+        let compiled: Vec<(PodKey, Option<EndpointPolicy>)> = affected
+            .into_iter()
+            .map(|key| {
+                let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
+                let new = pod.map(|p| compiler.endpoint(p));
+                (key, new)
+            })
+            .collect();
+        for (key, new) in compiled {
+            let new = new.map(|p| EndpointPolicy {
+                ingress: self.shared.intern(p.ingress),
+                egress: self.shared.intern(p.egress),
+            });
             diff.recompiled += usize::from(new.is_some());
             let old = self.endpoints.get(&key);
             if old != new.as_ref() {
@@ -419,6 +464,24 @@ mod tests {
         assert!(diff.endpoints.is_empty(), "{diff:?}");
         assert_eq!(diff.recompiled, 0);
         assert_eq!(diff.ipcache.len(), 1);
+    }
+
+    #[test]
+    fn replicas_share_one_copy_of_their_policy() {
+        let mut e = Engine::new("n1");
+        e.apply([
+            Change::UpsertNamespace(Namespace { name: "x".into(), labels: Labels::new() }),
+            Change::UpsertPod(pod("x", "web1", "web", 1, "n1")),
+            Change::UpsertPod(pod("x", "fe1", "fe", 2, "n2")),
+            Change::UpsertPolicy(allow_from("x", "p", "web", "fe")),
+        ]);
+        // A replica started later, compiled on its own.
+        e.apply([Change::UpsertPod(pod("x", "web2", "web", 3, "n1"))]);
+        let key = |name: &str| PodKey { namespace: "x".into(), name: name.into() };
+        let (a, b) = (&e.endpoints()[&key("web1")], &e.endpoints()[&key("web2")]);
+        assert!(a.ingress.isolated && !a.ingress.allow.is_empty());
+        assert!(Arc::ptr_eq(&a.ingress, &b.ingress), "one copy");
+        assert!(Arc::ptr_eq(&a.egress, &b.egress));
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub fn state(bed: &Bed, revision: u64, pods: Vec<PodPolicy<'_>>) -> CompiledStat
             interface: pod.host_if.clone(),
             identity: p.identity,
             addresses,
-            ingress: p.ingress,
-            egress: p.egress,
+            ingress: p.ingress.into(),
+            egress: p.egress.into(),
         });
     }
     CompiledState { revision, identities: Default::default(), ipcache, endpoints, services: vec![] }
