@@ -25,7 +25,8 @@ use super::{
 };
 use crate::compiled::DirectionPolicy;
 use crate::model::{
-    Cluster, Direction, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey, PortRef, Service,
+    Cluster, ContainerPort, Direction, Labels, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey,
+    PortRef, Service,
 };
 
 #[derive(Clone, Debug)]
@@ -206,11 +207,18 @@ impl Engine {
 
         let mut diff = Diff { ipcache, services, ..Diff::default() };
         let compiler = Compiler::new(&self.cluster, &self.identities, &self.pods_by_identity, &self.plans);
+        // A pod's policy depends on its namespace, labels and ports alone:
+        // replicas are compiled once per change.
+        let mut same: HashMap<(&str, &Labels, &[ContainerPort]), EndpointPolicy> = HashMap::new();
         let compiled: Vec<(PodKey, Option<EndpointPolicy>)> = affected
             .into_iter()
             .map(|key| {
                 let pod = self.cluster.pods.get(&key).filter(|p| self.is_local(p));
-                let new = pod.map(|p| compiler.endpoint(p));
+                let new = pod.map(|p| {
+                    same.entry((p.namespace.as_str(), &p.labels, p.ports.as_slice()))
+                        .or_insert_with(|| compiler.endpoint(p))
+                        .clone()
+                });
                 (key, new)
             })
             .collect();
