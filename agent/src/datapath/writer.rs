@@ -270,6 +270,7 @@ impl Datapath {
         let mut seen = HashSet::new();
         let mut groups: Vec<Group<'_>> = Vec::new();
         let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut by_address: HashMap<(usize, usize), usize> = HashMap::new();
         let fail = |report: &mut ApplyReport, ep: &EndpointState, e: WriteError| {
             tracing::warn!(error = %e, "endpoint kept at its last good state");
             report.errors.push(e.to_string());
@@ -313,15 +314,26 @@ impl Datapath {
             {
                 continue;
             }
+            // Replicas hold the very same policy (shared by the engine):
+            // found by address before hashing a copy's content.
+            let shared = (Arc::as_ptr(&ep.ingress) as usize, Arc::as_ptr(&ep.egress) as usize);
+            if let Some(&g) = by_address.get(&shared) {
+                groups[g].members.push((ep, idx));
+                continue;
+            }
             let hash = policy_hash(&ep.ingress, &ep.egress);
             let same = by_hash.entry(hash).or_default();
             match same.iter().find(|g| {
                 let p = groups[**g].policy;
                 p.ingress == ep.ingress && p.egress == ep.egress
             }) {
-                Some(&g) => groups[g].members.push((ep, idx)),
+                Some(&g) => {
+                    groups[g].members.push((ep, idx));
+                    by_address.insert(shared, g);
+                }
                 None => {
                     same.push(groups.len());
+                    by_address.insert(shared, groups.len());
                     groups.push(Group { policy: ep, hash, members: vec![(ep, idx)] });
                 }
             }
