@@ -330,8 +330,8 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
     }
     let mut gaps = Gaps::default();
     let dropped = |a: &Agent| a.metric("portcullis_dropped_packets_total").unwrap_or(f64::NAN);
-    let s = gap_sweeps()?;
     let d0 = dropped(&a);
+    let s = gap_sweeps()?;
     let (l0, l1) = steady(20)?;
     gaps.add("steady", &receivers, s.stop(), dropped(&a) - d0);
     let load_cpu = (l1.cpu - l0.cpu).as_secs_f64() / 20.0;
@@ -354,8 +354,8 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
     );
 
     // A full resync: the API server restarts, every watch relists.
-    let s = gap_sweeps()?;
     let d0 = dropped(&a);
+    let s = gap_sweeps()?;
     let peak = RssPeak::start(a.pid());
     let r0 = a.usage()?;
     let restarts0 = a.metric("portcullis_api_watch_restarts_total").unwrap_or(0.0);
@@ -400,8 +400,8 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
     let mut adoption = Vec::new();
     let mut start_peak = Vec::new();
     let mut start_cpu = Vec::new();
-    let s = gap_sweeps()?;
     let d0 = dropped(&a);
+    let s = gap_sweeps()?;
     for _ in 0..5 {
         a.stop()?;
         a = Agent::start(&bed.node, &env.binary, &env.kubeconfig, pin_dir, &env.log)?;
