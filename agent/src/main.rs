@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use portcullis_agent::{
     api, cli, cni,
     compiled::CompiledState,
-    datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
+    datapath::{AttachMode, DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
     flows::{Flow, FlowReader, Names, monotonic_epoch, observe_args::ObserveArgs, store::FlowStore},
     inspect,
     model::PodKey,
@@ -116,6 +116,11 @@ struct RunArgs {
     /// Report every new flow a policy lets through, not only drops.
     #[arg(long, env = "PORTCULLIS_REPORT_ALLOWED")]
     report_allowed: bool,
+    /// How new endpoints' hooks are attached: tc filters (fast), or TCX
+    /// links (each waits for an RCU grace period). Hooks in place keep
+    /// their kind.
+    #[arg(long, env = "PORTCULLIS_ATTACH", value_enum, default_value_t = AttachMode::Tc)]
+    attach: AttachMode,
     /// A BPF map's size, as NAME=ENTRIES (repeatable). Maps: endpoints,
     /// ipcache, policy, cidr, conntrack, endpoint-addresses, services,
     /// service-pending, flows-bytes. A pinned map of another size is
@@ -284,6 +289,7 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 pin_dir,
                 revoke_flows,
                 report_allowed,
+                attach,
                 map_sizes,
                 ct_sweep_interval,
                 netdevs,
@@ -323,7 +329,7 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
             for spec in map_sizes.iter().filter(|s| !s.trim().is_empty()) {
                 sizes.set(spec).map_err(|e| anyhow::anyhow!("--map-size {e}"))?;
             }
-            let config = DatapathConfig { pin_dir, map_sizes: sizes, report_allowed };
+            let config = DatapathConfig { pin_dir, map_sizes: sizes, report_allowed, attach };
             let options = RunOptions {
                 revoke_flows,
                 ct_sweep_interval: Duration::from_secs(ct_sweep_interval.max(1)),
@@ -906,6 +912,12 @@ fn uninstall(pin_dir: &Path, cni: Option<(&Path, &Path)>) -> Result<()> {
     if let Some((bin, conf)) = cni {
         cni::uninstall(bin, conf).context("removing the CNI plugin")?;
         eprintln!("removed the CNI plugin from {} and {}", bin.display(), conf.display());
+    }
+    // The filters first: they hold the programs, and the programs the maps.
+    let filters =
+        portcullis_agent::datapath::detach_all_filters().context("removing the endpoints' tc filters")?;
+    if filters > 0 {
+        eprintln!("removed {filters} tc filters");
     }
     match std::fs::remove_dir_all(pin_dir) {
         Ok(()) => {

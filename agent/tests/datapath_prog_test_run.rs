@@ -314,14 +314,44 @@ fn a_new_state_replaces_the_old_one_whole() {
         assert_eq!(ingress(dp, Frame::tcp(admin, backend, 22)), TC_PASS);
         // Dropping the endpoint from the state takes the programs off its
         // interface (were they left, they would drop everything there).
-        assert_eq!(dp.pinned_link_ifindexes(), vec![1]);
+        for direction in ["ingress", "egress"] {
+            assert!(endpoint_filter("lo", direction), "{direction} filter on lo");
+        }
         let mut gone = next.clone();
         gone.endpoints.clear();
         gone.revision = 3;
         let report = dp.apply(&gone);
         assert_eq!(report.endpoints_removed, 1);
-        assert!(dp.pinned_link_ifindexes().is_empty());
+        for direction in ["ingress", "egress"] {
+            assert!(!endpoint_filter("lo", direction), "{direction} filter left on lo");
+        }
     });
+}
+
+/// `agent uninstall` takes the filters off every interface: they hold the
+/// programs (and those the maps) past the pins.
+#[test]
+fn uninstalling_removes_the_endpoint_filters() {
+    with_datapath(backend_state(default_rules()), |_, _| {
+        assert!(endpoint_filter("lo", "ingress") && endpoint_filter("lo", "egress"));
+        assert_eq!(portcullis_agent::datapath::detach_all_filters().expect("detach"), 2);
+        assert!(!endpoint_filter("lo", "ingress") && !endpoint_filter("lo", "egress"));
+        assert_eq!(portcullis_agent::datapath::detach_all_filters().expect("detach again"), 0);
+    });
+}
+
+/// Whether the endpoint's tc filter (the agent's priority and handle) is on
+/// `interface`'s `direction` hook, as `tc` sees it from this thread's
+/// network namespace.
+fn endpoint_filter(interface: &str, direction: &str) -> bool {
+    let out = std::process::Command::new("tc")
+        .args(["filter", "show", "dev", interface, direction])
+        .output()
+        .expect("tc filter show");
+    assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.contains("pref 1 bpf") && l.contains("handle 0x5043"))
 }
 
 /// Endpoints with the same policy (a Deployment's replicas) share one

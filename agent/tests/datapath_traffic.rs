@@ -57,8 +57,12 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     ];
     write(&state(&bed, 1, frontend_rules.clone()));
 
+    // This agent attaches TCX links, as earlier releases did; the one that
+    // takes over below (tc filters by default) keeps them.
     let args = bed_state::run_args(&file, &pins);
-    let mut agent = bed_state::start_agent(&bed, &args, 1);
+    let mut tcx_args = args.clone();
+    tcx_args.extend(["--attach".into(), "tcx".into()]);
+    let mut agent = bed_state::start_agent(&bed, &tcx_args, 1);
     let wait = |agent: &mut AgentProcess, parts: &[&str], secs: u64| {
         agent.wait_for(parts, Duration::from_secs(secs)).expect("agent line")
     };
@@ -133,6 +137,14 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(reaches(&bed, "other", b4, Tcp, 80), "allowed by revision 4");
     assert!(!reaches(&bed, "frontend", b4, Tcp, 80), "still revoked");
     assert!(!reaches(&bed, "frontend", b4, Udp, 53), "revoked by revision 4");
+    // It swapped its programs into the TCX links; it added no filters,
+    // which would judge packets a second time.
+    let host_if = bed.pod("backend").host_if.clone();
+    for direction in ["ingress", "egress"] {
+        let out = bed.node.command("tc").args(["filter", "show", "dev", &host_if, direction]).output();
+        let out = out.expect("tc filter show");
+        assert!(out.stdout.is_empty(), "{direction}: {}", String::from_utf8_lossy(&out.stdout));
+    }
     agent.stop();
 
     // Uninstalling removes the pins, and with them enforcement.
@@ -145,5 +157,6 @@ fn agent_enforces_tcp_and_udp_between_pods() {
         .expect("uninstall");
     assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!pins.path.exists());
-    assert!(reaches(&bed, "other", b4, Tcp, 80), "nothing enforces after uninstall");
+    assert!(reaches(&bed, "frontend", b4, Tcp, 80), "nothing enforces after uninstall");
+    assert!(reaches(&bed, "frontend", b4, Udp, 53), "nothing enforces after uninstall");
 }

@@ -1,16 +1,24 @@
-//! Attaching the programs to an endpoint's host-side veth as TCX links, pinned
-//! so that enforcement outlives the agent: a restarted agent swaps the program
-//! inside the existing link (atomic), it never detaches and re-attaches.
+//! Attaching the programs to an endpoint's host-side veth.
+//!
+//! An endpoint's hooks are tc filters on a clsact qdisc, at a fixed priority
+//! and handle: they outlive the agent, and a restarted agent replaces the
+//! program inside them (atomic), it never detaches and re-attaches. Not TCX
+//! links: a TCX attach waits for an RCU grace period under RTNL (~16 ms
+//! here, see docs/decisions.md), so pods started together queue behind one
+//! another, while a filter is attached in well under a millisecond.
+//! TCX links pinned by earlier agents are adopted as they are (the program
+//! swapped inside them), and the node devices' Service hook is a TCX link
+//! (attached once).
 
 use std::{io, path::PathBuf};
 
 use aya::programs::{
-    LinkOrder, TcAttachType,
-    links::{FdLink, LinkError, PinnedLink},
-    tc::{SchedClassifierLink, TcAttachOptions},
+    LinkOrder, ProgramError, TcAttachType,
+    links::{FdLink, Link as _, LinkError, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
 };
 
-use super::{Datapath, DatapathError, Hook, classifier};
+use super::{AttachMode, Datapath, DatapathError, Hook, classifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -21,10 +29,32 @@ pub enum AttachError {
         interface: String,
         hook: Hook,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where an endpoint's filters sit among a clsact qdisc's: first, under a
+/// handle of our own ("PC"), so a replace never touches another tool's.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x5043);
+
+fn attach_type(hook: Hook) -> TcAttachType {
+    match hook {
+        Hook::FromContainer => TcAttachType::Ingress,
+        Hook::ToContainer | Hook::ToNetdev => TcAttachType::Egress,
+    }
+}
+
+/// The errno behind a netlink failure, if any.
+fn netlink_errno(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(TcError::NetlinkError(e)) | ProgramError::NetlinkError(e) => e.raw_os_error(),
+        _ => None,
+    }
 }
 
 impl Datapath {
@@ -39,28 +69,74 @@ impl Datapath {
     }
 
     /// Attaches both hooks to the interface `ifindex` (in the caller's network
-    /// namespace); where its links are pinned already, swaps their program.
+    /// namespace); where they are attached already, swaps their program.
     pub fn attach(&mut self, ifindex: u32) -> Result<(), AttachError> {
         let interface = ifname(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
         let interface = interface.as_str();
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
         for hook in [Hook::FromContainer, Hook::ToContainer] {
-            self.attach_hook(interface, ifindex, hook).map_err(|source| AttachError::Attach {
-                interface: interface.into(),
-                hook,
-                source,
-            })?;
+            let attached = match self.swap_pinned(interface, ifindex, hook) {
+                Ok(true) => Ok(()),
+                Ok(false) if self.attach == AttachMode::Tcx => match self.replace_filter(interface, hook) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => self.attach_link(interface, ifindex, hook),
+                    Err(e) => Err(e),
+                },
+                Ok(false) => self.attach_filter(interface, hook),
+                Err(e) => Err(e),
+            };
+            attached.map_err(|source| AttachError::Attach { interface: interface.into(), hook, source })?;
         }
         Ok(())
     }
 
-    fn attach_hook(
-        &mut self,
-        interface: &str,
-        ifindex: u32,
-        hook: Hook,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// The hook as a tc filter: created, or its program replaced in place.
+    fn attach_filter(&mut self, interface: &str, hook: Hook) -> Result<(), BoxError> {
+        let prog = classifier(&mut self.ebpf, hook.program())?;
+        match tc::qdisc_add_clsact(interface) {
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            other => other?,
+        }
+        let options = NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, classid: None };
+        match prog.attach_with_options(interface, attach_type(hook), TcAttachOptions::Netlink(options)) {
+            Ok(id) => {
+                // The filter outlives this handle: dropping it would detach.
+                std::mem::forget(prog.take_link(id)?);
+                Ok(())
+            }
+            Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
+                self.replace_filter(interface, hook)?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces the program in the hook's filter, if there is one.
+    fn replace_filter(&mut self, interface: &str, hook: Hook) -> Result<bool, BoxError> {
+        let prog = classifier(&mut self.ebpf, hook.program())?;
+        let link = SchedClassifierLink::attached(
+            interface,
+            attach_type(hook),
+            FILTER_PRIORITY,
+            FILTER_HANDLE,
+            None,
+        )?;
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                std::mem::forget(prog.take_link(id)?);
+                Ok(true)
+            }
+            Err(e) if matches!(netlink_errno(&e), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Swaps the hook's program into the TCX link pinned for it, if there
+    /// is one; false if there is none (a stale pin, whose interface index
+    /// was reused, is removed).
+    fn swap_pinned(&mut self, interface: &str, ifindex: u32, hook: Hook) -> Result<bool, BoxError> {
         let pin = self.link_pin(ifindex, hook);
         let prog = classifier(&mut self.ebpf, hook.program())?;
         match PinnedLink::from_pin(&pin) {
@@ -70,26 +146,30 @@ impl Datapath {
                     Ok(id) => {
                         // The pin keeps the link; our handle may go.
                         drop(prog.take_link(id)?);
-                        return Ok(());
+                        Ok(true)
                     }
                     Err(e) => {
-                        // The interface behind the old link is gone (its index
-                        // reused): start over with a fresh link.
-                        tracing::debug!(interface, ?hook, error = %e, "replacing stale link pin");
+                        tracing::debug!(interface, ?hook, error = %e, "removing stale link pin");
                         std::fs::remove_file(&pin)?;
+                        Ok(false)
                     }
                 }
             }
-            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        let attach_type = match hook {
-            Hook::FromContainer => TcAttachType::Ingress,
-            Hook::ToContainer | Hook::ToNetdev => TcAttachType::Egress,
-        };
+    }
+
+    /// The hook as a pinned TCX link (node devices).
+    fn attach_link(&mut self, interface: &str, ifindex: u32, hook: Hook) -> Result<(), BoxError> {
+        if self.swap_pinned(interface, ifindex, hook)? {
+            return Ok(());
+        }
+        let pin = self.link_pin(ifindex, hook);
+        let prog = classifier(&mut self.ebpf, hook.program())?;
         let id = prog.attach_with_options(
             interface,
-            attach_type,
+            attach_type(hook),
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )?;
         let link = FdLink::try_from(prog.take_link(id)?)?;
@@ -107,22 +187,71 @@ impl Datapath {
         })?;
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
-        self.attach_hook(interface, idx, Hook::ToNetdev).map_err(|source| AttachError::Attach {
+        self.attach_link(interface, idx, Hook::ToNetdev).map_err(|source| AttachError::Attach {
             interface: interface.into(),
             hook: Hook::ToNetdev,
             source,
         })
     }
 
-    /// Removes the pinned links of an interface; the kernel detaches them.
+    /// Removes an interface's hooks: its filters, and the pins of links an
+    /// earlier agent made (the kernel then detaches those).
     pub fn detach(&mut self, ifindex: u32) -> io::Result<()> {
         for hook in [Hook::FromContainer, Hook::ToContainer] {
             match std::fs::remove_file(self.link_pin(ifindex, hook)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
+            // A vanished interface took its filters along.
+            if let Some(interface) = ifname(ifindex) {
+                detach_filter(&interface, hook)?;
+            }
         }
         Ok(())
+    }
+}
+
+/// Removes one hook's filter; false if there was none.
+fn detach_filter(interface: &str, hook: Hook) -> io::Result<bool> {
+    let link =
+        SchedClassifierLink::attached(interface, attach_type(hook), FILTER_PRIORITY, FILTER_HANDLE, None)?;
+    match link.detach() {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(netlink_errno(&e), Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)) => Ok(false),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// Removes the endpoint filters from every interface of the caller's
+/// network namespace (uninstalling: the filters hold the programs, and the
+/// programs the maps, past their pins); returns how many.
+pub fn detach_all_filters() -> io::Result<usize> {
+    let mut removed = 0;
+    for interface in interfaces() {
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            removed += usize::from(detach_filter(&interface, hook)?);
+        }
+    }
+    Ok(removed)
+}
+
+/// The names of the caller's network namespace's interfaces.
+fn interfaces() -> Vec<String> {
+    // SAFETY: if_nameindex returns an array terminated by a zeroed entry
+    // (or null on failure), freed below with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return vec![];
+        }
+        let mut out = vec![];
+        let mut p = list;
+        while (*p).if_index != 0 {
+            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+        out
     }
 }
 

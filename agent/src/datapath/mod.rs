@@ -23,7 +23,7 @@ use portcullis_common::{
     map_names, map_sizes, program_names,
 };
 
-pub use attach::{AttachError, ifindex, ifname};
+pub use attach::{AttachError, detach_all_filters, ifindex, ifname};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use inspect::{KernelEndpoint, KernelVerdict};
@@ -148,6 +148,21 @@ pub struct DatapathConfig {
     pub map_sizes: MapSizes,
     /// Report every new flow a policy lets through, not only drops.
     pub report_allowed: bool,
+    /// How new endpoints' hooks are attached.
+    pub attach: AttachMode,
+}
+
+/// How an endpoint's hooks are attached to its veth. Hooks already in place
+/// (either way, by an earlier agent) keep their kind; only their program
+/// is replaced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// tc filters on a clsact qdisc: attached in well under a millisecond.
+    #[default]
+    Tc,
+    /// TCX links, pinned: owned by the agent, but each attach waits for an
+    /// RCU grace period (~16 ms) under RTNL, so pod starts queue.
+    Tcx,
 }
 
 impl Default for DatapathConfig {
@@ -156,6 +171,7 @@ impl Default for DatapathConfig {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             map_sizes: MapSizes::default(),
             report_allowed: false,
+            attach: AttachMode::default(),
         }
     }
 }
@@ -197,6 +213,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     report_allowed: bool,
+    attach: AttachMode,
     sizes: MapSizes,
     maps: Maps,
     flows: Option<RingBuf<MapData>>,
@@ -251,6 +268,7 @@ impl Datapath {
             ebpf,
             pin_dir: config.pin_dir.clone(),
             report_allowed: config.report_allowed,
+            attach: config.attach,
             sizes: config.map_sizes.clone(),
             maps,
             flows,
