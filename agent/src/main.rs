@@ -825,9 +825,13 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             }
         }
         if revoke_flows && report.narrowed {
+            let started = std::time::Instant::now();
             let revoked = dp.revoke_flows();
+            let ms = started.elapsed().as_secs_f64() * 1e3;
             if revoked > 0 {
-                tracing::info!(revoked, "cut tracked flows the policy no longer allows");
+                tracing::info!(revoked, ms, "cut tracked flows the policy no longer allows");
+            } else {
+                tracing::debug!(ms, "no tracked flow to cut");
             }
         }
         if news {

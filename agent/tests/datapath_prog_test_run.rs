@@ -992,6 +992,32 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
     });
 }
 
+/// The agent reads conntrack in batches of 4,096 (revocation and the sweep
+/// walk all of it): every entry comes back once, as written.
+#[test]
+fn conntrack_is_read_whole_across_batches() {
+    with_datapath(backend_state(vec![]), |dp, _| {
+        let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
+        assert_eq!(verdict(dp, Hook::FromContainer, &Frame::udp(me, peer, 53)), TC_PASS);
+        let template = dp.conntrack_entries()[0];
+        let written: std::collections::BTreeMap<u16, u64> =
+            (0..10_000u16).map(|i| (20_000 + i, u64::from(i) * 7 + 1)).collect();
+        for (&port, &expires_ns) in &written {
+            let key = portcullis_common::CtKey { local_port: port, ..template.key };
+            dp.conntrack_set(&CtEntry { key, value: CtValue { expires_ns, ..template.value } })
+                .expect("write");
+        }
+        let read: Vec<CtEntry> = dp.conntrack_entries();
+        assert_eq!(read.len(), written.len() + 1, "each entry once");
+        let by_port: std::collections::BTreeMap<u16, u64> = read
+            .iter()
+            .filter(|e| e.key != template.key)
+            .map(|e| (e.key.local_port, e.value.expires_ns))
+            .collect();
+        assert_eq!(by_port, written);
+    });
+}
+
 #[test]
 fn a_full_conntrack_table_evicts_the_oldest_flows_which_then_meet_the_policy_again() {
     let mut config = DatapathConfig::default();

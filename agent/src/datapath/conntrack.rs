@@ -152,6 +152,12 @@ impl Datapath {
 
     /// Every conntrack entry (a snapshot; the programs keep writing).
     pub fn conntrack_entries(&self) -> Vec<CtEntry> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        match super::raw_map::lookup_batch::<CtKey, CtValue>(self.maps.conntrack.map().fd().as_fd(), 4096) {
+            Ok(entries) => return entries.into_iter().map(|(key, value)| CtEntry { key, value }).collect(),
+            Err(e) => tracing::debug!(error = %e, "batched conntrack read; reading key by key"),
+        }
         let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
         keys.into_iter()
             .filter_map(|key| Some(CtEntry { key, value: self.maps.conntrack.get(&key, 0).ok()? }))

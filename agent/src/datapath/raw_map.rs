@@ -97,3 +97,58 @@ pub fn pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
     attr.0[1] = fd.as_raw_fd() as u32 as u64;
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of a hash map, a chunk per call (walking it key by key
+/// takes two calls per entry: a full conntrack table is 250,000 flows).
+/// `K` and `V` must be the map's key and value layouts. Like any walk of a
+/// map that programs write, a snapshot only entry by entry.
+pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    mut chunk: usize,
+) -> std::io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
+    // The hash map's batch token: the bucket to go on from.
+    let (mut token, mut next, mut first) = (0u32, 0u32, true);
+    loop {
+        keys.clear();
+        values.clear();
+        keys.reserve(chunk);
+        values.reserve(chunk);
+        let mut attr = Attr([0; 16]);
+        attr.0[0] = if first { 0 } else { &token as *const u32 as u64 }; // in_batch
+        attr.0[1] = &mut next as *mut u32 as u64; // out_batch
+        attr.0[2] = keys.as_mut_ptr() as u64;
+        attr.0[3] = values.as_mut_ptr() as u64;
+        attr.0[4] = chunk as u64 | (u64::from(fd.as_raw_fd() as u32) << 32); // count, map_fd
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // The kernel writes back how many entries it filled, also at the end.
+        let count = (attr.0[4] & 0xffff_ffff) as usize;
+        let done = match result {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // A bucket holds more entries than a chunk: a bigger one.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let count = count.min(chunk);
+        // SAFETY: the kernel filled `count` (at most `chunk`, the capacity)
+        // keys and values, plain data of the map's layouts.
+        unsafe {
+            keys.set_len(count);
+            values.set_len(count);
+        }
+        out.extend(keys.iter().copied().zip(values.iter().copied()));
+        if done {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
+}
