@@ -102,7 +102,21 @@ fn flipping_generations_thousands_of_times_drops_no_packet_it_allows() {
     rewrite_under_traffic(Change::Flags);
 }
 
+/// An agent restart (an upgrade) swaps the programs inside the hooks in
+/// place: a new agent takes over a hundred times while the pod sends, and
+/// each one writes a new policy version too.
+#[test]
+fn taking_over_from_an_earlier_agent_a_hundred_times_drops_no_packet_it_allows() {
+    rewrite_under_traffic_with(Change::Entries, 100, true);
+}
+
 fn rewrite_under_traffic(change: Change) {
+    rewrite_under_traffic_with(change, REWRITES, false);
+}
+
+/// `rewrites` new versions; with `restart`, each written by a new agent
+/// that first adopts what the last one left.
+fn rewrite_under_traffic_with(change: Change, rewrites: u64, restart: bool) {
     let mut bed = Bed::new().expect("bed");
     bed.add_pod("sender").expect("pod");
     bed.add_pod("receiver").expect("pod");
@@ -110,19 +124,24 @@ fn rewrite_under_traffic(change: Change) {
     let pin_dir = pins.path.clone();
     let target = SocketAddr::new(IpAddr::from(bed.pod("receiver").ipv4), 5353);
 
-    let states: Vec<CompiledState> = (1..=REWRITES + 1).map(|r| state(&bed, r, change)).collect();
+    let states: Vec<CompiledState> = (1..=rewrites + 1).map(|r| state(&bed, r, change)).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let writer = bed
         .node
         .spawn(move || {
-            let mut dp = Datapath::load(&DatapathConfig { pin_dir, ..Default::default() }).expect("load");
+            let config = DatapathConfig { pin_dir, ..Default::default() };
+            let mut dp = Datapath::load(&config).expect("load");
             let report = dp.apply(&states[0]);
             assert!(report.errors.is_empty(), "{:?}", report.errors);
             ready_tx.send(()).expect("ready");
             go_rx.recv().expect("go");
             for s in &states[1..] {
+                if restart {
+                    drop(dp);
+                    dp = Datapath::load(&config).expect("a new agent loads");
+                }
                 let report = dp.apply(s);
                 assert!(report.errors.is_empty(), "{:?}", report.errors);
                 assert_eq!(report.endpoints_written, 1, "revision {} rewrote the endpoint", s.revision);
@@ -168,7 +187,8 @@ fn rewrite_under_traffic(change: Change) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
     eprintln!(
-        "{REWRITES} rewrites; {sent} datagrams sent, {} forwarded, {} dropped",
+        "{rewrites} rewrites{}; {sent} datagrams sent, {} forwarded, {} dropped",
+        if restart { " by new agents" } else { "" },
         ingress.forwarded_packets,
         ingress.dropped_total()
     );

@@ -75,6 +75,12 @@ impl Sweep {
     }
 }
 
+/// The bytes of a map key (plain data).
+fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `Pod` types are plain data, readable as bytes.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
 /// The clock of `bpf_ktime_get_ns`: CLOCK_MONOTONIC, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -123,45 +129,63 @@ impl Datapath {
             .collect();
         let mut answers: HashMap<Question, bool> = HashMap::new();
         let mut revoked = 0;
-        for entry in self.conntrack_entries() {
-            let question = Question::of(&entry);
-            let allowed = match answers.get(&question) {
-                Some(a) => *a,
-                None => {
-                    let a = self.flow_allowed(&entry, &hosts);
-                    answers.insert(question, a);
-                    a
-                }
-            };
-            if !allowed && self.maps.conntrack.remove(&entry.key).is_ok() {
+        self.walk_conntrack(|entry, delete| {
+            let question = Question::of(entry);
+            let allowed = *answers.entry(question).or_insert_with(|| self.flow_allowed(entry, &hosts));
+            if !allowed && delete(&entry.key) {
                 revoked += 1;
             }
-        }
+        });
         revoked
     }
 
     /// Deletes the entries that expired before `now_ns` (monotonic).
     pub fn sweep_conntrack(&mut self, now_ns: u64) -> Sweep {
-        let entries = self.conntrack_entries();
-        let total = entries.len();
-        let expired: Vec<CtKey> =
-            entries.into_iter().filter(|e| e.value.expires_ns <= now_ns).map(|e| e.key).collect();
-        let removed = expired.iter().filter(|k| self.maps.conntrack.remove(k).is_ok()).count();
+        let (mut total, mut removed) = (0, 0);
+        self.walk_conntrack(|entry, delete| {
+            total += 1;
+            if entry.value.expires_ns <= now_ns && delete(&entry.key) {
+                removed += 1;
+            }
+        });
         Sweep { removed, live: total - removed, capacity: self.sizes.conntrack as usize }
     }
 
     /// Every conntrack entry (a snapshot; the programs keep writing).
     pub fn conntrack_entries(&self) -> Vec<CtEntry> {
+        let mut out = Vec::new();
+        self.walk_conntrack(|entry, _| out.push(*entry));
+        out
+    }
+
+    /// Calls `each` with every conntrack entry and a way to delete it (true
+    /// if it was there), a few thousand entries read per call, never the
+    /// whole table held at once.
+    fn walk_conntrack(&self, mut each: impl FnMut(&CtEntry, &mut dyn FnMut(&CtKey) -> bool)) {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
-        match super::raw_map::lookup_batch::<CtKey, CtValue>(self.maps.conntrack.map().fd().as_fd(), 4096) {
-            Ok(entries) => return entries.into_iter().map(|(key, value)| CtEntry { key, value }).collect(),
-            Err(e) => tracing::debug!(error = %e, "batched conntrack read; reading key by key"),
+        let fd = self.maps.conntrack.map().fd().as_fd();
+        let mut delete = |key: &CtKey| super::raw_map::delete(fd, bytes_of(key)).unwrap_or(false);
+        let mut read = false;
+        let batched = super::raw_map::for_each_batch::<CtKey, CtValue>(fd, 4096, |keys, values| {
+            read = true;
+            for (key, value) in keys.iter().zip(values) {
+                each(&CtEntry { key: *key, value: *value }, &mut delete);
+            }
+        });
+        let Err(e) = batched else { return };
+        if read {
+            tracing::warn!(error = %e, "reading conntrack stopped part of the way");
+            return;
         }
+        // Kernels without batched hash map reads (before 5.6).
+        tracing::debug!(error = %e, "batched conntrack read; reading key by key");
         let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
-        keys.into_iter()
-            .filter_map(|key| Some(CtEntry { key, value: self.maps.conntrack.get(&key, 0).ok()? }))
-            .collect()
+        for key in keys {
+            if let Ok(value) = self.maps.conntrack.get(&key, 0) {
+                each(&CtEntry { key, value }, &mut delete);
+            }
+        }
     }
 
     /// Writes one entry as the programs would (tools and tests: ageing a

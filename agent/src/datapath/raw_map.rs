@@ -100,15 +100,17 @@ pub fn pin(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Every entry of a hash map, a chunk per call (walking it key by key
-/// takes two calls per entry: a full conntrack table is 250,000 flows).
+/// Calls `each` with every entry of a hash map, a chunk at a time (walking
+/// it key by key takes two calls per entry, and a full conntrack table is
+/// 250,000 flows; holding them all would double the agent's memory).
 /// `K` and `V` must be the map's key and value layouts. Like any walk of a
-/// map that programs write, a snapshot only entry by entry.
-pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+/// map that programs write, a snapshot only entry by entry; `each` may
+/// delete what it was given.
+pub fn for_each_batch<K: aya::Pod, V: aya::Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
     mut chunk: usize,
-) -> std::io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
+    mut each: impl FnMut(&[K], &[V]),
+) -> std::io::Result<()> {
     let mut keys: Vec<K> = Vec::new();
     let mut values: Vec<V> = Vec::new();
     // The hash map's batch token: the bucket to go on from.
@@ -144,11 +146,25 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
             keys.set_len(count);
             values.set_len(count);
         }
-        out.extend(keys.iter().copied().zip(values.iter().copied()));
+        each(&keys, &values);
         if done {
-            return Ok(out);
+            return Ok(());
         }
         token = next;
         first = false;
+    }
+}
+
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// Deletes `key`; false if it was not there.
+pub fn delete(fd: std::os::fd::BorrowedFd<'_>, key: &[u8]) -> std::io::Result<bool> {
+    let mut attr = Attr([0; 16]);
+    attr.0[0] = fd.as_raw_fd() as u32 as u64;
+    attr.0[1] = key.as_ptr() as u64;
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
