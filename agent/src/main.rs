@@ -600,6 +600,15 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     hints.restore(dp.placements());
     let mut pending: Vec<PendingAdd> = Vec::new();
     let mut cni_dirty = false;
+    // Hooks someone else removed (a deleted clsact qdisc): attached again
+    // in a pass that runs at once.
+    let (hooks_tx, mut hooks_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    if let Err(e) = portcullis_agent::datapath::watch_hook_removals(move |idx| {
+        let _ = hooks_tx.send(idx);
+    }) {
+        tracing::warn!(error = %e, "not listening for removed tc hooks; the once-a-second check is all");
+    }
+    let mut hooks_gone = false;
 
     // Made once, so a signal that arrives while a pass runs is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -714,6 +723,20 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 soon = Some(tokio::time::Instant::now() + GATHER);
                 continue;
             }
+            Some(idx) = hooks_rx.recv() => {
+                // One deletion is announced several times (each filter,
+                // then the qdisc): taken together.
+                let mut n = dp.hooks_removed(idx);
+                while let Ok(idx) = hooks_rx.try_recv() {
+                    n += dp.hooks_removed(idx);
+                }
+                if n > 0 {
+                    tracing::warn!(ifindex = idx, endpoints = n, "an endpoint's tc hooks were removed by someone else: attaching them again");
+                    hooks_gone = true;
+                    soon = Some(tokio::time::Instant::now());
+                }
+                continue;
+            }
             _ = tick.tick() => on_tick = true,
             _ = sweep.tick() => {
                 let sweep = dp.sweep_conntrack(monotonic_ns());
@@ -774,7 +797,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             // Once a second, converge again: interfaces that appeared or were
             // recreated get their programs, failed endpoints are retried.
             // (Taken, not cloned: it is put back at the end of this pass.)
-            None if each_second => match good.take() {
+            None if each_second || std::mem::take(&mut hooks_gone) => match good.take() {
                 Some(state) => (state, false),
                 None => continue,
             },
@@ -852,6 +875,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             tracing::info!(
                 written = report.endpoints_written,
                 removed = report.endpoints_removed,
+                compile_ms = compile_took.as_secs_f64() * 1e3,
+                write_ms = write_took.as_secs_f64() * 1e3,
                 "reconciled"
             );
             println!("enforced revision {} (reconciled)", state.revision);

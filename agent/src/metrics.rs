@@ -107,6 +107,30 @@ pub struct Metrics {
     pub last_sync_unix_seconds: Option<f64>,
     pub revision: u64,
     pub flow_events_seen: u64,
+    /// The allocator's view of the heap: bytes in use, bytes free but kept
+    /// (None where the allocator does not say).
+    #[serde(default)]
+    pub heap: Option<HeapBytes>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapBytes {
+    pub in_use: u64,
+    pub free: u64,
+}
+
+impl HeapBytes {
+    /// glibc's count over all its arenas and mapped chunks.
+    pub fn now() -> Option<HeapBytes> {
+        #[cfg(target_env = "gnu")]
+        {
+            // SAFETY: mallinfo2 only reads the allocator's own statistics.
+            let m = unsafe { libc::mallinfo2() };
+            Some(HeapBytes { in_use: (m.uordblks + m.hblkhd) as u64, free: m.fordblks as u64 })
+        }
+        #[cfg(not(target_env = "gnu"))]
+        None
+    }
 }
 
 /// The text exposition of `m`. Every family gets its HELP/TYPE lines even
@@ -192,6 +216,15 @@ pub fn render(m: &Metrics) -> String {
     r.gauge("portcullis_revision", "Revision last written to the maps.", m.revision);
     r.family("portcullis_flow_events_total", "counter", "Flow events read from the datapath.");
     r.sample("portcullis_flow_events_total", &[], m.flow_events_seen);
+    r.family(
+        "portcullis_heap_bytes",
+        "gauge",
+        "The agent's heap: in use, and free but not given back to the kernel.",
+    );
+    if let Some(h) = m.heap {
+        r.sample("portcullis_heap_bytes", &[("state", "in_use")], h.in_use);
+        r.sample("portcullis_heap_bytes", &[("state", "free")], h.free);
+    }
     r.0
 }
 
@@ -442,6 +475,7 @@ mod tests {
             last_sync_unix_seconds: Some(1700000000.5),
             revision: 9,
             flow_events_seen: 123,
+            heap: Some(HeapBytes { in_use: 2048, free: 1024 }),
         }
     }
 
@@ -489,6 +523,8 @@ mod tests {
             "portcullis_revision 9".into(),
             "# TYPE portcullis_flow_events_total counter".into(),
             "portcullis_flow_events_total 123".into(),
+            "portcullis_heap_bytes{state=\"in_use\"} 2048".into(),
+            "portcullis_heap_bytes{state=\"free\"} 1024".into(),
         ];
         for line in &expected {
             assert!(lines.contains(&line.as_str()), "missing {line:?} in\n{text}");

@@ -160,3 +160,44 @@ fn agent_enforces_tcp_and_udp_between_pods() {
     assert!(reaches(&bed, "frontend", b4, Tcp, 80), "nothing enforces after uninstall");
     assert!(reaches(&bed, "frontend", b4, Udp, 53), "nothing enforces after uninstall");
 }
+
+/// tc filters, unlike pinned TCX links, can be taken away by anyone with
+/// `CAP_NET_ADMIN`: the agent hears of it from the kernel and puts them
+/// back, so the pod is enforced again at once.
+#[test]
+fn hooks_someone_else_removes_are_put_back() {
+    let mut bed = Bed::new().expect("bed");
+    for pod in ["frontend", "other", "backend"] {
+        bed.add_pod(pod).expect("pod");
+    }
+    bed.serve("backend", 80).expect("serve");
+    let pins = PinDir::new();
+    let file = StateFile::new(&bed.id).expect("state file");
+    file.write(&serde_json::to_vec(&state(&bed, 1, vec![allow(FRONTEND, Protocol::Tcp, 80)])).expect("json"))
+        .expect("write state");
+    let mut agent = bed_state::start_agent(&bed, &bed_state::run_args(&file, &pins), 1);
+    let b4 = IpAddr::from(bed.pod("backend").ipv4);
+    assert!(!reaches(&bed, "other", b4, Transport::Tcp, 80), "enforced");
+
+    let host_if = bed.pod("backend").host_if.clone();
+    let filters = |direction: &str| {
+        let out = bed.node.command("tc").args(["filter", "show", "dev", &host_if, direction]).output();
+        String::from_utf8_lossy(&out.expect("tc filter show").stdout).into_owned()
+    };
+    assert!(filters("ingress").contains("handle 0x5043"), "{}", filters("ingress"));
+    for round in 0..3 {
+        let out = bed.node.command("tc").args(["qdisc", "del", "dev", &host_if, "clsact"]).output();
+        assert!(out.expect("tc qdisc del").status.success(), "round {round}: deleting the qdisc");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !["ingress", "egress"].iter().all(|d| filters(d).contains("handle 0x5043")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the filters are not back after 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!reaches(&bed, "other", b4, Transport::Tcp, 80), "round {round}: enforced again");
+        assert!(reaches(&bed, "frontend", b4, Transport::Tcp, 80), "round {round}: still allowed");
+    }
+    agent.stop();
+}

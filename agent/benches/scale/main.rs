@@ -352,6 +352,17 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
             (loaded.rss_kib as f64 - empty.rss_kib as f64) / objects::PODS as f64
         ),
     );
+    // What of that the heap holds: in use, and freed but kept by the
+    // allocator (fragmentation), from the agent's own metrics.
+    let heap =
+        |state: &str| a.metric(&format!("portcullis_heap_bytes{{state=\"{state}\"}}")).unwrap_or(f64::NAN);
+    let (in_use, free) = (heap("in_use"), heap("free"));
+    table.row(
+        "agent heap, steady: in use / free but kept by the allocator",
+        format!("{:.1} MiB / {:.1} MiB", in_use / 1048576.0, free / 1048576.0),
+        "-",
+        format!("resident: {:.1} MiB", mib(l1.rss_kib)),
+    );
 
     // A full resync: the API server restarts, every watch relists.
     let d0 = dropped(&a);

@@ -39,8 +39,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where an endpoint's filters sit among a clsact qdisc's: first, under a
 /// handle of our own ("PC"), so a replace never touches another tool's.
-const FILTER_PRIORITY: u16 = 1;
-const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x5043);
+pub(super) const FILTER_PRIORITY: u16 = 1;
+pub(super) const FILTER_HANDLE_RAW: u32 = 0x5043;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, FILTER_HANDLE_RAW as u16);
 
 fn attach_type(hook: Hook) -> TcAttachType {
     match hook {

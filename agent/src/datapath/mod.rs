@@ -9,6 +9,7 @@ mod inspect;
 pub mod keys;
 mod pins;
 pub mod raw_map;
+mod tc_events;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use attach::{AttachError, detach_all_filters, ifindex, ifname};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use inspect::{KernelEndpoint, KernelVerdict};
+pub use tc_events::watch_hook_removals;
 pub use writer::{ApplyReport, Placement, WriteError};
 
 /// The eBPF object, built by `build.rs`. Public for tools and benchmarks

@@ -879,6 +879,16 @@ impl Datapath {
         Ok(keys)
     }
 
+    /// Someone else removed the hooks on `ifindex` (0: on any interface):
+    /// the endpoints there are attached again in the next pass.
+    pub fn hooks_removed(&mut self, ifindex: u32) -> usize {
+        let mut n = 0;
+        for e in self.loaded.endpoints.values_mut().filter(|e| ifindex == 0 || e.ifindex == ifindex) {
+            n += usize::from(std::mem::replace(&mut e.attached, false));
+        }
+        n
+    }
+
     /// The set an endpoint's table entry names, as loaded.
     pub(super) fn endpoint_set(&self, id: u16) -> Option<&LoadedSet> {
         self.loaded.sets.get(&self.loaded.endpoints.get(&id)?.set?)

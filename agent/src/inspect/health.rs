@@ -123,5 +123,6 @@ pub fn metrics(
             .map(|d| d.as_secs_f64()),
         revision: view.state.map_or(0, |s| s.revision),
         flow_events_seen: t.flows_seen,
+        heap: crate::metrics::HeapBytes::now(),
     }
 }

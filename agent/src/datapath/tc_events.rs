@@ -1,0 +1,137 @@
+//! Noticing when someone else takes an endpoint's hooks away.
+//!
+//! A tc filter, unlike a pinned TCX link, can be deleted by anyone with
+//! `CAP_NET_ADMIN` (`tc qdisc del dev lxc… clsact`, or a tool that resets
+//! qdiscs), and the pod would then pass everything. The kernel announces
+//! such deletions on the rtnetlink TC group; the agent listens, and the
+//! endpoint on that interface is attached again in the next pass (the
+//! loop wakes for it).
+
+use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+
+use super::attach::{FILTER_HANDLE_RAW, FILTER_PRIORITY};
+
+const RTM_DELQDISC: u16 = 37;
+const RTM_DELTFILTER: u16 = 45;
+/// `RTNLGRP_TC` as a group bit (`RTMGRP_TC`).
+const RTMGRP_TC: u32 = 0x8;
+/// The clsact qdisc's parent handle.
+const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
+const NLMSG_HDRLEN: usize = 16;
+
+/// Interfaces whose endpoint hooks a notification says are gone.
+pub fn hooks_removed(messages: &[u8]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut rest = messages;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            break;
+        }
+        // struct tcmsg: family, 3 bytes of padding, ifindex, handle,
+        // parent, info (priority in its upper half).
+        let tcm = &rest[NLMSG_HDRLEN..len];
+        if tcm.len() >= 20 {
+            let word = |at: usize| u32::from_ne_bytes([tcm[at], tcm[at + 1], tcm[at + 2], tcm[at + 3]]);
+            let (ifindex, handle, parent, info) = (word(4), word(8), word(12), word(16));
+            let ours = match kind {
+                RTM_DELTFILTER => handle == FILTER_HANDLE_RAW && info >> 16 == u32::from(FILTER_PRIORITY),
+                RTM_DELQDISC => parent == TC_H_CLSACT,
+                _ => false,
+            };
+            if ours && ifindex != 0 {
+                out.push(ifindex);
+            }
+        }
+        // Messages are aligned to 4 bytes.
+        let step = (len + 3) & !3;
+        rest = rest.get(step..).unwrap_or_default();
+    }
+    out
+}
+
+/// Listens, on a thread of its own, for deletions of endpoint hooks in the
+/// caller's network namespace; `removed` gets each interface index.
+pub fn watch_hook_removals(removed: impl Fn(u32) + Send + 'static) -> io::Result<()> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd =
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = RTMGRP_TC;
+    // SAFETY: addr is a sockaddr_nl of the size given.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::thread::Builder::new().name("tc-events".into()).spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Notifications were lost: take every hook as gone, the
+                    // next pass attaches (replaces) them all again.
+                    Some(libc::ENOBUFS) => {
+                        removed(0);
+                        continue;
+                    }
+                    _ => {
+                        tracing::error!(error = %e, "tc notifications: no longer listening");
+                        return;
+                    }
+                }
+            }
+            for ifindex in hooks_removed(&buf[..n as usize]) {
+                removed(ifindex);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, ifindex: u32, handle: u32, parent: u32, info: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[0; 4]);
+        for w in [ifindex, handle, parent, info] {
+            m.extend_from_slice(&w.to_ne_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn only_deletions_of_our_filters_and_of_clsact_count() {
+        let ours = u32::from(FILTER_PRIORITY) << 16;
+        let mut all = message(RTM_DELTFILTER, 7, FILTER_HANDLE_RAW, 0xFFFF_FFF2, ours);
+        all.extend(message(RTM_DELTFILTER, 8, 1, 0xFFFF_FFF2, ours)); // another handle
+        all.extend(message(RTM_DELTFILTER, 9, FILTER_HANDLE_RAW, 0xFFFF_FFF2, 2 << 16)); // another priority
+        all.extend(message(RTM_DELQDISC, 10, 0xFFFF_0000, TC_H_CLSACT, 0));
+        all.extend(message(RTM_DELQDISC, 11, 0x8001_0000, 0xFFFF_FFFF, 0)); // a root qdisc
+        all.extend(message(44, 12, FILTER_HANDLE_RAW, 0xFFFF_FFF2, ours)); // a new filter
+        assert_eq!(hooks_removed(&all), vec![7, 10]);
+        assert_eq!(hooks_removed(&all[..20]), Vec::<u32>::new(), "a truncated message is ignored");
+    }
+}
