@@ -992,8 +992,9 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
     });
 }
 
-/// The agent reads conntrack in batches of 4,096 (revocation and the sweep
-/// walk all of it): every entry comes back once, as written.
+/// The agent reads and deletes conntrack in batches of 4,096 (revocation
+/// and the sweep walk all of it): every entry comes back once, as written,
+/// and the sweep deletes exactly the expired ones.
 #[test]
 fn conntrack_is_read_whole_across_batches() {
     with_datapath(backend_state(vec![]), |dp, _| {
@@ -1015,6 +1016,13 @@ fn conntrack_is_read_whole_across_batches() {
             .map(|e| (e.key.local_port, e.value.expires_ns))
             .collect();
         assert_eq!(by_port, written);
+        // Deleted in batches too: the sweep takes the 5,000 that expired
+        // by its clock (i * 7 + 1 <= 35,000), spread over every batch.
+        let sweep = dp.sweep_conntrack(35_000);
+        assert_eq!((sweep.removed, sweep.live), (5_000, 5_001));
+        let left: Vec<u16> = dp.conntrack_entries().iter().map(|e| e.key.local_port).collect();
+        assert_eq!(left.len(), 5_001);
+        assert!(left.iter().all(|&p| p == template.key.local_port || p >= 25_000), "only the expired went");
     });
 }
 

@@ -128,64 +128,74 @@ impl Datapath {
             .map(|((_, key), id)| ((key.family, key.addr), *id))
             .collect();
         let mut answers: HashMap<Question, bool> = HashMap::new();
-        let mut revoked = 0;
-        self.walk_conntrack(|entry, delete| {
+        self.walk_conntrack(|entry| {
             let question = Question::of(entry);
-            let allowed = *answers.entry(question).or_insert_with(|| self.flow_allowed(entry, &hosts));
-            if !allowed && delete(&entry.key) {
-                revoked += 1;
-            }
-        });
-        revoked
+            !*answers.entry(question).or_insert_with(|| self.flow_allowed(entry, &hosts))
+        })
     }
 
     /// Deletes the entries that expired before `now_ns` (monotonic).
     pub fn sweep_conntrack(&mut self, now_ns: u64) -> Sweep {
-        let (mut total, mut removed) = (0, 0);
-        self.walk_conntrack(|entry, delete| {
+        let mut total: usize = 0;
+        let removed = self.walk_conntrack(|entry| {
             total += 1;
-            if entry.value.expires_ns <= now_ns && delete(&entry.key) {
-                removed += 1;
-            }
+            entry.value.expires_ns <= now_ns
         });
-        Sweep { removed, live: total - removed, capacity: self.sizes.conntrack as usize }
+        Sweep { removed, live: total.saturating_sub(removed), capacity: self.sizes.conntrack as usize }
     }
 
     /// Every conntrack entry (a snapshot; the programs keep writing).
     pub fn conntrack_entries(&self) -> Vec<CtEntry> {
         let mut out = Vec::new();
-        self.walk_conntrack(|entry, _| out.push(*entry));
+        self.walk_conntrack(|entry| {
+            out.push(*entry);
+            false
+        });
         out
     }
 
-    /// Calls `each` with every conntrack entry and a way to delete it (true
-    /// if it was there), a few thousand entries read per call, never the
-    /// whole table held at once.
-    fn walk_conntrack(&self, mut each: impl FnMut(&CtEntry, &mut dyn FnMut(&CtKey) -> bool)) {
+    /// Calls `doomed` with every conntrack entry and deletes those it says
+    /// so of; returns how many it deleted. A few thousand entries are read
+    /// (and deleted) per call, and the whole table is never held at once.
+    fn walk_conntrack(&self, mut doomed: impl FnMut(&CtEntry) -> bool) -> usize {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
         let fd = self.maps.conntrack.map().fd().as_fd();
-        let mut delete = |key: &CtKey| super::raw_map::delete(fd, bytes_of(key)).unwrap_or(false);
-        let mut read = false;
+        let (mut read, mut deleted) = (false, 0);
+        let mut doomed_keys: Vec<CtKey> = Vec::new();
         let batched = super::raw_map::for_each_batch::<CtKey, CtValue>(fd, 4096, |keys, values| {
             read = true;
+            doomed_keys.clear();
             for (key, value) in keys.iter().zip(values) {
-                each(&CtEntry { key: *key, value: *value }, &mut delete);
+                if doomed(&CtEntry { key: *key, value: *value }) {
+                    doomed_keys.push(*key);
+                }
             }
+            deleted += super::raw_map::delete_batch(fd, &doomed_keys).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "batched conntrack delete; deleting key by key");
+                doomed_keys
+                    .iter()
+                    .filter(|k| super::raw_map::delete(fd, bytes_of(*k)).unwrap_or(false))
+                    .count()
+            });
         });
-        let Err(e) = batched else { return };
+        let Err(e) = batched else { return deleted };
         if read {
             tracing::warn!(error = %e, "reading conntrack stopped part of the way");
-            return;
+            return deleted;
         }
         // Kernels without batched hash map reads (before 5.6).
         tracing::debug!(error = %e, "batched conntrack read; reading key by key");
         let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
         for key in keys {
-            if let Ok(value) = self.maps.conntrack.get(&key, 0) {
-                each(&CtEntry { key, value }, &mut delete);
+            if let Ok(value) = self.maps.conntrack.get(&key, 0)
+                && doomed(&CtEntry { key, value })
+                && super::raw_map::delete(fd, bytes_of(&key)).unwrap_or(false)
+            {
+                deleted += 1;
             }
         }
+        deleted
     }
 
     /// Writes one entry as the programs would (tools and tests: ageing a

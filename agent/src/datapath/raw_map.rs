@@ -168,3 +168,27 @@ pub fn delete(fd: std::os::fd::BorrowedFd<'_>, key: &[u8]) -> std::io::Result<bo
         Err(e) => Err(e),
     }
 }
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Deletes `keys` (a map's key layout), a few thousand per call; returns
+/// how many were there. The kernel stops at a key that is gone (evicted,
+/// expired meanwhile): it is skipped and the rest go on.
+pub fn delete_batch<K: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>, keys: &[K]) -> std::io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = Attr([0; 16]);
+        attr.0[2] = rest.as_ptr() as u64; // keys
+        attr.0[4] = rest.len() as u64 | (u64::from(fd.as_raw_fd() as u32) << 32); // count, map_fd
+        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = ((attr.0[4] & 0xffff_ffff) as usize).min(rest.len());
+        deleted += done;
+        match result {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
