@@ -9,7 +9,10 @@
 //! Sweeping: the programs ignore an expired entry; the sweep deletes it, so
 //! the table holds live flows and the LRU evicts only those under pressure.
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+};
 
 use portcullis_common::{
     AF_INET, CtKey, CtValue, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW, IpKey,
@@ -81,6 +84,12 @@ fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
+/// The bytes of a map key or value to be written by the kernel.
+fn bytes_of_mut<T: aya::Pod>(value: &mut T) -> &mut [u8] {
+    // SAFETY: `Pod` types are plain data: any bytes are a valid value.
+    unsafe { std::slice::from_raw_parts_mut((value as *mut T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
 /// The clock of `bpf_ktime_get_ns`: CLOCK_MONOTONIC, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -91,130 +100,121 @@ pub fn monotonic_ns() -> u64 {
 
 use super::{
     Datapath,
-    keys::{Probe, ip_from, lookup, prefix_eq},
+    keys::{EndpointKeys, Probe, ip_from, lookup, prefix_eq},
 };
 
-impl Datapath {
-    /// The identity the programs would give `ip` (longest ipcache prefix).
-    fn identity_of(&self, family: u8, raw: &[u8; 16]) -> u32 {
-        let bits = if family == AF_INET { 32 } else { 128 };
-        self.loaded
-            .ipcache
-            .iter()
-            .filter(|((prefix, key), _)| {
-                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
-                key.family == family && len <= bits && prefix_eq(&key.addr, raw, len)
-            })
-            .max_by_key(|((prefix, _), _)| *prefix)
-            .map_or(identity::WORLD, |(_, id)| *id)
-    }
+/// What judging tracked flows needs of the loaded state, taken at the end
+/// of a pass: revocation walks the whole table (a full one is 262,144
+/// flows, about 100 ms), so it runs on a thread of its own while the loop
+/// goes on. A walk judges by the state it was taken from; a later pass that
+/// narrows again sends a newer one.
+pub struct Revocation {
+    conntrack: OwnedFd,
+    /// Endpoint id → its flags and the index of its set's keys in `sets`.
+    endpoints: HashMap<u16, (u32, Option<usize>)>,
+    sets: Vec<EndpointKeys>,
+    /// Host entries (/32, /128) by address, then the prefixes, longest
+    /// first.
+    hosts: HashMap<(u8, [u8; 16]), u32>,
+    prefixes: Vec<((u32, IpKey), u32)>,
+    /// The revision the snapshot is of.
+    pub revision: u64,
+}
 
-    /// Deletes the conntrack entries the loaded policy no longer allows;
-    /// returns how many.
-    ///
-    /// A full table holds hundreds of thousands of flows but far fewer
-    /// distinct questions (endpoint, direction, peer, protocol, port):
-    /// each is answered once per call, and a peer's identity comes from a
-    /// hash of the host entries before the prefix walk.
-    pub fn revoke_flows(&mut self) -> usize {
-        let hosts: HashMap<(u8, [u8; 16]), u32> = self
+impl Datapath {
+    /// A snapshot to revoke by (see [`Revocation`]).
+    pub fn revocation(&self, revision: u64) -> std::io::Result<Revocation> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let conntrack = self.maps.conntrack.map().fd().as_fd().try_clone_to_owned()?;
+        let mut sets = Vec::new();
+        let mut index = BTreeMap::new();
+        let endpoints = self
+            .loaded
+            .endpoints
+            .iter()
+            .map(|(id, ep)| {
+                let set = ep.set.and_then(|r| {
+                    let keys = &self.loaded.sets.get(&r)?.keys;
+                    Some(*index.entry(r).or_insert_with(|| {
+                        sets.push(keys.clone());
+                        sets.len() - 1
+                    }))
+                });
+                (*id, (ep.info.flags, set))
+            })
+            .collect();
+        let host = |prefix: u32, key: &IpKey| {
+            let len = prefix.saturating_sub(IpKey::HEADER_BITS);
+            len == if key.family == AF_INET { 32 } else { 128 }
+        };
+        let hosts = self
             .loaded
             .ipcache
             .iter()
-            .filter(|((prefix, key), _)| {
-                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
-                len == if key.family == AF_INET { 32 } else { 128 }
-            })
+            .filter(|((prefix, key), _)| host(*prefix, key))
             .map(|((_, key), id)| ((key.family, key.addr), *id))
             .collect();
+        let mut prefixes: Vec<((u32, IpKey), u32)> = self
+            .loaded
+            .ipcache
+            .iter()
+            .filter(|((prefix, key), _)| !host(*prefix, key))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        prefixes.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+        Ok(Revocation { conntrack, endpoints, sets, hosts, prefixes, revision })
+    }
+
+    /// Deletes the conntrack entries the loaded policy no longer allows;
+    /// returns how many (on the caller's thread; the agent's loop uses
+    /// [`Datapath::revocation`]).
+    pub fn revoke_flows(&mut self) -> usize {
+        self.revocation(0).map_or(0, |r| r.run())
+    }
+}
+
+impl Revocation {
+    /// Deletes the entries the snapshot's policy does not allow; returns
+    /// how many.
+    ///
+    /// A full table holds hundreds of thousands of flows but far fewer
+    /// distinct questions (endpoint, direction, peer, protocol, port):
+    /// each is answered once per walk.
+    pub fn run(&self) -> usize {
         let mut answers: HashMap<Question, bool> = HashMap::new();
-        self.walk_conntrack(|entry| {
+        walk(self.conntrack.as_fd(), |entry| {
             let question = Question::of(entry);
-            !*answers.entry(question).or_insert_with(|| self.flow_allowed(entry, &hosts))
+            !*answers.entry(question).or_insert_with(|| self.flow_allowed(entry))
         })
     }
 
-    /// Deletes the entries that expired before `now_ns` (monotonic).
-    pub fn sweep_conntrack(&mut self, now_ns: u64) -> Sweep {
-        let mut total: usize = 0;
-        let removed = self.walk_conntrack(|entry| {
-            total += 1;
-            entry.value.expires_ns <= now_ns
-        });
-        Sweep { removed, live: total.saturating_sub(removed), capacity: self.sizes.conntrack as usize }
-    }
-
-    /// Every conntrack entry (a snapshot; the programs keep writing).
-    pub fn conntrack_entries(&self) -> Vec<CtEntry> {
-        let mut out = Vec::new();
-        self.walk_conntrack(|entry| {
-            out.push(*entry);
-            false
-        });
-        out
-    }
-
-    /// Calls `doomed` with every conntrack entry and deletes those it says
-    /// so of; returns how many it deleted. A few thousand entries are read
-    /// (and deleted) per call, and the whole table is never held at once.
-    fn walk_conntrack(&self, mut doomed: impl FnMut(&CtEntry) -> bool) -> usize {
-        use aya::maps::IterableMap as _;
-        use std::os::fd::AsFd as _;
-        let fd = self.maps.conntrack.map().fd().as_fd();
-        let (mut read, mut deleted) = (false, 0);
-        let mut doomed_keys: Vec<CtKey> = Vec::new();
-        let batched = super::raw_map::for_each_batch::<CtKey, CtValue>(fd, 4096, |keys, values| {
-            read = true;
-            doomed_keys.clear();
-            for (key, value) in keys.iter().zip(values) {
-                if doomed(&CtEntry { key: *key, value: *value }) {
-                    doomed_keys.push(*key);
-                }
-            }
-            deleted += super::raw_map::delete_batch(fd, &doomed_keys).unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "batched conntrack delete; deleting key by key");
-                doomed_keys
-                    .iter()
-                    .filter(|k| super::raw_map::delete(fd, bytes_of(*k)).unwrap_or(false))
-                    .count()
-            });
-        });
-        let Err(e) = batched else { return deleted };
-        if read {
-            tracing::warn!(error = %e, "reading conntrack stopped part of the way");
-            return deleted;
+    /// The identity the programs would give `ip` (longest ipcache prefix).
+    fn identity_of(&self, family: u8, raw: &[u8; 16]) -> u32 {
+        if let Some(id) = self.hosts.get(&(family, *raw)) {
+            return *id;
         }
-        // Kernels without batched hash map reads (before 5.6).
-        tracing::debug!(error = %e, "batched conntrack read; reading key by key");
-        let keys: Vec<CtKey> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            if let Ok(value) = self.maps.conntrack.get(&key, 0)
-                && doomed(&CtEntry { key, value })
-                && super::raw_map::delete(fd, bytes_of(&key)).unwrap_or(false)
-            {
-                deleted += 1;
-            }
-        }
-        deleted
+        let bits = if family == AF_INET { 32 } else { 128 };
+        self.prefixes
+            .iter()
+            .find(|((prefix, key), _)| {
+                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
+                key.family == family && len <= bits && prefix_eq(&key.addr, raw, len)
+            })
+            .map_or(identity::WORLD, |(_, id)| *id)
     }
 
-    /// Writes one entry as the programs would (tools and tests: ageing a
-    /// flow, restoring one).
-    pub fn conntrack_set(&mut self, entry: &CtEntry) -> Result<(), aya::maps::MapError> {
-        self.maps.conntrack.insert(entry.key, entry.value, 0)
-    }
-
-    fn flow_allowed(&self, entry: &CtEntry, hosts: &HashMap<(u8, [u8; 16]), u32>) -> bool {
+    fn flow_allowed(&self, entry: &CtEntry) -> bool {
         let key = &entry.key;
-        let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
-        if ep.info.flags & EP_POLICY_OVERFLOW != 0 {
+        let Some(&(flags, set)) = self.endpoints.get(&key.endpoint_id) else { return false };
+        if flags & EP_POLICY_OVERFLOW != 0 {
             return false;
         }
         let direction = entry.value.origin;
         let isolated = if direction == DIR_INGRESS {
-            ep.info.flags & EP_ISOLATED_INGRESS != 0
+            flags & EP_ISOLATED_INGRESS != 0
         } else {
-            ep.info.flags & EP_ISOLATED_EGRESS != 0
+            flags & EP_ISOLATED_EGRESS != 0
         };
         if !isolated {
             return true;
@@ -228,10 +228,7 @@ impl Datapath {
             (false, true) => (&entry.value.nat_addr, entry.value.nat_port),
             (false, false) => (&key.remote_addr, key.remote_port),
         };
-        let remote_identity = hosts
-            .get(&(key.family, *remote))
-            .copied()
-            .unwrap_or_else(|| self.identity_of(key.family, remote));
+        let remote_identity = self.identity_of(key.family, remote);
         if direction == DIR_INGRESS && remote_identity == identity::HOST {
             return true;
         }
@@ -245,7 +242,89 @@ impl Datapath {
             protocol: key.protocol,
             port,
         };
-        let Some(set) = ep.set.and_then(|r| self.loaded.sets.get(&r)) else { return false };
-        lookup(&set.keys, probe).is_some()
+        let Some(keys) = set.and_then(|i| self.sets.get(i)) else { return false };
+        lookup(keys, probe).is_some()
+    }
+}
+
+impl Datapath {
+    /// Deletes the entries that expired before `now_ns` (monotonic).
+    pub fn sweep_conntrack(&mut self, now_ns: u64) -> Sweep {
+        let mut total: usize = 0;
+        let removed = self.walk(|entry| {
+            total += 1;
+            entry.value.expires_ns <= now_ns
+        });
+        Sweep { removed, live: total.saturating_sub(removed), capacity: self.sizes.conntrack as usize }
+    }
+
+    /// Every conntrack entry (a snapshot; the programs keep writing).
+    pub fn conntrack_entries(&self) -> Vec<CtEntry> {
+        let mut out = Vec::new();
+        self.walk(|entry| {
+            out.push(*entry);
+            false
+        });
+        out
+    }
+
+    /// Writes one entry as the programs would (tools and tests: ageing a
+    /// flow, restoring one).
+    pub fn conntrack_set(&mut self, entry: &CtEntry) -> Result<(), aya::maps::MapError> {
+        self.maps.conntrack.insert(entry.key, entry.value, 0)
+    }
+}
+
+impl Datapath {
+    fn walk(&self, doomed: impl FnMut(&CtEntry) -> bool) -> usize {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        walk(self.maps.conntrack.map().fd().as_fd(), doomed)
+    }
+}
+
+/// Calls `doomed` with every entry of the conntrack map `fd` and deletes
+/// those it says so of; returns how many it deleted. A few thousand entries
+/// are read (and deleted) per call, and the whole table is never held at
+/// once.
+fn walk(fd: BorrowedFd<'_>, mut doomed: impl FnMut(&CtEntry) -> bool) -> usize {
+    let (mut read, mut deleted) = (false, 0);
+    let mut doomed_keys: Vec<CtKey> = Vec::new();
+    let batched = super::raw_map::for_each_batch::<CtKey, CtValue>(fd, 4096, |keys, values| {
+        read = true;
+        doomed_keys.clear();
+        for (key, value) in keys.iter().zip(values) {
+            if doomed(&CtEntry { key: *key, value: *value }) {
+                doomed_keys.push(*key);
+            }
+        }
+        deleted += super::raw_map::delete_batch(fd, &doomed_keys).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "batched conntrack delete; deleting key by key");
+            doomed_keys.iter().filter(|k| super::raw_map::delete(fd, bytes_of(*k)).unwrap_or(false)).count()
+        });
+    });
+    let Err(e) = batched else { return deleted };
+    if read {
+        tracing::warn!(error = %e, "reading conntrack stopped part of the way");
+        return deleted;
+    }
+    // Kernels without batched hash map reads (before 5.6): key by key.
+    tracing::debug!(error = %e, "batched conntrack read; reading key by key");
+    let mut key: Option<CtKey> = None;
+    let mut next = CtKey::default();
+    let mut value = CtValue::default();
+    loop {
+        let at = key.as_ref().map(|k| bytes_of(k));
+        match super::raw_map::next_key(fd, at, bytes_of_mut(&mut next)) {
+            Ok(true) => {}
+            _ => return deleted,
+        }
+        if super::raw_map::lookup(fd, bytes_of(&next), bytes_of_mut(&mut value)).unwrap_or(false)
+            && doomed(&CtEntry { key: next, value })
+            && super::raw_map::delete(fd, bytes_of(&next)).unwrap_or(false)
+        {
+            deleted += 1;
+        }
+        key = Some(next);
     }
 }

@@ -3,7 +3,7 @@
 //! sizes are known only at run time, so aya's typed maps cannot open them.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -35,9 +35,9 @@ pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 }
 
 /// map_fd, then key and value (or next_key) pointers, then flags.
-fn map_attr(fd: &OwnedFd, key: u64, value: u64, flags: u64) -> Attr {
+fn map_attr(fd: impl AsFd, key: u64, value: u64, flags: u64) -> Attr {
     let mut attr = Attr([0; 16]);
-    attr.0[0] = fd.as_raw_fd() as u32 as u64;
+    attr.0[0] = fd.as_fd().as_raw_fd() as u32 as u64;
     attr.0[1] = key;
     attr.0[2] = value;
     attr.0[3] = flags;
@@ -45,7 +45,7 @@ fn map_attr(fd: &OwnedFd, key: u64, value: u64, flags: u64) -> Attr {
 }
 
 /// The key after `key` (the first with None); false at the end.
-pub fn next_key(fd: &OwnedFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
+pub fn next_key(fd: impl AsFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
     let key = key.map_or(0, |k| k.as_ptr() as u64);
     match bpf(BPF_MAP_GET_NEXT_KEY, &mut map_attr(fd, key, next.as_mut_ptr() as u64, 0)) {
         Ok(_) => Ok(true),
@@ -55,7 +55,7 @@ pub fn next_key(fd: &OwnedFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::R
 }
 
 /// False if the key is gone.
-pub fn lookup(fd: &OwnedFd, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
+pub fn lookup(fd: impl AsFd, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
     match bpf(BPF_MAP_LOOKUP_ELEM, &mut map_attr(fd, key.as_ptr() as u64, value.as_mut_ptr() as u64, 0)) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
@@ -63,7 +63,7 @@ pub fn lookup(fd: &OwnedFd, key: &[u8], value: &mut [u8]) -> std::io::Result<boo
     }
 }
 
-pub fn update(fd: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+pub fn update(fd: impl AsFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
     bpf(BPF_MAP_UPDATE_ELEM, &mut map_attr(fd, key.as_ptr() as u64, value.as_ptr() as u64, 0)).map(|_| ())
 }
 
