@@ -162,7 +162,7 @@ impl Datapath {
             .filter(|((prefix, key), _)| !host(*prefix, key))
             .map(|(k, v)| (*k, *v))
             .collect();
-        prefixes.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+        prefixes.sort_by_key(|e| std::cmp::Reverse(e.0.0));
         Ok(Revocation { conntrack, endpoints, sets, hosts, prefixes, revision })
     }
 
@@ -314,7 +314,7 @@ fn walk(fd: BorrowedFd<'_>, mut doomed: impl FnMut(&CtEntry) -> bool) -> usize {
     let mut next = CtKey::default();
     let mut value = CtValue::default();
     loop {
-        let at = key.as_ref().map(|k| bytes_of(k));
+        let at = key.as_ref().map(bytes_of);
         match super::raw_map::next_key(fd, at, bytes_of_mut(&mut next)) {
             Ok(true) => {}
             _ => return deleted,
