@@ -946,14 +946,15 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
 /// relist of a 10,000-pod cluster, megabytes of JSON) come and go: every
 /// thread that allocates gets an arena of its own (up to 8 per core), and
 /// freed memory stays in each, so the resident size grows by the sum of
-/// their high-water marks. Two arenas, and big blocks from mmap (given back
+/// their high-water marks. One arena (the agent is one loop and a few
+/// helpers), and big blocks from mmap (given back
 /// when freed) instead of the heap.
 fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets the allocator's parameters; called before
     // any thread but this one exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
