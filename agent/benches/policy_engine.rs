@@ -21,6 +21,7 @@ use portcullis_agent::{
         PortRef, PortSpec, Protocol, Requirement, Rule,
     },
     policy::{Change, Engine},
+    source::{Hints, StateBuilder},
 };
 
 /// Counts live heap bytes, for memory per pod.
@@ -276,6 +277,15 @@ fn main() {
         Change::UpsertPolicy(p)
     });
     let ns_relabel = incremental(&mut |f| Change::UpsertNamespace(namespace(12, f.then_some("yes"))));
+    // After each change the agent builds the whole compiled state from the
+    // engine (endpoints, ipcache with names, identities, Services).
+    let hints = Hints::default();
+    let mut builder = StateBuilder::default();
+    let state_build = measure(inc_runs, || {
+        let t = Instant::now();
+        black_box(builder.build(&engine, 1, &[], &hints));
+        t.elapsed()
+    });
 
     println!("policy engine: {pods} pods, {NAMESPACES} namespaces, 1000 policies, 250 local endpoints");
     println!("{:<44} {:>12} {:>12} {:>14}", "", "median", "p99", "ratio");
@@ -296,6 +306,7 @@ fn main() {
     row("local pod gets its address (becomes an endpoint)", &pod_start, &full, "full");
     row("policy change", &policy, &full, "full");
     row("namespace relabel (100 pods)", &ns_relabel, &full, "full");
+    row("compiled state built from the engine", &state_build, &full, "full");
     println!(
         "memory: {} bytes live for the engine, {:.0} bytes per cluster pod",
         bytes,
