@@ -10,9 +10,7 @@ use clap::{Parser, Subcommand};
 use portcullis_agent::{
     api, cli, cni,
     compiled::CompiledState,
-    datapath::{
-        AttachMode, DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, Revoked, Revoker, monotonic_ns,
-    },
+    datapath::{AttachMode, DEFAULT_PIN_DIR, Datapath, DatapathConfig, MapSizes, monotonic_ns},
     flows::{Flow, FlowReader, Names, monotonic_epoch, observe_args::ObserveArgs, store::FlowStore},
     inspect,
     model::PodKey,
@@ -609,19 +607,12 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     if let Err(e) = portcullis_agent::datapath::watch_hook_removals(move |idx| {
         let _ = hooks_tx.send(idx);
     }) {
-        tracing::warn!(error = %e, "not listening for removed tc hooks; the once-a-second check is all");
+        tracing::warn!(
+            error = %e,
+            "not listening for removed tc hooks: a removed one comes back only when its endpoint changes"
+        );
     }
     let mut hooks_gone = false;
-    // Tracked flows a change no longer allows are cut on a thread of its
-    // own; "enforced revision N" is printed once they are (so it still
-    // means the cut is done), in order.
-    let (revoked_tx, mut revoked_rx) = tokio::sync::mpsc::unbounded_channel::<Revoked>();
-    let revoker = Revoker::start(move |r| {
-        let _ = revoked_tx.send(r);
-    })
-    .context("starting the revoker thread")?;
-    let mut revocations_sent: Option<u64> = None;
-    let mut unprinted: std::collections::VecDeque<u64> = Default::default();
 
     // Made once, so a signal that arrives while a pass runs is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -750,21 +741,6 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 }
                 continue;
             }
-            Some(done) = revoked_rx.recv() => {
-                if done.flows > 0 {
-                    tracing::info!(revoked = done.flows, ms = done.ms, "cut tracked flows the policy no longer allows");
-                } else {
-                    tracing::debug!(ms = done.ms, "no tracked flow to cut");
-                }
-                // Revisions up to the one walked are cut; later ones wait
-                // for their own walk, if one was sent.
-                let all_walked = revocations_sent.is_none_or(|r| r <= done.revision);
-                while let Some(&r) = unprinted.front() && (r <= done.revision || all_walked) {
-                    println!("enforced revision {r}");
-                    unprinted.pop_front();
-                }
-                continue;
-            }
             _ = tick.tick() => on_tick = true,
             _ = sweep.tick() => {
                 let sweep = dp.sweep_conntrack(monotonic_ns());
@@ -877,15 +853,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 None => pending.push(p),
             }
         }
-        let mut walking = false;
         if revoke_flows && report.narrowed {
-            match dp.revocation(state.revision) {
-                Ok(r) => {
-                    revoker.send(r);
-                    revocations_sent = Some(state.revision);
-                    walking = true;
-                }
-                Err(e) => tracing::error!(error = %e, "tracked flows cannot be cut"),
+            let started = std::time::Instant::now();
+            let revoked = dp.revoke_flows();
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            if revoked > 0 {
+                tracing::info!(revoked, ms, "cut tracked flows the policy no longer allows");
+            } else {
+                tracing::debug!(ms, "no tracked flow to cut");
             }
         }
         if news {
@@ -899,12 +874,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 "enforced"
             );
             // A line the lab and tests wait for: the revision is in the maps
-            // (and the flows it cuts are cut).
-            if walking || !unprinted.is_empty() {
-                unprinted.push_back(state.revision);
-            } else {
-                println!("enforced revision {}", state.revision);
-            }
+            // (and the flows it no longer allows are cut).
+            println!("enforced revision {}", state.revision);
         } else if report.endpoints_written > 0 || report.endpoints_removed > 0 {
             tracing::info!(
                 written = report.endpoints_written,
@@ -917,7 +888,6 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         }
         good = Some(state);
     }
-    revoker.finish();
     printer.abort();
     api_server.abort();
     if let Some(m) = metrics_server {

@@ -162,8 +162,9 @@ fn agent_enforces_tcp_and_udp_between_pods() {
 }
 
 /// tc filters, unlike pinned TCX links, can be taken away by anyone with
-/// `CAP_NET_ADMIN`: the agent hears of it from the kernel and puts them
-/// back, so the pod is enforced again at once.
+/// `CAP_NET_ADMIN` (the qdisc deleted, a hook flushed, a priority deleted):
+/// the agent hears of it from the kernel and puts them back, so the pod is
+/// enforced again at once.
 #[test]
 fn hooks_someone_else_removes_are_put_back() {
     let mut bed = Bed::new().expect("bed");
@@ -185,9 +186,15 @@ fn hooks_someone_else_removes_are_put_back() {
         String::from_utf8_lossy(&out.expect("tc filter show").stdout).into_owned()
     };
     assert!(filters("ingress").contains("handle 0x5043"), "{}", filters("ingress"));
-    for round in 0..3 {
-        let out = bed.node.command("tc").args(["qdisc", "del", "dev", &host_if, "clsact"]).output();
-        assert!(out.expect("tc qdisc del").status.success(), "round {round}: deleting the qdisc");
+    // The qdisc, a hook's filters flushed, the filters at our priority.
+    let removals: [&[&str]; 3] = [
+        &["qdisc", "del", "dev", &host_if, "clsact"],
+        &["filter", "del", "dev", &host_if, "ingress"],
+        &["filter", "del", "dev", &host_if, "egress", "pref", "1"],
+    ];
+    for (round, removal) in removals.iter().enumerate() {
+        let out = bed.node.command("tc").args(*removal).output();
+        assert!(out.expect("tc").status.success(), "round {round}: tc {removal:?}");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !["ingress", "egress"].iter().all(|d| filters(d).contains("handle 0x5043")) {
             assert!(

@@ -107,8 +107,11 @@ impl Datapath {
                 Ok(())
             }
             Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
-                self.replace_filter(interface, hook)?;
-                Ok(())
+                match self.replace_filter(interface, hook)? {
+                    true => Ok(()),
+                    // Deleted between the two requests: the next pass retries.
+                    false => Err("the filter went away while its program was being replaced".into()),
+                }
             }
             Err(e) => Err(e.into()),
         }
@@ -196,26 +199,36 @@ impl Datapath {
     }
 
     /// Removes an interface's hooks: its filters, and the pins of links an
-    /// earlier agent made (the kernel then detaches those).
+    /// earlier agent made (the kernel then detaches those). Both hooks are
+    /// tried; the first failure is returned.
     pub fn detach(&mut self, ifindex: u32) -> io::Result<()> {
+        let mut result = Ok(());
         for hook in [Hook::FromContainer, Hook::ToContainer] {
-            match std::fs::remove_file(self.link_pin(ifindex, hook)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            let unpinned = match std::fs::remove_file(self.link_pin(ifindex, hook)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
             // A vanished interface took its filters along.
-            if let Some(interface) = ifname(ifindex) {
-                detach_filter(&interface, hook)?;
+            let unfiltered = match ifname(ifindex) {
+                Some(interface) => detach_filter(&interface, hook).map(|_| ()),
+                None => Ok(()),
+            };
+            if result.is_ok() {
+                result = unpinned.and(unfiltered);
             }
         }
-        Ok(())
+        result
     }
 }
 
 /// Removes one hook's filter; false if there was none.
 fn detach_filter(interface: &str, hook: Hook) -> io::Result<bool> {
-    let link =
-        SchedClassifierLink::attached(interface, attach_type(hook), FILTER_PRIORITY, FILTER_HANDLE, None)?;
+    let Ok(link) =
+        SchedClassifierLink::attached(interface, attach_type(hook), FILTER_PRIORITY, FILTER_HANDLE, None)
+    else {
+        // The interface went away meanwhile, and its filters with it.
+        return Ok(false);
+    };
     match link.detach() {
         Ok(()) => Ok(true),
         Err(e) if matches!(netlink_errno(&e), Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)) => Ok(false),

@@ -103,12 +103,12 @@ use super::{
     keys::{EndpointKeys, Probe, ip_from, lookup, prefix_eq},
 };
 
-/// What judging tracked flows needs of the loaded state, taken at the end
-/// of a pass: revocation walks the whole table (a full one is 262,144
-/// flows, about 100 ms), so it runs on a thread of its own while the loop
-/// goes on. A walk judges by the state it was taken from; a later pass that
-/// narrows again sends a newer one.
-pub struct Revocation {
+/// What judging tracked flows needs of the loaded state, gathered once per
+/// walk: each endpoint's flags and policy set, the host entries of the
+/// ipcache by address and its prefixes longest first (a peer's identity is
+/// then a hash lookup, or a short scan). Built from the state as loaded now:
+/// a walk judges by the policy in the maps, never by an older one.
+struct Revocation {
     conntrack: OwnedFd,
     /// Endpoint id → its flags and the index of its set's keys in `sets`.
     endpoints: HashMap<u16, (u32, Option<usize>)>,
@@ -117,13 +117,10 @@ pub struct Revocation {
     /// first.
     hosts: HashMap<(u8, [u8; 16]), u32>,
     prefixes: Vec<((u32, IpKey), u32)>,
-    /// The revision the snapshot is of.
-    pub revision: u64,
 }
 
 impl Datapath {
-    /// A snapshot to revoke by (see [`Revocation`]).
-    pub fn revocation(&self, revision: u64) -> std::io::Result<Revocation> {
+    fn revocation(&self) -> std::io::Result<Revocation> {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
         let conntrack = self.maps.conntrack.map().fd().as_fd().try_clone_to_owned()?;
@@ -163,20 +160,24 @@ impl Datapath {
             .map(|(k, v)| (*k, *v))
             .collect();
         prefixes.sort_by_key(|e| std::cmp::Reverse(e.0.0));
-        Ok(Revocation { conntrack, endpoints, sets, hosts, prefixes, revision })
+        Ok(Revocation { conntrack, endpoints, sets, hosts, prefixes })
     }
 
     /// Deletes the conntrack entries the loaded policy no longer allows;
-    /// returns how many (on the caller's thread; the agent's loop uses
-    /// [`Datapath::revocation`]).
+    /// returns how many.
     pub fn revoke_flows(&mut self) -> usize {
-        self.revocation(0).map_or(0, |r| r.run())
+        match self.revocation() {
+            Ok(r) => r.run(),
+            Err(e) => {
+                tracing::error!(error = %e, "tracked flows cannot be cut");
+                0
+            }
+        }
     }
 }
 
 impl Revocation {
-    /// Deletes the entries the snapshot's policy does not allow; returns
-    /// how many.
+    /// Deletes the entries the policy does not allow; returns how many.
     ///
     /// A full table holds hundreds of thousands of flows but far fewer
     /// distinct questions (endpoint, direction, peer, protocol, port):
@@ -308,23 +309,20 @@ fn walk(fd: BorrowedFd<'_>, mut doomed: impl FnMut(&CtEntry) -> bool) -> usize {
         tracing::warn!(error = %e, "reading conntrack stopped part of the way");
         return deleted;
     }
-    // Kernels without batched hash map reads (before 5.6): key by key.
+    // Kernels without batched hash map reads (before 5.6): key by key, and
+    // the doomed deleted after the walk (the next key after a deleted one
+    // would start the walk over).
     tracing::debug!(error = %e, "batched conntrack read; reading key by key");
     let mut key: Option<CtKey> = None;
     let mut next = CtKey::default();
     let mut value = CtValue::default();
-    loop {
-        let at = key.as_ref().map(bytes_of);
-        match super::raw_map::next_key(fd, at, bytes_of_mut(&mut next)) {
-            Ok(true) => {}
-            _ => return deleted,
-        }
+    while let Ok(true) = super::raw_map::next_key(fd, key.as_ref().map(bytes_of), bytes_of_mut(&mut next)) {
         if super::raw_map::lookup(fd, bytes_of(&next), bytes_of_mut(&mut value)).unwrap_or(false)
             && doomed(&CtEntry { key: next, value })
-            && super::raw_map::delete(fd, bytes_of(&next)).unwrap_or(false)
         {
-            deleted += 1;
+            doomed_keys.push(next);
         }
         key = Some(next);
     }
+    deleted + doomed_keys.iter().filter(|k| super::raw_map::delete(fd, bytes_of(*k)).unwrap_or(false)).count()
 }

@@ -9,7 +9,6 @@ mod inspect;
 pub mod keys;
 mod pins;
 pub mod raw_map;
-mod revoker;
 mod tc_events;
 mod writer;
 
@@ -26,10 +25,9 @@ use portcullis_common::{
 };
 
 pub use attach::{AttachError, detach_all_filters, ifindex, ifname};
-pub use conntrack::{CtEntry, Revocation, Sweep, monotonic_ns};
+pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use inspect::{KernelEndpoint, KernelVerdict};
-pub use revoker::{Revoked, Revoker};
 pub use tc_events::watch_hook_removals;
 pub use writer::{ApplyReport, Placement, WriteError};
 

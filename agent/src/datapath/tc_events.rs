@@ -5,7 +5,8 @@
 //! qdiscs), and the pod would then pass everything. The kernel announces
 //! such deletions on the rtnetlink TC group; the agent listens, and the
 //! endpoint on that interface is attached again in the next pass (the
-//! loop wakes for it).
+//! loop wakes for it). Not noticed: another program put into our filter
+//! (a replace is not a deletion).
 
 use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
@@ -13,6 +14,10 @@ use super::attach::{FILTER_HANDLE_RAW, FILTER_PRIORITY};
 
 const RTM_DELQDISC: u16 = 37;
 const RTM_DELTFILTER: u16 = 45;
+const RTM_DELCHAIN: u16 = 101;
+/// clsact's two hooks, as filter parents.
+const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
+const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 /// `RTNLGRP_TC` as a group bit (`RTMGRP_TC`).
 const RTMGRP_TC: u32 = 0x8;
 /// The clsact qdisc's parent handle.
@@ -36,7 +41,13 @@ pub fn hooks_removed(messages: &[u8]) -> Vec<u32> {
             let word = |at: usize| u32::from_ne_bytes([tcm[at], tcm[at + 1], tcm[at + 2], tcm[at + 3]]);
             let (ifindex, handle, parent, info) = (word(4), word(8), word(12), word(16));
             let ours = match kind {
-                RTM_DELTFILTER => handle == FILTER_HANDLE_RAW && info >> 16 == u32::from(FILTER_PRIORITY),
+                // Our filter by its handle, or every filter at our priority
+                // (a delete by priority, or a flush of the hook, is
+                // announced without a handle).
+                RTM_DELTFILTER => {
+                    info >> 16 == u32::from(FILTER_PRIORITY) && (handle == FILTER_HANDLE_RAW || handle == 0)
+                }
+                RTM_DELCHAIN => parent == CLSACT_INGRESS || parent == CLSACT_EGRESS,
                 RTM_DELQDISC => parent == TC_H_CLSACT,
                 _ => false,
             };
@@ -76,6 +87,24 @@ pub fn watch_hook_removals(removed: impl Fn(u32) + Send + 'static) -> io::Result
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
+    }
+    // Room for a burst (every re-attach is announced too): 1 MiB, past the
+    // default limit where the agent may (CAP_NET_ADMIN).
+    let size: libc::c_int = 1 << 20;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: an int option of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
     }
     std::thread::Builder::new().name("tc-events".into()).spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -131,7 +160,10 @@ mod tests {
         all.extend(message(RTM_DELQDISC, 10, 0xFFFF_0000, TC_H_CLSACT, 0));
         all.extend(message(RTM_DELQDISC, 11, 0x8001_0000, 0xFFFF_FFFF, 0)); // a root qdisc
         all.extend(message(44, 12, FILTER_HANDLE_RAW, 0xFFFF_FFF2, ours)); // a new filter
-        assert_eq!(hooks_removed(&all), vec![7, 10]);
+        all.extend(message(RTM_DELTFILTER, 13, 0, CLSACT_INGRESS, ours)); // `tc filter del dev … ingress`
+        all.extend(message(RTM_DELCHAIN, 14, 0, CLSACT_EGRESS, 0)); // `tc chain del … egress chain 0`
+        all.extend(message(RTM_DELCHAIN, 15, 0, 0xFFFF_FFFF, 0)); // another qdisc's chain
+        assert_eq!(hooks_removed(&all), vec![7, 10, 13, 14]);
         assert_eq!(hooks_removed(&all[..20]), Vec::<u32>::new(), "a truncated message is ignored");
     }
 }
