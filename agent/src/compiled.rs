@@ -41,9 +41,10 @@ pub struct ServiceFrontend {
 pub struct IpcacheEntry {
     pub cidr: IpNet,
     pub identity: u32,
-    /// Who holds the address (`namespace/pod`), for flow output.
+    /// Who holds the address (`namespace/pod`), for flow output. Shared:
+    /// the agent builds this list on every pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub name: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

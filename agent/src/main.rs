@@ -815,6 +815,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         let write_started = std::time::Instant::now();
         let report = dp.apply(&state);
         let write_took = write_started.elapsed();
+        // CNI ADDs whose endpoint is now in the maps, on its interface: the
+        // pods wait on these, so before anything else, unless flows are to
+        // be cut first (a new pod may have an id and address an old one's
+        // tracked flows still name).
+        let revoking = revoke_flows && report.narrowed;
+        if !revoking {
+            answer_adds(&mut pending, &state, &report);
+        }
         if news || report.endpoints_written > 0 || report.endpoints_removed > 0 {
             telemetry.write.observe(write_took.as_secs_f64());
             telemetry.last_enforced = Some(std::time::SystemTime::now());
@@ -838,22 +846,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
             names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));
         }
-        // CNI ADDs whose endpoint is now in the maps, on its interface.
-        let enforced = |p: &PendingAdd| {
-            let name = p.pod.to_string();
-            let ep = state.endpoints.iter().find(|e| e.name == name && e.interface == p.interface)?;
-            (!report.failed.contains(&name)).then_some(ep.id)
-        };
-        for p in std::mem::take(&mut pending) {
-            match enforced(&p) {
-                Some(endpoint_id) => {
-                    tracing::info!(pod = %p.pod, endpoint = endpoint_id, "CNI ADD answered: enforced");
-                    let _ = p.reply.send(Ok(api::CniReady { endpoint_id }));
-                }
-                None => pending.push(p),
-            }
-        }
-        if revoke_flows && report.narrowed {
+        if revoking {
             let started = std::time::Instant::now();
             let revoked = dp.revoke_flows();
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -862,6 +855,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             } else {
                 tracing::debug!(ms, "no tracked flow to cut");
             }
+            answer_adds(&mut pending, &state, &report);
         }
         if news {
             tracing::info!(
@@ -910,6 +904,34 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         );
     }
     Ok(())
+}
+
+/// Answers the CNI ADDs whose endpoint `state` placed on their interface
+/// and `report` says was written.
+fn answer_adds(
+    pending: &mut Vec<PendingAdd>,
+    state: &CompiledState,
+    report: &portcullis_agent::datapath::ApplyReport,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    let by_name: std::collections::HashMap<&str, &portcullis_agent::compiled::EndpointState> =
+        state.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
+    for p in std::mem::take(pending) {
+        let name = p.pod.to_string();
+        let enforced = by_name
+            .get(name.as_str())
+            .filter(|e| e.interface == p.interface && !report.failed.contains(&name))
+            .map(|e| e.id);
+        match enforced {
+            Some(endpoint_id) => {
+                tracing::info!(pod = %p.pod, endpoint = endpoint_id, "CNI ADD answered: enforced");
+                let _ = p.reply.send(Ok(api::CniReady { endpoint_id }));
+            }
+            None => pending.push(p),
+        }
+    }
 }
 
 /// glibc's defaults suit short programs, not a daemon whose bursts (a

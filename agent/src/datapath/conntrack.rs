@@ -9,10 +9,7 @@
 //! Sweeping: the programs ignore an expired entry; the sweep deletes it, so
 //! the table holds live flows and the LRU evicts only those under pressure.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
-};
+use std::{collections::HashMap, os::fd::BorrowedFd};
 
 use portcullis_common::{
     AF_INET, CtKey, CtValue, DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW, IpKey,
@@ -100,96 +97,49 @@ pub fn monotonic_ns() -> u64 {
 
 use super::{
     Datapath,
-    keys::{EndpointKeys, Probe, ip_from, lookup, prefix_eq},
+    keys::{Probe, ip_from, lookup, prefix_eq},
 };
 
-/// What judging tracked flows needs of the loaded state, gathered once per
-/// walk: each endpoint's flags and policy set, the host entries of the
-/// ipcache by address and its prefixes longest first (a peer's identity is
-/// then a hash lookup, or a short scan). Built from the state as loaded now:
-/// a walk judges by the policy in the maps, never by an older one.
-struct Revocation {
-    conntrack: OwnedFd,
-    /// Endpoint id → its flags and the index of its set's keys in `sets`.
-    endpoints: HashMap<u16, (u32, Option<usize>)>,
-    sets: Vec<EndpointKeys>,
-    /// Host entries (/32, /128) by address, then the prefixes, longest
-    /// first.
+/// What judging tracked flows needs beyond the loaded state itself: the
+/// host entries of the ipcache by address and its prefixes longest first (a
+/// peer's identity is then a hash lookup, or a short scan). Endpoints and
+/// their sets are read from the loaded state as it is now: a walk judges by
+/// the policy in the maps, never by an older one.
+struct Revocation<'a> {
+    loaded: &'a super::writer::Loaded,
     hosts: HashMap<(u8, [u8; 16]), u32>,
-    prefixes: Vec<((u32, IpKey), u32)>,
+    prefixes: Vec<(&'a (u32, IpKey), u32)>,
 }
 
 impl Datapath {
-    fn revocation(&self) -> std::io::Result<Revocation> {
-        use aya::maps::IterableMap as _;
-        use std::os::fd::AsFd as _;
-        let conntrack = self.maps.conntrack.map().fd().as_fd().try_clone_to_owned()?;
-        let mut sets = Vec::new();
-        let mut index = BTreeMap::new();
-        let endpoints = self
-            .loaded
-            .endpoints
-            .iter()
-            .map(|(id, ep)| {
-                let set = ep.set.and_then(|r| {
-                    let keys = &self.loaded.sets.get(&r)?.keys;
-                    Some(*index.entry(r).or_insert_with(|| {
-                        sets.push(keys.clone());
-                        sets.len() - 1
-                    }))
-                });
-                (*id, (ep.info.flags, set))
-            })
-            .collect();
+    /// Deletes the conntrack entries the loaded policy no longer allows;
+    /// returns how many.
+    pub fn revoke_flows(&mut self) -> usize {
         let host = |prefix: u32, key: &IpKey| {
             let len = prefix.saturating_sub(IpKey::HEADER_BITS);
             len == if key.family == AF_INET { 32 } else { 128 }
         };
-        let hosts = self
+        let (hosts, mut prefixes): (Vec<_>, Vec<_>) = self
             .loaded
             .ipcache
             .iter()
-            .filter(|((prefix, key), _)| host(*prefix, key))
-            .map(|((_, key), id)| ((key.family, key.addr), *id))
-            .collect();
-        let mut prefixes: Vec<((u32, IpKey), u32)> = self
-            .loaded
-            .ipcache
-            .iter()
-            .filter(|((prefix, key), _)| !host(*prefix, key))
-            .map(|(k, v)| (*k, *v))
-            .collect();
+            .map(|(k, id)| (k, *id))
+            .partition(|((prefix, key), _)| host(*prefix, key));
+        let hosts = hosts.into_iter().map(|((_, key), id)| ((key.family, key.addr), id)).collect();
         prefixes.sort_by_key(|e| std::cmp::Reverse(e.0.0));
-        Ok(Revocation { conntrack, endpoints, sets, hosts, prefixes })
-    }
-
-    /// Deletes the conntrack entries the loaded policy no longer allows;
-    /// returns how many.
-    pub fn revoke_flows(&mut self) -> usize {
-        match self.revocation() {
-            Ok(r) => r.run(),
-            Err(e) => {
-                tracing::error!(error = %e, "tracked flows cannot be cut");
-                0
-            }
-        }
+        let r = Revocation { loaded: &self.loaded, hosts, prefixes };
+        let mut answers: HashMap<Question, bool> = HashMap::new();
+        // A full table holds hundreds of thousands of flows but far fewer
+        // distinct questions (endpoint, direction, peer, protocol, port):
+        // each is answered once per walk.
+        self.walk(|entry| {
+            let question = Question::of(entry);
+            !*answers.entry(question).or_insert_with(|| r.flow_allowed(entry))
+        })
     }
 }
 
-impl Revocation {
-    /// Deletes the entries the policy does not allow; returns how many.
-    ///
-    /// A full table holds hundreds of thousands of flows but far fewer
-    /// distinct questions (endpoint, direction, peer, protocol, port):
-    /// each is answered once per walk.
-    pub fn run(&self) -> usize {
-        let mut answers: HashMap<Question, bool> = HashMap::new();
-        walk(self.conntrack.as_fd(), |entry| {
-            let question = Question::of(entry);
-            !*answers.entry(question).or_insert_with(|| self.flow_allowed(entry))
-        })
-    }
-
+impl Revocation<'_> {
     /// The identity the programs would give `ip` (longest ipcache prefix).
     fn identity_of(&self, family: u8, raw: &[u8; 16]) -> u32 {
         if let Some(id) = self.hosts.get(&(family, *raw)) {
@@ -207,7 +157,8 @@ impl Revocation {
 
     fn flow_allowed(&self, entry: &CtEntry) -> bool {
         let key = &entry.key;
-        let Some(&(flags, set)) = self.endpoints.get(&key.endpoint_id) else { return false };
+        let Some(ep) = self.loaded.endpoints.get(&key.endpoint_id) else { return false };
+        let flags = ep.info.flags;
         if flags & EP_POLICY_OVERFLOW != 0 {
             return false;
         }
@@ -243,8 +194,8 @@ impl Revocation {
             protocol: key.protocol,
             port,
         };
-        let Some(keys) = set.and_then(|i| self.sets.get(i)) else { return false };
-        lookup(keys, probe).is_some()
+        let Some(set) = ep.set.and_then(|r| self.loaded.sets.get(&r)) else { return false };
+        lookup(&set.keys, probe).is_some()
     }
 }
 

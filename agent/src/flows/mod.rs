@@ -103,7 +103,7 @@ fn namespace_of<'a>(pod: Option<&'a str>, labels: &'a [String]) -> Option<&'a st
 /// state (and the policies, for rule names).
 #[derive(Clone, Debug, Default)]
 pub struct Names {
-    pods: HashMap<IpAddr, String>,
+    pods: HashMap<IpAddr, std::sync::Arc<str>>,
     endpoints: HashMap<u16, (String, u32)>,
     labels: HashMap<u32, Vec<String>>,
     rules: HashMap<u32, String>,
@@ -172,7 +172,7 @@ impl Flow {
         } else {
             (local_identity, Some(ev.remote_identity))
         };
-        let name = |a: Option<IpAddr>| a.and_then(|a| names.pods.get(&a).cloned());
+        let name = |a: Option<IpAddr>| a.and_then(|a| names.pods.get(&a).map(|n| n.to_string()));
         let labels = |id: Option<u32>| id.map(|id| names.labels(id)).unwrap_or_default();
         let time = SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(ev.timestamp_ns);
         let protocol = (ev.family != 0).then_some(ev.protocol);

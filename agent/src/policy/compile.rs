@@ -117,6 +117,22 @@ pub struct Compiler<'a> {
     identities: &'a Identities,
     pods_by_identity: &'a PodsByIdentity,
     plans: &'a PlanCache,
+    /// Directions compiled by this compiler, by what they depend on: pods
+    /// with different labels but the same selecting policies (and, for
+    /// ingress, the same named ports) get the same entries, compiled once.
+    compiled: RefCell<HashMap<DirectionInputs, Arc<DirectionPolicy>>>,
+}
+
+/// What a direction's entries depend on, beyond the cluster: the policies
+/// selecting the pod (by their place in its namespace) and, for ingress,
+/// its ports (named ports resolve on the pod itself; egress ones resolve
+/// on the destinations).
+#[derive(PartialEq, Eq, Hash)]
+struct DirectionInputs {
+    direction: Direction,
+    namespace: String,
+    selecting: Vec<u32>,
+    ports: Vec<crate::model::ContainerPort>,
 }
 
 impl<'a> Compiler<'a> {
@@ -126,23 +142,46 @@ impl<'a> Compiler<'a> {
         pods_by_identity: &'a PodsByIdentity,
         plans: &'a PlanCache,
     ) -> Self {
-        Compiler { cluster, identities, pods_by_identity, plans }
+        Compiler { cluster, identities, pods_by_identity, plans, compiled: RefCell::default() }
     }
 
+    /// Both directions of `pod`'s policy. Pods whose directions depend on
+    /// the same inputs share one `Arc` of each.
     pub fn endpoint(&self, pod: &Pod) -> EndpointPolicy {
         EndpointPolicy {
-            ingress: Arc::new(self.direction(pod, Direction::Ingress)),
-            egress: Arc::new(self.direction(pod, Direction::Egress)),
+            ingress: self.direction_of(pod, Direction::Ingress),
+            egress: self.direction_of(pod, Direction::Egress),
         }
     }
 
-    fn direction(&self, pod: &Pod, direction: Direction) -> DirectionPolicy {
+    fn direction_of(&self, pod: &Pod, direction: Direction) -> Arc<DirectionPolicy> {
+        let selecting: Vec<(u32, &NetworkPolicy)> = self
+            .cluster
+            .policies_in(&pod.namespace)
+            .enumerate()
+            .filter(|(_, p)| p.affects(direction) && p.pod_selector.matches(&pod.labels))
+            .map(|(i, p)| (i as u32, p))
+            .collect();
+        let inputs = DirectionInputs {
+            direction,
+            namespace: pod.namespace.clone(),
+            selecting: selecting.iter().map(|(i, _)| *i).collect(),
+            ports: if direction == Direction::Ingress { pod.ports.clone() } else { Vec::new() },
+        };
+        if let Some(done) = self.compiled.borrow().get(&inputs) {
+            return done.clone();
+        }
+        let policies: Vec<&NetworkPolicy> = selecting.into_iter().map(|(_, p)| p).collect();
+        let done = Arc::new(self.direction(pod, direction, &policies));
+        self.compiled.borrow_mut().insert(inputs, done.clone());
+        done
+    }
+
+    /// `pod`'s entries in `direction`, given the policies selecting it there.
+    fn direction(&self, pod: &Pod, direction: Direction, selecting: &[&NetworkPolicy]) -> DirectionPolicy {
         let mut out = DirectionPolicy::default();
         let mut prefix_peers: Vec<(IpNet, Vec<IpNet>, Vec<AllowEntry>)> = Vec::new();
-        for policy in self.cluster.policies_in(&pod.namespace) {
-            if !policy.affects(direction) || !policy.pod_selector.matches(&pod.labels) {
-                continue;
-            }
+        for &policy in selecting {
             out.isolated = true;
             let plan = self.plan(policy);
             let rules = match direction {
@@ -340,11 +379,19 @@ fn prefix_union(peers: &[(IpNet, Vec<IpNet>, Vec<AllowEntry>)]) -> Vec<PrefixEnt
     for (i, (cidr, _, _)) in peers.iter().enumerate() {
         by_cidr.entry(cidr.trunc()).or_default().push(i);
     }
+    // Only the lengths some peer has can hold an ancestor: a few (/0, /8,
+    // /32), where trying all 33 made thousands of /32 peers cost 33 hash
+    // lookups each.
+    let lengths: BTreeSet<(bool, u8)> =
+        by_cidr.keys().map(|c| (c.addr().is_ipv4(), c.prefix_len())).collect();
     bounds
         .into_iter()
         .map(|prefix| {
-            let mut allow: Vec<AllowEntry> = (0..=prefix.prefix_len())
-                .filter_map(|len| IpNet::new(prefix.addr(), len).ok())
+            let v4 = prefix.addr().is_ipv4();
+            let mut allow: Vec<AllowEntry> = lengths
+                .iter()
+                .filter(|&&(family, len)| family == v4 && len <= prefix.prefix_len())
+                .filter_map(|&(_, len)| IpNet::new(prefix.addr(), len).ok())
                 .filter_map(|ancestor| by_cidr.get(&ancestor.trunc()))
                 .flatten()
                 .map(|&i| &peers[i])

@@ -91,6 +91,19 @@ pub struct Engine {
     ip_owner: HashMap<IpAddr, Vec<PodKey>>,
     endpoints: BTreeMap<PodKey, EndpointPolicy>,
     shared: SharedPolicies,
+    /// What the ipcache and the identities went through since the state
+    /// builder last took it.
+    changes: IpcacheChanges,
+}
+
+/// Addresses whose ipcache entry (identity, or the pod holding it) may have
+/// changed, and whether identities came or went: what a consumer of the
+/// ipcache must look at again. Recorded by every change the engine applies,
+/// so it cannot miss one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheChanges {
+    pub addresses: BTreeSet<IpAddr>,
+    pub identities: bool,
 }
 
 /// One copy of each distinct direction policy the endpoints hold: a
@@ -144,6 +157,7 @@ impl Engine {
             ip_owner: HashMap::new(),
             endpoints: BTreeMap::new(),
             shared: SharedPolicies::default(),
+            changes: IpcacheChanges::default(),
         }
     }
 
@@ -175,6 +189,7 @@ impl Engine {
             self.apply_one(change, &mut pending);
         }
         let Pending { mut affected, ipcache, born, dead, named_churn, services } = pending;
+        self.changes.identities |= !born.is_empty() || !dead.is_empty();
 
         // Identities that came or went change the peer sets of the policies
         // whose peers match them.
@@ -219,16 +234,24 @@ impl Engine {
         // A pod's policy depends on its namespace, labels and ports alone:
         // replicas are compiled (and interned) once per change.
         let mut same: HashMap<(&str, &Labels, &[ContainerPort]), EndpointPolicy> = HashMap::new();
+        // The compiler hands pods with the same inputs one `Arc`: interned
+        // (hashed whole) once each. Keyed by address, the compiled `Arc`
+        // kept alongside so that no other takes its address.
+        type Interned = (Arc<DirectionPolicy>, Arc<DirectionPolicy>);
+        let mut interned: HashMap<*const DirectionPolicy, Interned> = HashMap::new();
+        let mut intern = |policy: Arc<DirectionPolicy>| {
+            let (_, kept) = interned
+                .entry(Arc::as_ptr(&policy))
+                .or_insert_with(|| (policy.clone(), shared.intern(policy.clone())));
+            kept.clone()
+        };
         for key in affected {
             let pod = self.cluster.pods.get(&key).filter(|p| is_local(node, p));
             let new = pod.map(|p| {
                 same.entry((p.namespace.as_str(), &p.labels, p.ports.as_slice()))
                     .or_insert_with(|| {
                         let compiled = compiler.endpoint(p);
-                        EndpointPolicy {
-                            ingress: shared.intern(compiled.ingress),
-                            egress: shared.intern(compiled.egress),
-                        }
+                        EndpointPolicy { ingress: intern(compiled.ingress), egress: intern(compiled.egress) }
                     })
                     .clone()
             });
@@ -374,6 +397,7 @@ impl Engine {
 
         let old_ips: Vec<IpAddr> = old.as_ref().map(|p| p.ips.clone()).unwrap_or_default();
         let new_ips: Vec<IpAddr> = new.map(|p| p.ips.clone()).unwrap_or_default();
+        self.changes.addresses.extend(old_ips.iter().chain(&new_ips).copied());
         let holds = |engine: &Self, ip: &IpAddr| engine.ip_owner.get(ip).and_then(|c| c.last()) == Some(key);
         for ip in &old_ips {
             if new_ips.contains(ip) && new_id.is_some() {
@@ -427,6 +451,17 @@ impl Engine {
     /// Address -> identity for every pod the engine knows.
     pub fn ipcache(&self) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
         self.ip_owner.iter().filter_map(|(ip, claims)| Some((*ip, *self.pod_identity.get(claims.last()?)?)))
+    }
+
+    /// The identity of `ip`, and the pod holding it (the newest to claim it).
+    pub fn ip_holder(&self, ip: &IpAddr) -> Option<(u32, &PodKey)> {
+        let holder = self.ip_owner.get(ip)?.last()?;
+        Some((*self.pod_identity.get(holder)?, holder))
+    }
+
+    /// What the ipcache went through since the last call.
+    pub fn take_ipcache_changes(&mut self) -> IpcacheChanges {
+        std::mem::take(&mut self.changes)
     }
 }
 

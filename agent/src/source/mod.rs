@@ -115,6 +115,14 @@ pub struct StateBuilder {
     ids: BTreeMap<PodKey, u16>,
     /// The interface each endpoint was last placed on (by ifindex).
     placed: BTreeMap<PodKey, u32>,
+    /// The pods' ipcache entries and the identities' names, kept between
+    /// passes and updated where the engine says they changed: a pass that
+    /// moves a few pods does not rebuild 10,000 entries.
+    pod_ipcache: BTreeMap<IpAddr, IpcacheEntry>,
+    identities: BTreeMap<u32, String>,
+    /// `pod_ipcache` and `identities` follow the engine's changes (false
+    /// until the first build, which reads them whole).
+    primed: bool,
 }
 
 impl StateBuilder {
@@ -139,7 +147,7 @@ impl StateBuilder {
     /// cannot be found yet are reported and left out (the next pass retries).
     pub fn build(
         &mut self,
-        engine: &Engine,
+        engine: &mut Engine,
         revision: u64,
         node_ips: &[IpAddr],
         hints: &Hints,
@@ -156,8 +164,12 @@ impl StateBuilder {
             .filter(|p| datapath::ifname(p.ifindex).is_some())
             .map(|p| p.endpoint_id)
             .collect();
+        self.follow_ipcache(engine);
+        let engine = &*engine;
         let mut endpoints = Vec::new();
-        let interfaces = node::Interfaces::read();
+        // Read when some endpoint needs it: pods the CNI plugin announced
+        // carry their interface.
+        let mut interfaces: Option<node::Interfaces> = None;
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
             let restored = hints.restored_for(&pod.ips);
@@ -168,13 +180,17 @@ impl StateBuilder {
             // running pod for want of a neighbour entry.
             let hinted = hints.get(key).map(|h| h.interface.clone());
             let found = hinted
-                .or_else(|| pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip)))
+                .or_else(|| {
+                    let interfaces = interfaces.get_or_insert_with(node::Interfaces::read);
+                    pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip))
+                })
                 .or_else(|| self.placed.get(key).and_then(|idx| datapath::ifname(*idx)))
                 .or_else(|| restored.as_ref().map(|(_, name)| name.clone()));
             let Some(interface) = found else {
                 // Behind a bridge, a pod that has not spoken yet has no
                 // neighbour entry: ask the kernel to resolve it for the next
                 // pass. (The CNI plugin closes this window at pod start.)
+                let interfaces = interfaces.get_or_insert_with(node::Interfaces::read);
                 for ip in pod.ips.iter().filter(|ip| interfaces.unresolved_on_bridge(**ip)) {
                     node::resolve(*ip);
                 }
@@ -199,16 +215,7 @@ impl StateBuilder {
                 egress: policy.egress.clone(),
             });
         }
-        let owners: BTreeMap<IpAddr, String> = engine
-            .cluster()
-            .pods
-            .values()
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key().to_string())))
-            .collect();
-        let mut ipcache: Vec<IpcacheEntry> = engine
-            .ipcache()
-            .map(|(ip, id)| IpcacheEntry { cidr: ip.into(), identity: id, name: owners.get(&ip).cloned() })
-            .collect();
+        let mut ipcache: Vec<IpcacheEntry> = self.pod_ipcache.values().cloned().collect();
         ipcache.extend(node_ips.iter().map(|ip| IpcacheEntry {
             cidr: (*ip).into(),
             identity: identity::HOST,
@@ -216,7 +223,7 @@ impl StateBuilder {
         }));
         ipcache.sort();
         ipcache.dedup_by_key(|e| e.cidr);
-        let identities = engine.identities().iter().map(|(id, labels)| (id, labels.to_string())).collect();
+        let identities = self.identities.clone();
         let mut services: Vec<ServiceFrontend> = engine
             .cluster()
             .services
@@ -234,6 +241,31 @@ impl StateBuilder {
         services.sort();
         services.dedup();
         (CompiledState { revision, identities, ipcache, endpoints, services }, errors)
+    }
+
+    /// Brings the pods' ipcache entries and the identities' names up to
+    /// the engine: whole the first time, then where it says they changed.
+    fn follow_ipcache(&mut self, engine: &mut Engine) {
+        let changes = engine.take_ipcache_changes();
+        let entry = |ip: &IpAddr| {
+            let (identity, holder) = engine.ip_holder(ip)?;
+            Some(IpcacheEntry { cidr: (*ip).into(), identity, name: Some(holder.to_string().into()) })
+        };
+        if !self.primed {
+            self.pod_ipcache = engine.ipcache().filter_map(|(ip, _)| Some((ip, entry(&ip)?))).collect();
+        } else {
+            for ip in &changes.addresses {
+                match entry(ip) {
+                    Some(e) => self.pod_ipcache.insert(*ip, e),
+                    None => self.pod_ipcache.remove(ip),
+                };
+            }
+        }
+        if !self.primed || changes.identities {
+            self.identities =
+                engine.identities().iter().map(|(id, labels)| (id, labels.to_string())).collect();
+        }
+        self.primed = true;
     }
 }
 
@@ -295,7 +327,7 @@ mod tests {
     #[test]
     fn a_restarted_agent_keeps_running_pods_on_their_pinned_interface_and_id() {
         let lo = datapath::ifindex("lo").expect("lo");
-        let engine = engine(&[pod("a", 10), pod("b", 11), pod("c", 12)]);
+        let mut engine = engine(&[pod("a", 10), pod("b", 11), pod("c", 12)]);
         let mut hints = Hints::default();
         hints.restore(vec![
             Placement { ifindex: lo, endpoint_id: 1, addresses: vec![IpAddr::from([198, 51, 100, 11])] },
@@ -308,22 +340,59 @@ mod tests {
             },
         ]);
         // `a` has no interface anywhere, `b` only its pinned one.
-        let (state, errors) = StateBuilder::default().build(&engine, 1, &[], &hints);
+        let (state, errors) = StateBuilder::default().build(&mut engine, 1, &[], &hints);
         assert_eq!(placed(&state), vec![("x/b".into(), "lo".into(), 1)]);
         assert_eq!(errors.len(), 2, "{errors:?}");
 
         // A hint for `a` places it; its fresh id avoids b's pinned one.
         let mut builder = StateBuilder::default();
-        let mut engine = engine;
         let hint = Hint { container_id: "c1".into(), interface: "lo".into(), ips: pod("a", 10).ips };
         engine.apply(hints.insert(key("a"), hint, &engine));
-        let (state, _) = builder.build(&engine, 2, &[], &hints);
+        let (state, _) = builder.build(&mut engine, 2, &[], &hints);
         assert_eq!(placed(&state), vec![("x/a".into(), "lo".into(), 2), ("x/b".into(), "lo".into(), 1)]);
 
         // Once placed, a pod stays on its interface when nothing else
         // names it any more (a neighbour entry that expired).
         hints.remove(&key("a"), "c1");
-        let (state, _) = builder.build(&engine, 3, &[], &hints);
+        let (state, _) = builder.build(&mut engine, 3, &[], &hints);
         assert_eq!(placed(&state)[0], ("x/a".into(), "lo".into(), 2));
+    }
+
+    /// The ipcache and identities a builder keeps up to date pass by pass
+    /// are what a fresh builder reads whole from the same engine: after
+    /// pods come, go, move addresses (one taken over by another pod),
+    /// relabel into new identities, and their namespace relabels.
+    #[test]
+    fn the_ipcache_kept_between_passes_is_the_one_read_whole() {
+        use proptest::prelude::*;
+        let step = (0u8..6, 0u8..5, 0u8..4, 0u8..3);
+        proptest!(ProptestConfig::with_cases(64), |(steps in proptest::collection::vec(step, 1..40))| {
+            let mut engine = engine(&[]);
+            let mut kept = StateBuilder::default();
+            let hints = Hints::default();
+            for (revision, (what, who, ip, label)) in steps.into_iter().enumerate() {
+                let name = format!("p{who}");
+                let change = match what {
+                    0..=2 => {
+                        let mut p = pod(&name, 20 + ip);
+                        p.labels = [("app".to_string(), format!("a{label}"))].into_iter().collect();
+                        if what == 2 {
+                            p.ips.clear();
+                        }
+                        Change::UpsertPod(p)
+                    }
+                    3 => Change::DeletePod(key(&name)),
+                    _ => Change::UpsertNamespace(Namespace {
+                        name: "x".into(),
+                        labels: [("team".to_string(), format!("t{label}"))].into_iter().collect(),
+                    }),
+                };
+                engine.apply([change]);
+                let (incremental, _) = kept.build(&mut engine, revision as u64, &[], &hints);
+                let (whole, _) = StateBuilder::default().build(&mut engine, revision as u64, &[], &hints);
+                prop_assert_eq!(&incremental.ipcache, &whole.ipcache);
+                prop_assert_eq!(&incremental.identities, &whole.identities);
+            }
+        });
     }
 }

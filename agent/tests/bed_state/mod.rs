@@ -27,7 +27,11 @@ pub fn state(bed: &Bed, revision: u64, pods: Vec<PodPolicy<'_>>) -> CompiledStat
         let addresses = vec![IpAddr::from(pod.ipv4), IpAddr::from(pod.ipv6)];
         for ip in &addresses {
             let name = Some(format!("default/{}", p.pod));
-            ipcache.push(IpcacheEntry { cidr: (*ip).into(), identity: p.identity, name });
+            ipcache.push(IpcacheEntry {
+                cidr: (*ip).into(),
+                identity: p.identity,
+                name: name.map(Into::into),
+            });
         }
         endpoints.push(EndpointState {
             id: i as u16 + 1,
