@@ -510,6 +510,10 @@ struct RunOptions {
     installation: Option<Installation>,
 }
 
+/// Requests handled between two passes: queued ones go first (a burst of
+/// CNI ADDs then shares one pass), up to this many.
+const REQUESTS_PER_PASS: usize = 256;
+
 /// A CNI ADD waiting for its endpoint to be enforced.
 struct PendingAdd {
     pod: PodKey,
@@ -559,7 +563,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         }
     });
 
-    let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(64);
+    // Room for a node's worth of CNI ADDs: requests that wait here join the
+    // next pass; ones that found it full would wait for the pass after.
+    let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(REQUESTS_PER_PASS);
     let api_server = api::serve(&api_socket, api_tx.clone(), flow_store.clone())?;
     tracing::info!(socket = %api_socket.display(), "local API listening");
     let metrics_server = match metrics_address {
@@ -599,6 +605,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     }
     let mut hints = Hints::default();
     hints.restore(dp.placements());
+    if let Some(engine) = source.engine_mut() {
+        engine.recover_identities(dp.address_identities());
+    }
     let mut pending: Vec<PendingAdd> = Vec::new();
     let mut cni_dirty = false;
     // Hooks someone else removed (a deleted clsact qdisc): attached again
@@ -635,9 +644,6 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     let mut last_failed: std::collections::BTreeSet<String> = Default::default();
     let mut telemetry = inspect::Telemetry::default();
     let mut metrics_cache: Option<(std::time::Instant, portcullis_agent::metrics::Metrics)> = None;
-    // Requests handled since the last pass: queued ones go first (a burst
-    // of CNI ADDs then shares one pass), up to this many.
-    const REQUESTS_PER_PASS: usize = 256;
     let mut requests = 0usize;
     loop {
         let mut on_tick = false;

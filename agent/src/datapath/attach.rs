@@ -76,6 +76,7 @@ impl Datapath {
         let interface = interface.as_str();
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| DatapathError::PinDir { path: links, source })?;
+        let mut clsact = false;
         for hook in [Hook::FromContainer, Hook::ToContainer] {
             let attached = match self.swap_pinned(interface, ifindex, hook) {
                 Ok(true) => Ok(()),
@@ -84,7 +85,7 @@ impl Datapath {
                     Ok(false) => self.attach_link(interface, ifindex, hook),
                     Err(e) => Err(e),
                 },
-                Ok(false) => self.attach_filter(interface, hook),
+                Ok(false) => self.attach_filter(interface, hook, &mut clsact),
                 Err(e) => Err(e),
             };
             attached.map_err(|source| AttachError::Attach { interface: interface.into(), hook, source })?;
@@ -93,11 +94,15 @@ impl Datapath {
     }
 
     /// The hook as a tc filter: created, or its program replaced in place.
-    fn attach_filter(&mut self, interface: &str, hook: Hook) -> Result<(), BoxError> {
+    /// `clsact`: the interface's clsact qdisc is known to exist.
+    fn attach_filter(&mut self, interface: &str, hook: Hook, clsact: &mut bool) -> Result<(), BoxError> {
         let prog = classifier(&mut self.ebpf, hook.program())?;
-        match tc::qdisc_add_clsact(interface) {
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            other => other?,
+        if !*clsact {
+            match tc::qdisc_add_clsact(interface) {
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other?,
+            }
+            *clsact = true;
         }
         let options = NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, classid: None };
         match prog.attach_with_options(interface, attach_type(hook), TcAttachOptions::Netlink(options)) {

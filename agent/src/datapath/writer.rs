@@ -468,6 +468,22 @@ impl Datapath {
             .collect()
     }
 
+    /// The addresses the ipcache names with an allocated identity (pods',
+    /// not the node's or a CIDR's), and their numbers: what an earlier agent
+    /// gave them, for a restarted one to keep.
+    pub fn address_identities(&self) -> Vec<(IpAddr, u32)> {
+        self.loaded
+            .ipcache
+            .iter()
+            .filter(|(_, id)| **id >= portcullis_common::identity::FIRST_ALLOCATED)
+            .filter(|((prefix, key), _)| {
+                let len = prefix.saturating_sub(IpKey::HEADER_BITS);
+                len == if key.family == portcullis_common::AF_INET { 32 } else { 128 }
+            })
+            .filter_map(|((_, key), id)| Some((super::keys::ip_from(key.family, &key.addr)?, *id)))
+            .collect()
+    }
+
     /// Policy and CIDR entries loaded, over all policy sets.
     pub fn loaded_entries(&self) -> usize {
         self.loaded.sets.values().map(|s| s.keys.len()).sum()

@@ -6,40 +6,17 @@ mod netlink;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Every address configured on this network namespace's interfaces.
+/// Every address configured on this network namespace's interfaces (but
+/// IPv6 link-local ones, which are per link, not the node's).
 pub fn local_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr of the family it names.
-            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))));
-                }
-                libc::AF_INET6 => {
-                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-                    // Link-local addresses are per link, not the node's.
-                    if ip.segments()[0] & 0xffc0 != 0xfe80 {
-                        out.push(IpAddr::V6(ip));
-                    }
-                }
-                _ => {}
-            }
+    let mut out: Vec<IpAddr> = match netlink::addresses() {
+        Ok(a) => a.into_iter().map(|(_, ip)| ip).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the node's addresses");
+            Vec::new()
         }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
+    };
+    out.retain(|ip| !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80));
     out.sort();
     out.dedup();
     out

@@ -1,6 +1,7 @@
-//! Neighbour and bridge forwarding entries, read with one rtnetlink dump
-//! each (`RTM_GETNEIGH`): enough to find the bridge port behind which a pod's
-//! address lives, without a netlink crate.
+//! Neighbour and bridge forwarding entries (`RTM_GETNEIGH`) and interface
+//! addresses (`RTM_GETADDR`), read with one rtnetlink dump each: enough to
+//! find the bridge port behind which a pod's address lives, and the node's
+//! own addresses, without a netlink crate.
 
 use std::{io, mem::size_of, net::IpAddr};
 
@@ -24,10 +25,26 @@ struct NdMsg {
     kind: u8,
 }
 
+/// `struct ifaddrmsg`.
 #[repr(C)]
-struct Request {
+#[derive(Clone, Copy, Default)]
+struct IfAddrMsg {
+    family: u8,
+    prefix_len: u8,
+    flags: u8,
+    scope: u8,
+    ifindex: u32,
+}
+
+const RTM_GETADDR: u16 = 22;
+const RTM_NEWADDR: u16 = 20;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+
+#[repr(C)]
+struct Request<B> {
     header: libc::nlmsghdr,
-    body: NdMsg,
+    body: B,
 }
 
 /// An IP neighbour: which link-layer address answers for `ip` on `ifindex`.
@@ -51,7 +68,7 @@ pub struct Forwarding {
 pub fn neighbours() -> io::Result<Vec<Neighbour>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        for (msg, attrs) in dump(family as u8)? {
+        for (msg, attrs) in dump::<NdMsg>(RTM_GETNEIGH, libc::RTM_NEWNEIGH, family as u8)? {
             if msg.state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
                 continue;
             }
@@ -72,10 +89,31 @@ pub fn neighbours() -> io::Result<Vec<Neighbour>> {
     Ok(out)
 }
 
+/// Every address on this network namespace's interfaces, with the index
+/// of the interface (one `RTM_GETADDR` dump: unlike `getifaddrs`, no dump
+/// of every link with its statistics, which hundreds of veths make long).
+pub fn addresses() -> io::Result<Vec<(u32, IpAddr)>> {
+    let mut out = Vec::new();
+    for (msg, attrs) in dump::<IfAddrMsg>(RTM_GETADDR, RTM_NEWADDR, libc::AF_UNSPEC as u8)? {
+        // IFA_LOCAL is the interface's own address on point-to-point links,
+        // where IFA_ADDRESS is the peer's.
+        let value = |kind: u16| attrs.iter().find(|(t, _)| *t == kind).map(|(_, v)| v);
+        let ip = value(IFA_LOCAL).or_else(|| value(IFA_ADDRESS)).and_then(|v| match v.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(&v[..]).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(&v[..]).ok()?)),
+            _ => None,
+        });
+        if let Some(ip) = ip {
+            out.push((msg.ifindex, ip));
+        }
+    }
+    Ok(out)
+}
+
 /// Every bridge forwarding entry of this network namespace.
 pub fn forwarding() -> io::Result<Vec<Forwarding>> {
     let mut out = Vec::new();
-    for (msg, attrs) in dump(libc::AF_BRIDGE as u8)? {
+    for (msg, attrs) in dump::<NdMsg>(RTM_GETNEIGH, libc::RTM_NEWNEIGH, libc::AF_BRIDGE as u8)? {
         let mac =
             attrs.iter().find(|(t, _)| *t == NDA_LLADDR).and_then(|(_, v)| <[u8; 6]>::try_from(&v[..]).ok());
         let master = attrs
@@ -97,8 +135,25 @@ fn align(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// One `RTM_GETNEIGH` dump for `family`.
-fn dump(family: u8) -> io::Result<Vec<(NdMsg, Attributes)>> {
+/// A message body that starts with its address family (`ndmsg`, `ifaddrmsg`).
+trait Body: Copy + Default {
+    fn with_family(family: u8) -> Self;
+}
+
+impl Body for NdMsg {
+    fn with_family(family: u8) -> Self {
+        NdMsg { family, ..NdMsg::default() }
+    }
+}
+
+impl Body for IfAddrMsg {
+    fn with_family(family: u8) -> Self {
+        IfAddrMsg { family, ..IfAddrMsg::default() }
+    }
+}
+
+/// One dump (`request`, answered by `reply` messages) for `family`.
+fn dump<B: Body>(request: u16, reply: u16, family: u8) -> io::Result<Vec<(B, Attributes)>> {
     // SAFETY: plain socket(2); the fd is owned right below.
     let fd =
         unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
@@ -110,17 +165,18 @@ fn dump(family: u8) -> io::Result<Vec<(NdMsg, Attributes)>> {
     use std::os::fd::AsRawFd as _;
     let request = Request {
         header: libc::nlmsghdr {
-            nlmsg_len: size_of::<Request>() as u32,
-            nlmsg_type: RTM_GETNEIGH,
+            nlmsg_len: size_of::<Request<B>>() as u32,
+            nlmsg_type: request,
             nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
             nlmsg_seq: 1,
             nlmsg_pid: 0,
         },
-        body: NdMsg { family, ..NdMsg::default() },
+        body: B::with_family(family),
     };
     // SAFETY: sends the bytes of a plain repr(C) struct.
-    let sent =
-        unsafe { libc::send(fd.as_raw_fd(), (&request as *const Request).cast(), size_of::<Request>(), 0) };
+    let sent = unsafe {
+        libc::send(fd.as_raw_fd(), (&request as *const Request<B>).cast(), size_of::<Request<B>>(), 0)
+    };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -158,13 +214,13 @@ fn dump(family: u8) -> io::Result<Vec<(NdMsg, Attributes)>> {
                         return Err(io::Error::from_raw_os_error(-code));
                     }
                 }
-                _ if header.nlmsg_type == libc::RTM_NEWNEIGH => {
+                _ if header.nlmsg_type == reply => {
                     let body_at = off + size_of::<libc::nlmsghdr>();
-                    if body_at + size_of::<NdMsg>() <= off + len {
-                        // SAFETY: in bounds (checked).
-                        let msg: NdMsg = unsafe { std::ptr::read_unaligned(data[body_at..].as_ptr().cast()) };
+                    if body_at + size_of::<B>() <= off + len {
+                        // SAFETY: in bounds (checked); `B` is plain data.
+                        let msg: B = unsafe { std::ptr::read_unaligned(data[body_at..].as_ptr().cast()) };
                         let mut attrs = Vec::new();
-                        let mut a = body_at + align(size_of::<NdMsg>());
+                        let mut a = body_at + align(size_of::<B>());
                         while a + 4 <= off + len {
                             let alen = u16::from_ne_bytes([data[a], data[a + 1]]) as usize;
                             let kind = u16::from_ne_bytes([data[a + 2], data[a + 3]]) & 0x3fff;

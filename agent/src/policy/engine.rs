@@ -94,6 +94,9 @@ pub struct Engine {
     /// What the ipcache and the identities went through since the state
     /// builder last took it.
     changes: IpcacheChanges,
+    /// Addresses' identities as an earlier agent numbered them (its pinned
+    /// ipcache): a pod holding one gets that number again when free.
+    recovered: HashMap<IpAddr, u32>,
 }
 
 /// Addresses whose ipcache entry (identity, or the pod holding it) may have
@@ -158,6 +161,7 @@ impl Engine {
             endpoints: BTreeMap::new(),
             shared: SharedPolicies::default(),
             changes: IpcacheChanges::default(),
+            recovered: HashMap::new(),
         }
     }
 
@@ -385,7 +389,8 @@ impl Engine {
             }
             if let Some(labels) = &new_labels {
                 let known = self.identities.get(labels).is_some();
-                let id = self.identities.acquire(labels.clone());
+                let preferred = new.and_then(|p| p.ips.iter().find_map(|ip| self.recovered.get(ip).copied()));
+                let id = self.identities.acquire_preferring(labels.clone(), preferred);
                 self.pod_identity.insert(key.clone(), id);
                 self.pods_by_identity.entry(id).or_default().insert(key.clone());
                 if !known {
@@ -451,6 +456,14 @@ impl Engine {
     /// Address -> identity for every pod the engine knows.
     pub fn ipcache(&self) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
         self.ip_owner.iter().filter_map(|(ip, claims)| Some((*ip, *self.pod_identity.get(claims.last()?)?)))
+    }
+
+    /// Takes over an earlier agent's identity numbers (address -> number,
+    /// from the pinned ipcache), before the first change: pods keep the
+    /// numbers the maps hold. See `Identities::recover`.
+    pub fn recover_identities(&mut self, by_address: impl IntoIterator<Item = (IpAddr, u32)>) {
+        self.recovered = by_address.into_iter().collect();
+        self.identities.recover(self.recovered.values().copied());
     }
 
     /// The identity of `ip`, and the pod holding it (the newest to claim it).
@@ -573,5 +586,40 @@ mod tests {
         let diff = e.apply([Change::DeletePod(web.clone())]);
         assert_eq!(diff.endpoints[&web], None);
         assert_eq!(diff.ipcache[&IpAddr::from([10, 0, 0, 1])], None);
+    }
+
+    /// A restarted agent numbers identities as the maps do, whatever order
+    /// the pods arrive in; new label sets get numbers above those; and a
+    /// recovered number goes to one label set only, once.
+    #[test]
+    fn a_restarted_engine_keeps_the_numbers_the_maps_hold() {
+        let pods =
+            [pod("ns", "a", "one", 1, "n"), pod("ns", "b", "two", 2, "n"), pod("ns", "c", "three", 3, "m")];
+        let mut before = Engine::new("n");
+        before.apply(pods.iter().cloned().map(Change::UpsertPod));
+        let held: BTreeMap<IpAddr, u32> = before.ipcache().collect();
+
+        let mut after = Engine::new("n");
+        after.recover_identities(held.clone());
+        let mut fresh = pod("ns", "d", "four", 4, "n");
+        fresh.ips = vec![IpAddr::from([10, 0, 0, 9])];
+        after.apply([Change::UpsertPod(fresh), Change::UpsertPod(pods[2].clone())]);
+        after.apply([Change::UpsertPod(pods[1].clone()), Change::UpsertPod(pods[0].clone())]);
+        let now: BTreeMap<IpAddr, u32> = after.ipcache().collect();
+        for (ip, id) in &held {
+            assert_eq!(now.get(ip), Some(id), "{ip} keeps its number");
+        }
+        let top = held.values().max().copied().unwrap_or_default();
+        assert!(now[&IpAddr::from([10, 0, 0, 9])] > top, "a new label set gets a fresh number");
+
+        // `a` leaves; a pod with other labels on its address later does not
+        // get its number again.
+        after.apply([Change::DeletePod(pods[0].key())]);
+        let mut other = pods[0].clone();
+        other.name = "e".into();
+        other.labels = labels(&[("app", "five")]);
+        after.apply([Change::UpsertPod(other)]);
+        let reused = after.ipcache().find(|(ip, _)| *ip == IpAddr::from([10, 0, 0, 1])).map(|(_, id)| id);
+        assert!(reused.is_some_and(|id| id != held[&IpAddr::from([10, 0, 0, 1])]), "{reused:?}");
     }
 }

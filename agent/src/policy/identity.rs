@@ -50,6 +50,9 @@ pub struct Identities {
     by_id: BTreeMap<u32, Arc<IdentityLabels>>,
     by_namespace: BTreeMap<String, BTreeSet<u32>>,
     next: u32,
+    /// Numbers an earlier agent gave, not handed out yet in this life: each
+    /// goes, once, to the label set that asks for it first.
+    recovered: BTreeSet<u32>,
 }
 
 impl Default for Identities {
@@ -59,6 +62,7 @@ impl Default for Identities {
             by_id: BTreeMap::new(),
             by_namespace: BTreeMap::new(),
             next: FIRST_ALLOCATED,
+            recovered: BTreeSet::new(),
         }
     }
 }
@@ -66,12 +70,36 @@ impl Default for Identities {
 impl Identities {
     /// The identity of `labels`, allocated if new; counts one more holder.
     pub fn acquire(&mut self, labels: IdentityLabels) -> u32 {
+        self.acquire_preferring(labels, None)
+    }
+
+    /// Numbers the agent before this one gave (read from the pinned
+    /// ipcache): fresh numbers start above them, and `acquire_preferring`
+    /// hands each out again, once. A restarted agent then gives the pods
+    /// the numbers the maps already hold, and adopting them rewrites
+    /// nothing; renumbering would switch the ipcache to new numbers before
+    /// the policy naming them, and drop allowed packets meanwhile.
+    pub fn recover(&mut self, ids: impl IntoIterator<Item = u32>) {
+        for id in ids.into_iter().filter(|id| *id >= FIRST_ALLOCATED && !self.by_id.contains_key(id)) {
+            self.recovered.insert(id);
+            self.next = self.next.max(id.saturating_add(1));
+        }
+    }
+
+    /// As `acquire`; a new label set gets `preferred` when an earlier agent
+    /// gave it (`recover`) and no one has it yet in this life.
+    pub fn acquire_preferring(&mut self, labels: IdentityLabels, preferred: Option<u32>) -> u32 {
         if let Some((id, refs)) = self.by_labels.get_mut(&labels) {
             *refs += 1;
             return *id;
         }
-        let id = self.next;
-        self.next += 1;
+        let id = match preferred.filter(|p| self.recovered.remove(p)) {
+            Some(p) => p,
+            None => {
+                self.next += 1;
+                self.next - 1
+            }
+        };
         self.by_namespace.entry(labels.namespace.clone()).or_default().insert(id);
         let labels = Arc::new(labels);
         self.by_id.insert(id, labels.clone());
