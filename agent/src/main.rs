@@ -1,6 +1,7 @@
 //! `agent`: the daemon (`agent run`) and its command-line tools.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -441,7 +442,12 @@ impl Source {
     /// The state to enforce, and whether it is news (to report) rather than
     /// a periodic re-check; `None` when nothing moved. `reconcile`: also
     /// rebuild what depends on the node (interfaces, addresses).
-    fn poll(&mut self, reconcile: bool, hints: &mut Hints) -> Option<(CompiledState, bool)> {
+    fn poll(
+        &mut self,
+        reconcile: bool,
+        hints: &mut Hints,
+        node_ips: &[IpAddr],
+    ) -> Option<(CompiledState, bool)> {
         let (engine, builder, revision, moved) = match self {
             Source::Kube { source, events, engine, builder } => {
                 let mut poll = source.poll();
@@ -488,7 +494,7 @@ impl Source {
         if !moved && !reconcile {
             return None;
         }
-        let (state, errors) = builder.build(engine, revision, &node::local_addresses(), hints);
+        let (state, errors) = builder.build(engine, revision, node_ips, hints);
         for e in &errors {
             tracing::debug!("{e}");
         }
@@ -622,6 +628,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         );
     }
     let mut hooks_gone = false;
+    let mut node_ips: Option<Vec<IpAddr>> = None;
+    let mut names_due = false;
 
     // Made once, so a signal that arrives while a pass runs is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -800,7 +808,13 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             engine.apply(std::mem::take(&mut hint_changes));
         }
         let reconcile = each_second || std::mem::take(&mut cni_dirty);
-        let polled = source.poll(reconcile, &mut hints);
+        // The node's own addresses (the host identity's), read again once
+        // a second: hundreds of veths make a read cost milliseconds, and
+        // pods starting together would pay it on every pass.
+        if each_second || node_ips.is_none() {
+            node_ips = Some(node::local_addresses());
+        }
+        let polled = source.poll(reconcile, &mut hints, node_ips.as_deref().unwrap_or_default());
         let rebuilt = polled.is_some();
         let (state, news) = match polled {
             Some((state, news)) => (state, news),
@@ -825,6 +839,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         // pods wait on these, so before anything else, unless flows are to
         // be cut first (a new pod may have an id and address an old one's
         // tracked flows still name).
+        let starting_pods = !pending.is_empty();
         let revoking = revoke_flows && report.narrowed;
         if !revoking {
             answer_adds(&mut pending, &state, &report);
@@ -847,8 +862,13 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             last_errors = report.errors.clone();
         }
         // The names follow the state (the once-a-second re-check of the
-        // last one changes none).
-        if rebuilt {
+        // last one changes none). While pods start together (more requests
+        // wait after a pass that answered CNI ADDs) they are put off: flow
+        // output may name the newest pods a moment late, but no pod waits
+        // for the names.
+        names_due |= rebuilt;
+        if names_due && (!starting_pods || api_rx.is_empty()) {
+            names_due = false;
             let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
             names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));
         }

@@ -51,7 +51,7 @@ use super::{
     attach::{ifindex, ifname},
     keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys},
 };
-use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, ServiceFrontend};
+use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, ServiceFrontend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -93,8 +93,16 @@ pub(crate) struct Loaded {
     /// The next never-used slot (slot 0 means "not counted").
     pub(super) next_slot: u32,
     pub(super) ipcache: BTreeMap<(u32, IpKey), u32>,
+    /// The state's ipcache as last written whole (every entry in the map,
+    /// nothing else there): the next is diffed against it, so a pass that
+    /// moves a few pods touches a few entries, not 10,000. `None` after a
+    /// failed write, or for a list not sorted by distinct prefixes.
+    pub(super) ipcache_written: Option<Vec<IpcacheEntry>>,
     pub(super) services: BTreeSet<ServiceKey>,
 }
+
+/// An ipcache entry's key: `(prefix length, address)`.
+type IpcacheKey = (u32, IpKey);
 
 /// An endpoint address as the address map keys it: `(family, address)`.
 type Address = (u8, [u8; 16]);
@@ -237,10 +245,28 @@ impl Datapath {
     pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
         let mut report = ApplyReport::default();
 
-        let desired_ipcache: BTreeMap<(u32, IpKey), u32> =
-            state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
+        // What of the ipcache to write now, and what to remove after the
+        // policy: the difference from the last list when there is one.
+        let (ipcache_writes, ipcache_gone): (Vec<(IpcacheKey, u32)>, Vec<IpcacheKey>) =
+            match self.loaded.ipcache_written.take().filter(|_| distinct_sorted(&state.ipcache)) {
+                Some(last) => {
+                    let (writes, gone) = ipcache_delta(&last, &state.ipcache);
+                    (
+                        writes.into_iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect(),
+                        gone.iter().map(ipcache_key).collect(),
+                    )
+                }
+                None => {
+                    let desired: BTreeMap<(u32, IpKey), u32> =
+                        state.ipcache.iter().map(|e| (ipcache_key(&e.cidr), e.identity)).collect();
+                    let gone =
+                        self.loaded.ipcache.keys().copied().filter(|k| !desired.contains_key(k)).collect();
+                    (desired.into_iter().collect(), gone)
+                }
+            };
+        let ipcache_errors = report.errors.len();
         // Addresses first, so new policy never meets an unknown peer.
-        for (&(prefix, key), &identity) in &desired_ipcache {
+        for ((prefix, key), identity) in ipcache_writes {
             let was = self.loaded.ipcache.get(&(prefix, key));
             if was == Some(&identity) {
                 continue;
@@ -253,6 +279,7 @@ impl Datapath {
                 Err(source) => report.errors.push(WriteError::Map { map: "ipcache", source }.to_string()),
             }
         }
+        let ipcache_failed = report.errors.len() > ipcache_errors;
 
         // Service frontends before policy: a pod's first packet to a Service
         // must wait for its backend.
@@ -422,12 +449,14 @@ impl Datapath {
             }
         }
 
-        let gone: Vec<(u32, IpKey)> =
-            self.loaded.ipcache.keys().copied().filter(|k| !desired_ipcache.contains_key(k)).collect();
-        for k in gone {
-            let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
-            self.loaded.ipcache.remove(&k);
-            report.narrowed = true;
+        for k in ipcache_gone {
+            if self.loaded.ipcache.remove(&k).is_some() {
+                let _ = self.maps.ipcache.remove(&Key::new(k.0, k.1));
+                report.narrowed = true;
+            }
+        }
+        if !ipcache_failed && distinct_sorted(&state.ipcache) {
+            self.loaded.ipcache_written = Some(state.ipcache.clone());
         }
         let gone: Vec<ServiceKey> = self.loaded.services.difference(&desired_services).copied().collect();
         for k in gone {
@@ -1109,8 +1138,87 @@ fn service_key(s: &ServiceFrontend) -> ServiceKey {
     ServiceKey { family, protocol: s.protocol.number(), port: s.port, addr }
 }
 
+/// Whether `ipcache` is sorted by prefixes that are distinct and have no
+/// bits past their length (so each is one key of the map, its own).
+fn distinct_sorted(ipcache: &[IpcacheEntry]) -> bool {
+    ipcache.windows(2).all(|w| w[0].cidr < w[1].cidr) && ipcache.iter().all(|e| e.cidr == e.cidr.trunc())
+}
+
+/// What changed from `last` to `now` (both `distinct_sorted`): the entries
+/// new or with another identity, and the prefixes gone.
+fn ipcache_delta<'a>(last: &[IpcacheEntry], now: &'a [IpcacheEntry]) -> (Vec<&'a IpcacheEntry>, Vec<IpNet>) {
+    let (mut writes, mut gone) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (last.iter().peekable(), now.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some(o), Some(n)) if o.cidr == n.cidr => {
+                if o.identity != n.identity {
+                    writes.push(*n);
+                }
+                old.next();
+                new.next();
+            }
+            (Some(o), Some(n)) if o.cidr < n.cidr => {
+                gone.push(o.cidr);
+                old.next();
+            }
+            (Some(o), None) => {
+                gone.push(o.cidr);
+                old.next();
+            }
+            (_, Some(n)) => {
+                writes.push(*n);
+                new.next();
+            }
+            (None, None) => return (writes, gone),
+        }
+    }
+}
+
 fn ipcache_key(cidr: &IpNet) -> (u32, IpKey) {
     let cidr = cidr.trunc();
     let (family, addr) = family_and_addr(cidr.addr());
     (IpKey::HEADER_BITS + u32::from(cidr.prefix_len()), IpKey { family, _pad: [0; 3], addr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn list(entries: &BTreeMap<u8, u32>) -> Vec<IpcacheEntry> {
+        let mut v: Vec<IpcacheEntry> = entries
+            .iter()
+            .map(|(n, id)| IpcacheEntry {
+                cidr: IpNet::from(IpAddr::from([10, 0, 0, *n])),
+                identity: *id,
+                name: None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    proptest! {
+        /// The last list with the delta's writes and removals applied is
+        /// the new list.
+        #[test]
+        fn an_ipcache_delta_turns_the_last_list_into_the_new(
+            last in proptest::collection::btree_map(any::<u8>(), 3u32..6, 0..40),
+            now in proptest::collection::btree_map(any::<u8>(), 3u32..6, 0..40),
+        ) {
+            let (last, now) = (list(&last), list(&now));
+            prop_assert!(distinct_sorted(&last) && distinct_sorted(&now));
+            let (writes, gone) = ipcache_delta(&last, &now);
+            let mut map: BTreeMap<IpNet, u32> = last.iter().map(|e| (e.cidr, e.identity)).collect();
+            for e in &writes {
+                prop_assert!(map.insert(e.cidr, e.identity) != Some(e.identity), "{:?} written unchanged", e);
+            }
+            for cidr in &gone {
+                prop_assert!(map.remove(cidr).is_some());
+            }
+            let want: BTreeMap<IpNet, u32> = now.iter().map(|e| (e.cidr, e.identity)).collect();
+            prop_assert_eq!(map, want);
+        }
+    }
 }

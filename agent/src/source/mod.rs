@@ -123,7 +123,15 @@ pub struct StateBuilder {
     /// `pod_ipcache` and `identities` follow the engine's changes (false
     /// until the first build, which reads them whole).
     primed: bool,
+    /// The node's routes, neighbours and bridge ports as last read, and
+    /// when: read again after a second, or at once when a pod is not found
+    /// in them (hundreds of veths make a read cost milliseconds, and pods
+    /// starting together would pay it on every pass).
+    interfaces: Option<(std::time::Instant, node::Interfaces)>,
 }
+
+/// How long a read of the node's interfaces serves.
+const INTERFACES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl StateBuilder {
     /// The pod's id: the one it has, else `preferred` (its id in the pinned
@@ -167,9 +175,25 @@ impl StateBuilder {
         self.follow_ipcache(engine);
         let engine = &*engine;
         let mut endpoints = Vec::new();
-        // Read when some endpoint needs it: pods the CNI plugin announced
-        // carry their interface.
-        let mut interfaces: Option<node::Interfaces> = None;
+        // Read when some endpoint needs it (pods the CNI plugin announced
+        // carry their interface), and then at most once a second unless a
+        // pod is missing from the last read.
+        let mut cache = self.interfaces.take().filter(|(at, _)| at.elapsed() < INTERFACES_FRESH);
+        let mut read_now = false;
+        let mut interface_for = |ips: &[IpAddr]| -> Option<String> {
+            loop {
+                let (_, interfaces) = cache.get_or_insert_with(|| {
+                    read_now = true;
+                    (std::time::Instant::now(), node::Interfaces::read())
+                });
+                let found = ips.iter().find_map(|ip| interfaces.interface_for(*ip));
+                if found.is_some() || read_now {
+                    return found;
+                }
+                cache = None;
+            }
+        };
+        let mut unresolved = Vec::new();
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
             let restored = hints.restored_for(&pod.ips);
@@ -180,20 +204,14 @@ impl StateBuilder {
             // running pod for want of a neighbour entry.
             let hinted = hints.get(key).map(|h| h.interface.clone());
             let found = hinted
-                .or_else(|| {
-                    let interfaces = interfaces.get_or_insert_with(node::Interfaces::read);
-                    pod.ips.iter().find_map(|ip| interfaces.interface_for(*ip))
-                })
+                .or_else(|| interface_for(&pod.ips))
                 .or_else(|| self.placed.get(key).and_then(|idx| datapath::ifname(*idx)))
                 .or_else(|| restored.as_ref().map(|(_, name)| name.clone()));
             let Some(interface) = found else {
                 // Behind a bridge, a pod that has not spoken yet has no
                 // neighbour entry: ask the kernel to resolve it for the next
                 // pass. (The CNI plugin closes this window at pod start.)
-                let interfaces = interfaces.get_or_insert_with(node::Interfaces::read);
-                for ip in pod.ips.iter().filter(|ip| interfaces.unresolved_on_bridge(**ip)) {
-                    node::resolve(*ip);
-                }
+                unresolved.extend(pod.ips.iter().copied());
                 errors.push(format!("endpoint {key}: no interface found for {:?} yet", pod.ips));
                 continue;
             };
@@ -215,6 +233,12 @@ impl StateBuilder {
                 egress: policy.egress.clone(),
             });
         }
+        if let Some((_, interfaces)) = &cache {
+            for ip in unresolved.into_iter().filter(|ip| interfaces.unresolved_on_bridge(*ip)) {
+                node::resolve(ip);
+            }
+        }
+        self.interfaces = cache;
         let mut ipcache: Vec<IpcacheEntry> = self.pod_ipcache.values().cloned().collect();
         ipcache.extend(node_ips.iter().map(|ip| IpcacheEntry {
             cidr: (*ip).into(),
