@@ -862,12 +862,12 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             last_errors = report.errors.clone();
         }
         // The names follow the state (the once-a-second re-check of the
-        // last one changes none). While pods start together (more requests
-        // wait after a pass that answered CNI ADDs) they are put off: flow
-        // output may name the newest pods a moment late, but no pod waits
-        // for the names.
+        // last one changes none). While pods start (a pass that answered
+        // CNI ADDs; they come in bursts) they are put off, for a second at
+        // most: flow output may name the newest pods a moment late, but no
+        // pod waits for the names (10,000 addresses, every rule's name).
         names_due |= rebuilt;
-        if names_due && (!starting_pods || api_rx.is_empty()) {
+        if names_due && (!starting_pods || each_second) {
             names_due = false;
             let rules = source.engine().map(|e| inspect::rule_names(e.cluster())).unwrap_or_default();
             names_tx.send_replace(std::sync::Arc::new(Names::from_state(&state).with_rules(rules)));

@@ -308,3 +308,57 @@ pub fn ifindex(interface: &str) -> Option<u32> {
     let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
     (idx != 0).then_some(idx)
 }
+
+/// Interface indexes by name, for many names at once: one socket for all
+/// of them (`if_nametoindex` opens and closes one per name, and a pass
+/// asks for hundreds). The socket answers for the network namespace it was
+/// opened in: keep an `IfIndexes` for one call, not across a `setns`.
+pub struct IfIndexes(Option<std::os::fd::OwnedFd>);
+
+impl IfIndexes {
+    pub fn open() -> IfIndexes {
+        // SAFETY: plain socket(2); owned right below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        // SAFETY: a fresh descriptor we own.
+        IfIndexes(
+            (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+        )
+    }
+
+    pub fn get(&self, interface: &str) -> Option<u32> {
+        use std::os::fd::AsRawFd as _;
+        let Some(fd) = &self.0 else { return ifindex(interface) };
+        let bytes = interface.as_bytes();
+        if bytes.len() >= libc::IF_NAMESIZE || bytes.contains(&0) {
+            return None;
+        }
+        // SAFETY: an all-zero ifreq is valid; the name is NUL-terminated
+        // (checked to fit with its NUL).
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: SIOCGIFINDEX reads the name and writes the index into
+        // the ifreq we pass.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) } != 0 {
+            return None;
+        }
+        // SAFETY: on success the kernel filled the union's index.
+        let idx = unsafe { req.ifr_ifru.ifru_ifindex };
+        u32::try_from(idx).ok().filter(|i| *i != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_by_name_agree_with_the_c_library() {
+        let indexes = IfIndexes::open();
+        assert_eq!(indexes.get("lo"), ifindex("lo"));
+        assert!(indexes.get("lo").is_some());
+        assert_eq!(indexes.get("no-such-if0"), None);
+        assert_eq!(indexes.get("a-name-longer-than-sixteen"), None);
+    }
+}

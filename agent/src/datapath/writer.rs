@@ -48,7 +48,7 @@ use portcullis_common::{
 
 use super::{
     Datapath,
-    attach::{ifindex, ifname},
+    attach::ifname,
     keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys},
 };
 use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, ServiceFrontend};
@@ -303,6 +303,7 @@ impl Datapath {
             report.errors.push(e.to_string());
             report.failed.insert(ep.name.clone());
         };
+        let indexes = super::IfIndexes::open();
         for ep in &state.endpoints {
             if !seen.insert(ep.id) {
                 let why = format!("endpoint id {} is used twice", ep.id);
@@ -329,7 +330,7 @@ impl Datapath {
                 report.narrowed = true;
                 self.reset_counters(ep.id);
             }
-            let Some(idx) = ifindex(&ep.interface) else {
+            let Some(idx) = indexes.get(&ep.interface) else {
                 let interface = ep.interface.clone();
                 fail(&mut report, ep, WriteError::NoInterface { endpoint: ep.name.clone(), interface });
                 continue;

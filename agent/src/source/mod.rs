@@ -194,6 +194,7 @@ impl StateBuilder {
             }
         };
         let mut unresolved = Vec::new();
+        let indexes = datapath::IfIndexes::open();
         for (key, policy) in engine.endpoints() {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
             let restored = hints.restored_for(&pod.ips);
@@ -216,7 +217,7 @@ impl StateBuilder {
                 continue;
             };
             let preferred = restored.filter(|(_, name)| *name == interface).map(|(p, _)| p.endpoint_id);
-            if let Some(idx) = datapath::ifindex(&interface) {
+            if let Some(idx) = indexes.get(&interface) {
                 self.placed.insert(key.clone(), idx);
             }
             let Some(id) = self.id_for(key, preferred, &reserved) else {
