@@ -440,8 +440,9 @@ impl Source {
     }
 
     /// The state to enforce, and whether it is news (to report) rather than
-    /// a periodic re-check; `None` when nothing moved. `reconcile`: also
-    /// rebuild what depends on the node (interfaces, addresses).
+    /// a periodic re-check; `None` when nothing moved. `reconcile`: build
+    /// the state even when no object moved (interfaces that appeared, CNI
+    /// hints); `node_ips`: the node's addresses, as last read.
     fn poll(
         &mut self,
         reconcile: bool,

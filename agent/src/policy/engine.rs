@@ -95,8 +95,11 @@ pub struct Engine {
     /// builder last took it.
     changes: IpcacheChanges,
     /// Addresses' identities as an earlier agent numbered them (its pinned
-    /// ipcache): a pod holding one gets that number again when free.
+    /// ipcache), until the first complete view of the cluster (a batch
+    /// with namespaces: the relist) decides which label sets keep theirs.
     recovered: HashMap<IpAddr, u32>,
+    /// The numbers that relist gives label sets back (`plan_recovered`).
+    planned: HashMap<IdentityLabels, u32>,
 }
 
 /// Addresses whose ipcache entry (identity, or the pod holding it) may have
@@ -162,6 +165,7 @@ impl Engine {
             shared: SharedPolicies::default(),
             changes: IpcacheChanges::default(),
             recovered: HashMap::new(),
+            planned: HashMap::new(),
         }
     }
 
@@ -188,10 +192,17 @@ impl Engine {
 
     /// Applies a batch of changes and recompiles what they affect, once.
     pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> Diff {
+        let changes: Vec<Change> = changes.into_iter().collect();
+        let relist = changes.iter().any(|c| matches!(c, Change::UpsertNamespace(_)));
+        if relist && !self.recovered.is_empty() {
+            self.planned = self.plan_recovered(&changes);
+            self.recovered.clear();
+        }
         let mut pending = Pending::default();
         for change in changes {
             self.apply_one(change, &mut pending);
         }
+        self.planned.clear();
         let Pending { mut affected, ipcache, born, dead, named_churn, services } = pending;
         self.changes.identities |= !born.is_empty() || !dead.is_empty();
 
@@ -389,7 +400,7 @@ impl Engine {
             }
             if let Some(labels) = &new_labels {
                 let known = self.identities.get(labels).is_some();
-                let preferred = new.and_then(|p| p.ips.iter().find_map(|ip| self.recovered.get(ip).copied()));
+                let preferred = self.planned.get(labels).copied();
                 let id = self.identities.acquire_preferring(labels.clone(), preferred);
                 self.pod_identity.insert(key.clone(), id);
                 self.pods_by_identity.entry(id).or_default().insert(key.clone());
@@ -460,10 +471,79 @@ impl Engine {
 
     /// Takes over an earlier agent's identity numbers (address -> number,
     /// from the pinned ipcache), before the first change: pods keep the
-    /// numbers the maps hold. See `Identities::recover`.
+    /// numbers the maps hold. See `Identities::recover` and
+    /// `plan_recovered`.
     pub fn recover_identities(&mut self, by_address: impl IntoIterator<Item = (IpAddr, u32)>) {
-        self.recovered = by_address.into_iter().collect();
+        self.recovered =
+            by_address.into_iter().filter(|(_, id)| *id < portcullis_common::identity::CLASS_BASE).collect();
         self.identities.recover(self.recovered.values().copied());
+    }
+
+    /// Which label sets get their number back, decided on the relist (the
+    /// cluster as it will be after `changes`). The loaded policy reads a
+    /// number as the label set it had, and the new ipcache is written
+    /// before the new policy: a number may only go to the label set it
+    /// meant. So a label set keeps number N only when the addresses
+    /// recorded with N are all held by its pods now, and its pods' addresses
+    /// were recorded with N or not at all. Any doubt (a pod relabelled, an
+    /// address taken over while no agent ran) gives a fresh number, which
+    /// fails closed until the policy naming it is written.
+    fn plan_recovered(&self, changes: &[Change]) -> HashMap<IdentityLabels, u32> {
+        let mut namespaces: HashMap<&str, &Labels> =
+            self.cluster.namespaces.values().map(|n| (n.name.as_str(), &n.labels)).collect();
+        let mut pods: BTreeMap<PodKey, &Pod> =
+            self.cluster.pods.iter().map(|(k, p)| (k.clone(), p)).collect();
+        for change in changes {
+            match change {
+                Change::UpsertNamespace(n) => {
+                    namespaces.insert(&n.name, &n.labels);
+                }
+                Change::DeleteNamespace(n) => {
+                    namespaces.remove(n.as_str());
+                }
+                Change::UpsertPod(p) => {
+                    pods.insert(p.key(), p);
+                }
+                Change::DeletePod(k) => {
+                    pods.remove(k);
+                }
+                _ => {}
+            }
+        }
+        let no_labels = Labels::default();
+        // The label sets found on each recorded number's addresses, and the
+        // recorded numbers (None: not recorded) of each label set's.
+        let mut on_number: HashMap<u32, BTreeSet<IdentityLabels>> = HashMap::new();
+        let mut numbers_of: HashMap<IdentityLabels, BTreeSet<Option<u32>>> = HashMap::new();
+        for pod in pods.values().filter(|p| !p.ips.is_empty()) {
+            let labels = IdentityLabels {
+                namespace: pod.namespace.clone(),
+                namespace_labels: namespaces
+                    .get(pod.namespace.as_str())
+                    .copied()
+                    .unwrap_or(&no_labels)
+                    .clone(),
+                pod_labels: pod.labels.clone(),
+            };
+            for ip in &pod.ips {
+                let recorded = self.recovered.get(ip).copied();
+                if let Some(n) = recorded {
+                    on_number.entry(n).or_default().insert(labels.clone());
+                }
+                numbers_of.entry(labels.clone()).or_default().insert(recorded);
+            }
+        }
+        numbers_of
+            .into_iter()
+            .filter_map(|(labels, numbers)| {
+                let mut recorded = numbers.iter().flatten();
+                let n = *recorded.next()?;
+                let alone = recorded.next().is_none();
+                let only_these =
+                    on_number.get(&n).is_some_and(|sets| sets.len() == 1 && sets.contains(&labels));
+                (alone && only_these).then_some((labels, n))
+            })
+            .collect()
     }
 
     /// The identity of `ip`, and the pod holding it (the newest to claim it).
@@ -593,18 +673,25 @@ mod tests {
     /// recovered number goes to one label set only, once.
     #[test]
     fn a_restarted_engine_keeps_the_numbers_the_maps_hold() {
+        let ns = || {
+            Change::UpsertNamespace(crate::model::Namespace { name: "ns".into(), labels: Labels::default() })
+        };
         let pods =
             [pod("ns", "a", "one", 1, "n"), pod("ns", "b", "two", 2, "n"), pod("ns", "c", "three", 3, "m")];
         let mut before = Engine::new("n");
-        before.apply(pods.iter().cloned().map(Change::UpsertPod));
+        before.apply(std::iter::once(ns()).chain(pods.iter().cloned().map(Change::UpsertPod)));
         let held: BTreeMap<IpAddr, u32> = before.ipcache().collect();
 
         let mut after = Engine::new("n");
         after.recover_identities(held.clone());
         let mut fresh = pod("ns", "d", "four", 4, "n");
         fresh.ips = vec![IpAddr::from([10, 0, 0, 9])];
-        after.apply([Change::UpsertPod(fresh), Change::UpsertPod(pods[2].clone())]);
-        after.apply([Change::UpsertPod(pods[1].clone()), Change::UpsertPod(pods[0].clone())]);
+        // The relist, in another order than the cluster grew.
+        after.apply(
+            [ns(), Change::UpsertPod(fresh), Change::UpsertPod(pods[2].clone())]
+                .into_iter()
+                .chain([Change::UpsertPod(pods[1].clone()), Change::UpsertPod(pods[0].clone())]),
+        );
         let now: BTreeMap<IpAddr, u32> = after.ipcache().collect();
         for (ip, id) in &held {
             assert_eq!(now.get(ip), Some(id), "{ip} keeps its number");
@@ -621,5 +708,36 @@ mod tests {
         after.apply([Change::UpsertPod(other)]);
         let reused = after.ipcache().find(|(ip, _)| *ip == IpAddr::from([10, 0, 0, 1])).map(|(_, id)| id);
         assert!(reused.is_some_and(|id| id != held[&IpAddr::from([10, 0, 0, 1])]), "{reused:?}");
+    }
+
+    /// A number whose meaning is in doubt is not given back: the loaded
+    /// policy reads it as the label set it had, and the ipcache is written
+    /// first. Here `a` was relabelled while no agent ran: number `one` is
+    /// now on two label sets' addresses, and `two`'s pods had two numbers.
+    #[test]
+    fn a_number_whose_label_set_changed_while_no_agent_ran_is_not_given_back() {
+        let ns = || {
+            Change::UpsertNamespace(crate::model::Namespace { name: "ns".into(), labels: Labels::default() })
+        };
+        let pods =
+            [pod("ns", "a", "one", 1, "n"), pod("ns", "b", "one", 2, "n"), pod("ns", "c", "two", 3, "n")];
+        let mut before = Engine::new("n");
+        before.apply(std::iter::once(ns()).chain(pods.iter().cloned().map(Change::UpsertPod)));
+        let held: BTreeMap<IpAddr, u32> = before.ipcache().collect();
+
+        let mut relabelled = pods[0].clone();
+        relabelled.labels = labels(&[("app", "two")]);
+        let mut after = Engine::new("n");
+        after.recover_identities(held.clone());
+        after.apply([
+            ns(),
+            Change::UpsertPod(relabelled),
+            Change::UpsertPod(pods[1].clone()),
+            Change::UpsertPod(pods[2].clone()),
+        ]);
+        let old: BTreeSet<u32> = held.values().copied().collect();
+        for (ip, id) in after.ipcache() {
+            assert!(!old.contains(&id), "{ip} got number {id}, which meant another label set");
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! (`pod-template-hash`, ...) would save identities during rollouts but make a
 //! selector on them wrong, and policy must be exactly Kubernetes'. Numbers are
 //! never handed out twice in an agent's life, so a flow event or a conntrack
-//! entry can never be read as another label set's.
+//! entry can never be read as another label set's; a restarted agent takes
+//! over its predecessor's numbers where they surely mean the same label set
+//! (`Engine::recover_identities`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -80,14 +82,16 @@ impl Identities {
     /// nothing; renumbering would switch the ipcache to new numbers before
     /// the policy naming them, and drop allowed packets meanwhile.
     pub fn recover(&mut self, ids: impl IntoIterator<Item = u32>) {
-        for id in ids.into_iter().filter(|id| *id >= FIRST_ALLOCATED && !self.by_id.contains_key(id)) {
+        let allocated = FIRST_ALLOCATED..portcullis_common::identity::CLASS_BASE;
+        for id in ids.into_iter().filter(|id| allocated.contains(id) && !self.by_id.contains_key(id)) {
             self.recovered.insert(id);
             self.next = self.next.max(id.saturating_add(1));
         }
     }
 
     /// As `acquire`; a new label set gets `preferred` when an earlier agent
-    /// gave it (`recover`) and no one has it yet in this life.
+    /// gave it (`recover`) and no one has it yet in this life. The caller
+    /// makes sure the number meant this label set (`Engine::plan_recovered`).
     pub fn acquire_preferring(&mut self, labels: IdentityLabels, preferred: Option<u32>) -> u32 {
         if let Some((id, refs)) = self.by_labels.get_mut(&labels) {
             *refs += 1;

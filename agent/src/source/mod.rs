@@ -176,22 +176,20 @@ impl StateBuilder {
         let engine = &*engine;
         let mut endpoints = Vec::new();
         // Read when some endpoint needs it (pods the CNI plugin announced
-        // carry their interface), and then at most once a second unless a
-        // pod is missing from the last read.
+        // carry their interface), and then at most once a second: a pod
+        // the last read does not place, and that has no placement of its
+        // own either, has it read again at once (`fresh`).
         let mut cache = self.interfaces.take().filter(|(at, _)| at.elapsed() < INTERFACES_FRESH);
         let mut read_now = false;
-        let mut interface_for = |ips: &[IpAddr]| -> Option<String> {
-            loop {
-                let (_, interfaces) = cache.get_or_insert_with(|| {
-                    read_now = true;
-                    (std::time::Instant::now(), node::Interfaces::read())
-                });
-                let found = ips.iter().find_map(|ip| interfaces.interface_for(*ip));
-                if found.is_some() || read_now {
-                    return found;
-                }
+        let mut interface_for = |ips: &[IpAddr], fresh: bool| -> Option<String> {
+            if fresh && !read_now {
                 cache = None;
             }
+            let (_, interfaces) = cache.get_or_insert_with(|| {
+                read_now = true;
+                (std::time::Instant::now(), node::Interfaces::read())
+            });
+            ips.iter().find_map(|ip| interfaces.interface_for(*ip))
         };
         let mut unresolved = Vec::new();
         let indexes = datapath::IfIndexes::open();
@@ -205,8 +203,9 @@ impl StateBuilder {
             // running pod for want of a neighbour entry.
             let hinted = hints.get(key).map(|h| h.interface.clone());
             let found = hinted
-                .or_else(|| interface_for(&pod.ips))
+                .or_else(|| interface_for(&pod.ips, false))
                 .or_else(|| self.placed.get(key).and_then(|idx| datapath::ifname(*idx)))
+                .or_else(|| interface_for(&pod.ips, true))
                 .or_else(|| restored.as_ref().map(|(_, name)| name.clone()));
             let Some(interface) = found else {
                 // Behind a bridge, a pod that has not spoken yet has no
