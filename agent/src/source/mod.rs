@@ -124,9 +124,10 @@ pub struct StateBuilder {
     /// until the first build, which reads them whole).
     primed: bool,
     /// The node's routes, neighbours and bridge ports as last read, and
-    /// when: read again after a second, or at once when a pod is not found
-    /// in them (hundreds of veths make a read cost milliseconds, and pods
-    /// starting together would pay it on every pass).
+    /// when: read again after a second, or at once for a pod neither they
+    /// nor its own last placement put anywhere (hundreds of veths make a
+    /// read cost milliseconds, and pods starting together would pay it on
+    /// every pass).
     interfaces: Option<(std::time::Instant, node::Interfaces)>,
 }
 
