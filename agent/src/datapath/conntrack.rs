@@ -114,7 +114,7 @@ struct Revocation<'a> {
 impl Datapath {
     /// Deletes the conntrack entries the loaded policy no longer allows;
     /// returns how many.
-    pub fn revoke_flows(&mut self) -> usize {
+    pub fn revoke_flows(&self) -> usize {
         let host = |prefix: u32, key: &IpKey| {
             let len = prefix.saturating_sub(IpKey::HEADER_BITS);
             len == if key.family == AF_INET { 32 } else { 128 }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// IPv6 link-local ones, which are per link, not the node's).
 pub fn local_addresses() -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = match netlink::addresses() {
-        Ok(a) => a.into_iter().map(|(_, ip)| ip).collect(),
+        Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "reading the node's addresses");
             Vec::new()

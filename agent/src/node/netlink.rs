@@ -89,12 +89,12 @@ pub fn neighbours() -> io::Result<Vec<Neighbour>> {
     Ok(out)
 }
 
-/// Every address on this network namespace's interfaces, with the index
-/// of the interface (one `RTM_GETADDR` dump: unlike `getifaddrs`, no dump
-/// of every link with its statistics, which hundreds of veths make long).
-pub fn addresses() -> io::Result<Vec<(u32, IpAddr)>> {
+/// Every address on this network namespace's interfaces (one `RTM_GETADDR`
+/// dump: unlike `getifaddrs`, no dump of every link with its statistics,
+/// which hundreds of veths make long).
+pub fn addresses() -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
-    for (msg, attrs) in dump::<IfAddrMsg>(RTM_GETADDR, RTM_NEWADDR, libc::AF_UNSPEC as u8)? {
+    for (_, attrs) in dump::<IfAddrMsg>(RTM_GETADDR, RTM_NEWADDR, libc::AF_UNSPEC as u8)? {
         // IFA_LOCAL is the interface's own address on point-to-point links,
         // where IFA_ADDRESS is the peer's.
         let value = |kind: u16| attrs.iter().find(|(t, _)| *t == kind).map(|(_, v)| v);
@@ -103,9 +103,7 @@ pub fn addresses() -> io::Result<Vec<(u32, IpAddr)>> {
             16 => Some(IpAddr::from(<[u8; 16]>::try_from(&v[..]).ok()?)),
             _ => None,
         });
-        if let Some(ip) = ip {
-            out.push((msg.ifindex, ip));
-        }
+        out.extend(ip);
     }
     Ok(out)
 }

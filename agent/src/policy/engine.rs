@@ -668,19 +668,27 @@ mod tests {
         assert_eq!(diff.ipcache[&IpAddr::from([10, 0, 0, 1])], None);
     }
 
+    /// The namespace the identity tests' pods are in: a batch with it is a
+    /// relist, where recovered numbers are handed out.
+    fn relist_namespace() -> Change {
+        Change::UpsertNamespace(crate::model::Namespace { name: "ns".into(), labels: Labels::default() })
+    }
+
+    /// The addresses' identity numbers as an agent that saw `pods` gave them.
+    fn numbered_by_an_earlier_agent(pods: &[Pod]) -> BTreeMap<IpAddr, u32> {
+        let mut before = Engine::new("n");
+        before.apply(std::iter::once(relist_namespace()).chain(pods.iter().cloned().map(Change::UpsertPod)));
+        before.ipcache().collect()
+    }
+
     /// A restarted agent numbers identities as the maps do, whatever order
     /// the pods arrive in; new label sets get numbers above those; and a
     /// recovered number goes to one label set only, once.
     #[test]
     fn a_restarted_engine_keeps_the_numbers_the_maps_hold() {
-        let ns = || {
-            Change::UpsertNamespace(crate::model::Namespace { name: "ns".into(), labels: Labels::default() })
-        };
         let pods =
             [pod("ns", "a", "one", 1, "n"), pod("ns", "b", "two", 2, "n"), pod("ns", "c", "three", 3, "m")];
-        let mut before = Engine::new("n");
-        before.apply(std::iter::once(ns()).chain(pods.iter().cloned().map(Change::UpsertPod)));
-        let held: BTreeMap<IpAddr, u32> = before.ipcache().collect();
+        let held = numbered_by_an_earlier_agent(&pods);
 
         let mut after = Engine::new("n");
         after.recover_identities(held.clone());
@@ -688,7 +696,7 @@ mod tests {
         fresh.ips = vec![IpAddr::from([10, 0, 0, 9])];
         // The relist, in another order than the cluster grew.
         after.apply(
-            [ns(), Change::UpsertPod(fresh), Change::UpsertPod(pods[2].clone())]
+            [relist_namespace(), Change::UpsertPod(fresh), Change::UpsertPod(pods[2].clone())]
                 .into_iter()
                 .chain([Change::UpsertPod(pods[1].clone()), Change::UpsertPod(pods[0].clone())]),
         );
@@ -716,21 +724,16 @@ mod tests {
     /// now on two label sets' addresses, and `two`'s pods had two numbers.
     #[test]
     fn a_number_whose_label_set_changed_while_no_agent_ran_is_not_given_back() {
-        let ns = || {
-            Change::UpsertNamespace(crate::model::Namespace { name: "ns".into(), labels: Labels::default() })
-        };
         let pods =
             [pod("ns", "a", "one", 1, "n"), pod("ns", "b", "one", 2, "n"), pod("ns", "c", "two", 3, "n")];
-        let mut before = Engine::new("n");
-        before.apply(std::iter::once(ns()).chain(pods.iter().cloned().map(Change::UpsertPod)));
-        let held: BTreeMap<IpAddr, u32> = before.ipcache().collect();
+        let held = numbered_by_an_earlier_agent(&pods);
 
         let mut relabelled = pods[0].clone();
         relabelled.labels = labels(&[("app", "two")]);
         let mut after = Engine::new("n");
         after.recover_identities(held.clone());
         after.apply([
-            ns(),
+            relist_namespace(),
             Change::UpsertPod(relabelled),
             Change::UpsertPod(pods[1].clone()),
             Change::UpsertPod(pods[2].clone()),
