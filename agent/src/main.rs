@@ -837,12 +837,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         let report = dp.apply(&state);
         let write_took = write_started.elapsed();
         // CNI ADDs whose endpoint is now in the maps, on its interface: the
-        // pods wait on these, so before anything else, unless flows are to
-        // be cut first (a new pod may have an id and address an old one's
-        // tracked flows still name).
+        // pods wait on these, so before anything else. Unless this pass
+        // handed an endpoint id or an address from one holder to another
+        // and flows are to be cut: a new pod may then hold what an old
+        // one's tracked flows still name. Other narrowing (a set losing an
+        // entry as named ports resolve anew, say) names no new pod.
         let starting_pods = !pending.is_empty();
         let revoking = revoke_flows && report.narrowed;
-        if !revoking {
+        if !(revoking && report.reused) {
             answer_adds(&mut pending, &state, &report);
         }
         if news || report.endpoints_written > 0 || report.endpoints_removed > 0 {

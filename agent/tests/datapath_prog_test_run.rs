@@ -1148,3 +1148,109 @@ fn a_pinned_map_of_another_size_is_replaced_at_load() {
     })
     .expect("test body");
 }
+
+/// The filters of many interfaces go in one rtnetlink exchange: each
+/// interface gets one filter per hook, an interface that is gone fails
+/// alone, attaching again replaces the program in place (no second filter),
+/// and a restarted agent's programs take over the same filters.
+#[test]
+fn interfaces_attached_together_each_get_one_filter_per_hook() {
+    let ns = Netns::create(format!("pc{}-many-{}", std::process::id(), unique())).expect("netns");
+    let pins = PinDir::new();
+    let pin_dir = pins.path.clone();
+    ns.run(move || {
+        let names = ["many0", "many1", "many2"];
+        for name in names {
+            let out = std::process::Command::new("ip")
+                .args(["link", "add", name, "type", "veth", "peer", "name", &format!("{name}p")])
+                .output()
+                .expect("ip link add");
+            assert!(out.status.success(), "ip: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let indexes: Vec<u32> =
+            names.iter().map(|n| portcullis_agent::datapath::ifindex(n).expect("index")).collect();
+        let gone = indexes.iter().max().expect("indexes") + 1000;
+        // What `tc` lists on a hook: the ids of the programs in our filters.
+        let programs = |interface: &str, direction: &str| -> Vec<String> {
+            let out = std::process::Command::new("tc")
+                .args(["filter", "show", "dev", interface, direction])
+                .output()
+                .expect("tc filter show");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("handle 0x5043"))
+                .map(|l| l.split(" id ").nth(1).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string())
+                .collect()
+        };
+        let config = DatapathConfig { pin_dir, ..Default::default() };
+        let mut first = Vec::new();
+        {
+            let mut dp = Datapath::load(&config).expect("load");
+            let asked = [indexes[0], gone, indexes[1], indexes[2]];
+            let results = dp.attach_many(&asked);
+            assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok(), "{results:?}");
+            assert!(
+                matches!(results[1], Err(portcullis_agent::datapath::AttachError::NoInterface(i)) if i == gone),
+                "{results:?}"
+            );
+            for name in names {
+                for direction in ["ingress", "egress"] {
+                    let ids = programs(name, direction);
+                    assert_eq!(ids.len(), 1, "{name} {direction}: {ids:?}");
+                    first.push(ids[0].clone());
+                }
+            }
+            // Again: the same filters, the same programs.
+            assert!(dp.attach_many(&indexes).iter().all(Result::is_ok));
+            let again: Vec<String> =
+                names.iter().flat_map(|n| ["ingress", "egress"].map(|d| programs(n, d))).flatten().collect();
+            assert_eq!(again, first);
+        }
+        // A new agent's programs replace the old ones inside the filters.
+        let mut dp = Datapath::load(&config).expect("reload");
+        assert!(dp.attach_many(&indexes).iter().all(Result::is_ok));
+        for (i, name) in names.iter().enumerate() {
+            for (j, direction) in ["ingress", "egress"].iter().enumerate() {
+                let ids = programs(name, direction);
+                assert_eq!(ids.len(), 1, "{name} {direction} after the restart: {ids:?}");
+                assert_ne!(ids[0], first[i * 2 + j], "{name} {direction}: the new agent's program");
+            }
+        }
+    })
+    .expect("test body");
+}
+
+/// A pass says when it hands an endpoint id or a peer address to another
+/// holder (new pods then wait for the old flows' revocation before they are
+/// said to be enforced); a pass that only narrows a policy, or only adds,
+/// does not.
+#[test]
+fn a_pass_says_when_an_id_or_an_address_changes_holder() {
+    with_datapath(backend_state(default_rules()), |dp, _| {
+        let mut rules = default_rules();
+        rules.truncate(2);
+        let report = dp.apply(&backend_state(rules.clone()));
+        assert!(report.narrowed && !report.reused, "a policy narrowed: {report:?}");
+
+        let mut added = backend_state(rules);
+        added.ipcache.push(IpcacheEntry {
+            cidr: "10.0.0.5/32".parse().expect("cidr"),
+            identity: MONITOR,
+            name: None,
+        });
+        added.ipcache.sort();
+        let report = dp.apply(&added);
+        assert!(!report.narrowed && !report.reused, "a peer added: {report:?}");
+
+        let mut moved = added.clone();
+        let admin = moved.ipcache.iter_mut().find(|e| e.identity == ADMIN).expect("admin's address");
+        admin.identity = MONITOR;
+        let report = dp.apply(&moved);
+        assert!(report.narrowed && report.reused, "an address to another identity: {report:?}");
+
+        let mut handed = moved.clone();
+        handed.endpoints[0].name = "default/backend-2".into();
+        let report = dp.apply(&handed);
+        assert!(report.reused, "the endpoint id to a new pod: {report:?}");
+    });
+}

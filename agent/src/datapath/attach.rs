@@ -18,7 +18,9 @@ use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
 };
 
-use super::{AttachMode, Datapath, DatapathError, Hook, classifier};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use super::{AttachMode, Datapath, DatapathError, Hook, classifier, tc_netlink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -30,6 +32,12 @@ pub enum AttachError {
         hook: Hook,
         #[source]
         source: BoxError,
+    },
+    #[error("tc hooks on interface {ifindex}")]
+    Filters {
+        ifindex: u32,
+        #[source]
+        source: tc_netlink::RequestError,
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
@@ -91,6 +99,79 @@ impl Datapath {
             attached.map_err(|source| AttachError::Attach { interface: interface.into(), hook, source })?;
         }
         Ok(())
+    }
+
+    /// Attaches both hooks to each interface of `ifindexes`, as `attach`
+    /// does one: tc filters go through one rtnetlink exchange for them all
+    /// (pods that start together reach a pass together). Interfaces with
+    /// pinned TCX links, and TCX mode, take `attach` one by one.
+    pub fn attach_many(&mut self, ifindexes: &[u32]) -> Vec<Result<(), AttachError>> {
+        let pinned: std::collections::BTreeSet<u32> = match self.attach {
+            AttachMode::Tcx => Default::default(),
+            AttachMode::Tc => self.pinned_link_ifindexes().into_iter().collect(),
+        };
+        let batched = |idx: &u32| self.attach == AttachMode::Tc && !pinned.contains(idx);
+        let together: Vec<u32> = ifindexes.iter().copied().filter(batched).collect();
+        let mut results = self.attach_filters(&together).into_iter();
+        ifindexes
+            .iter()
+            .map(|&idx| match self.attach == AttachMode::Tc && !pinned.contains(&idx) {
+                true => results.next().unwrap_or(Err(AttachError::NoInterface(idx))),
+                false => self.attach(idx),
+            })
+            .collect()
+    }
+
+    /// Both hooks' filters on each of `ifindexes`, in one exchange.
+    fn attach_filters(&mut self, ifindexes: &[u32]) -> Vec<Result<(), AttachError>> {
+        if ifindexes.is_empty() {
+            return vec![];
+        }
+        let mut programs = Vec::new();
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            let name = hook.program();
+            let fd = classifier(&mut self.ebpf, name).and_then(|p| {
+                let fd = p.fd().map_err(|source| DatapathError::Program { name, source })?;
+                Ok(fd.as_fd().as_raw_fd())
+            });
+            match fd {
+                Ok(fd) => programs.push((hook, fd, std::ffi::CString::new(name).unwrap_or_default())),
+                Err(e) => {
+                    let why = e.to_string();
+                    let source = || tc_netlink::RequestError {
+                        what: "program",
+                        source: io::Error::other(why.clone()),
+                    };
+                    return ifindexes
+                        .iter()
+                        .map(|&ifindex| Err(AttachError::Filters { ifindex, source: source() }))
+                        .collect();
+                }
+            }
+        }
+        let filters: Vec<tc_netlink::Filter<'_>> = programs
+            .iter()
+            .map(|(hook, fd, name)| tc_netlink::Filter {
+                side: match attach_type(*hook) {
+                    TcAttachType::Ingress => tc_netlink::Side::Ingress,
+                    _ => tc_netlink::Side::Egress,
+                },
+                priority: FILTER_PRIORITY,
+                handle: FILTER_HANDLE_RAW,
+                program: *fd,
+                name,
+            })
+            .collect();
+        tc_netlink::attach(ifindexes, &filters)
+            .into_iter()
+            .zip(ifindexes)
+            .map(|(r, &ifindex)| {
+                r.map_err(|source| match source.source.raw_os_error() {
+                    Some(libc::ENODEV) => AttachError::NoInterface(ifindex),
+                    _ => AttachError::Filters { ifindex, source },
+                })
+            })
+            .collect()
     }
 
     /// The hook as a tc filter: created, or its program replaced in place.

@@ -10,6 +10,7 @@ pub mod keys;
 mod pins;
 pub mod raw_map;
 mod tc_events;
+mod tc_netlink;
 mod writer;
 
 use std::path::{Path, PathBuf};

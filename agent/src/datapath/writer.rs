@@ -236,6 +236,11 @@ pub struct ApplyReport {
     /// pod, a new peer) cannot have cut a flow, and walking the whole
     /// conntrack table for it would slow every pod start.
     pub narrowed: bool,
+    /// An endpoint id or a peer address passed from one holder to another
+    /// in this pass (a pod left, its id or address went to a new one):
+    /// tracked flows may name the new holder, so a new pod waits for their
+    /// revocation before it is said to be enforced.
+    pub reused: bool,
 }
 
 impl Datapath {
@@ -272,6 +277,7 @@ impl Datapath {
                 continue;
             }
             report.narrowed |= was.is_some();
+            report.reused |= was.is_some();
             match self.maps.ipcache.insert(&Key::new(prefix, key), identity, 0) {
                 Ok(()) => {
                     self.loaded.ipcache.insert((prefix, key), identity);
@@ -328,6 +334,7 @@ impl Datapath {
             }
             if handed_over {
                 report.narrowed = true;
+                report.reused = true;
                 self.reset_counters(ep.id);
             }
             let Some(idx) = indexes.get(&ep.interface) else {
@@ -413,6 +420,7 @@ impl Datapath {
             self.remove_endpoint(id);
             report.endpoints_removed += 1;
             report.narrowed = true;
+            report.reused = true;
         }
 
         // Members have their new table entries: what only the old policy of
@@ -438,6 +446,7 @@ impl Datapath {
                 Err(e) => fail(&mut report, ep, e),
             }
         }
+        self.attach_new_endpoints(&mut report);
         // Then the sets no endpoint names any more.
         let empty: Vec<SetRef> =
             self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
@@ -900,11 +909,6 @@ impl Datapath {
                 self.remove_addresses(idx, &gone);
             }
         }
-        if !attached {
-            // Even when the table could not take the endpoint: the programs
-            // then drop everything on the interface (fail closed).
-            self.attach_endpoint(ep)?;
-        }
         if let Some(source) = table_full {
             return Err(WriteError::Overflow { endpoint: ep.name.clone(), map: "endpoints", source });
         }
@@ -940,16 +944,35 @@ impl Datapath {
         self.loaded.sets.get(&self.loaded.endpoints.get(&id)?.set?)
     }
 
-    /// Policy is in place before the programs see a packet.
-    fn attach_endpoint(&mut self, ep: &EndpointState) -> Result<(), WriteError> {
-        let Some(loaded) = self.loaded.endpoints.get(&ep.id) else { return Ok(()) };
-        let idx = loaded.ifindex;
-        self.attach(idx)
-            .map_err(|source| WriteError::Attach { endpoint: ep.name.clone(), source: Box::new(source) })?;
-        if let Some(loaded) = self.loaded.endpoints.get_mut(&ep.id) {
-            loaded.attached = true;
+    /// Attaches the hooks of every endpoint that has none yet, in one
+    /// exchange (pods that start together reach a pass together). Called
+    /// once their table entries are written: policy is in place before the
+    /// programs see a packet. Also where an entry could not be written: the
+    /// programs then drop everything on the interface (fail closed).
+    fn attach_new_endpoints(&mut self, report: &mut ApplyReport) {
+        let due: Vec<(u16, u32)> = self
+            .loaded
+            .endpoints
+            .iter()
+            .filter(|(_, e)| !e.attached)
+            .map(|(id, e)| (*id, e.ifindex))
+            .collect();
+        if due.is_empty() {
+            return;
         }
-        Ok(())
+        let ifindexes: Vec<u32> = due.iter().map(|(_, idx)| *idx).collect();
+        for ((id, _), result) in due.iter().zip(self.attach_many(&ifindexes)) {
+            let Some(loaded) = self.loaded.endpoints.get_mut(id) else { continue };
+            match result {
+                Ok(()) => loaded.attached = true,
+                Err(source) => {
+                    let e = WriteError::Attach { endpoint: loaded.name.clone(), source: Box::new(source) };
+                    tracing::warn!(error = %e, "endpoint kept at its last good state");
+                    report.errors.push(e.to_string());
+                    report.failed.insert(loaded.name.clone());
+                }
+            }
+        }
     }
 
     fn remove_endpoint(&mut self, id: u16) {
@@ -1111,12 +1134,12 @@ impl Datapath {
         }
         self.loaded.endpoints = live;
         self.loaded.sets = sets;
-        let ids: Vec<u16> = self.loaded.endpoints.keys().copied().collect();
-        for id in ids {
-            let Some(idx) = self.loaded.endpoints.get(&id).map(|l| l.ifindex) else { continue };
-            match self.attach(idx) {
+        let due: Vec<(u16, u32)> = self.loaded.endpoints.iter().map(|(id, l)| (*id, l.ifindex)).collect();
+        let ifindexes: Vec<u32> = due.iter().map(|(_, idx)| *idx).collect();
+        for ((id, idx), result) in due.iter().zip(self.attach_many(&ifindexes)) {
+            match result {
                 Ok(()) => {
-                    if let Some(l) = self.loaded.endpoints.get_mut(&id) {
+                    if let Some(l) = self.loaded.endpoints.get_mut(id) {
                         l.attached = true;
                     }
                 }
