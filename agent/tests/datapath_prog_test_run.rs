@@ -536,6 +536,7 @@ fn a_restarted_agent_replaces_the_state_it_finds() {
             assert_eq!(ingress(&dp, fresh(Frame::tcp(fe, backend, 81), 50100)), TC_ACT_SHOT);
             let report = dp.apply(&backend_state(vec![allow(ADMIN, Some(Protocol::Tcp), Some((22, 22)), 9)]));
             assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert!(report.reused, "whose the recovered endpoint ids were is not known");
             assert_eq!(report.policy_entries, 1, "only the new state's entry is loaded");
             assert_eq!(
                 ingress(&dp, fresh(Frame::tcp(fe, backend, 80), 50101)),
@@ -1159,8 +1160,9 @@ fn interfaces_attached_together_each_get_one_filter_per_hook() {
     let pins = PinDir::new();
     let pin_dir = pins.path.clone();
     ns.run(move || {
-        let names = ["many0", "many1", "many2"];
-        for name in names {
+        // More than one rtnetlink buffer's worth (32 interfaces).
+        let names: Vec<String> = (0..40).map(|i| format!("many{i}")).collect();
+        for name in &names {
             let out = std::process::Command::new("ip")
                 .args(["link", "add", name, "type", "veth", "peer", "name", &format!("{name}p")])
                 .output()
@@ -1186,14 +1188,19 @@ fn interfaces_attached_together_each_get_one_filter_per_hook() {
         let mut first = Vec::new();
         {
             let mut dp = Datapath::load(&config).expect("load");
-            let asked = [indexes[0], gone, indexes[1], indexes[2]];
+            let mut asked = indexes.clone();
+            asked.insert(1, gone);
             let results = dp.attach_many(&asked);
-            assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok(), "{results:?}");
-            assert!(
-                matches!(results[1], Err(portcullis_agent::datapath::AttachError::NoInterface(i)) if i == gone),
-                "{results:?}"
-            );
-            for name in names {
+            for (i, result) in results.iter().enumerate() {
+                match i {
+                    1 => assert!(
+                        matches!(result, Err(portcullis_agent::datapath::AttachError::NoInterface(i)) if *i == gone),
+                        "{result:?}"
+                    ),
+                    _ => assert!(result.is_ok(), "interface {i}: {result:?}"),
+                }
+            }
+            for name in &names {
                 for direction in ["ingress", "egress"] {
                     let ids = programs(name, direction);
                     assert_eq!(ids.len(), 1, "{name} {direction}: {ids:?}");
@@ -1252,5 +1259,10 @@ fn a_pass_says_when_an_id_or_an_address_changes_holder() {
         handed.endpoints[0].name = "default/backend-2".into();
         let report = dp.apply(&handed);
         assert!(report.reused, "the endpoint id to a new pod: {report:?}");
+
+        let mut emptied = handed.clone();
+        emptied.endpoints.clear();
+        let report = dp.apply(&emptied);
+        assert!(report.reused, "an endpoint gone (its id and addresses free for the next pod): {report:?}");
     });
 }

@@ -25,7 +25,7 @@ const TC_H_MIN_EGRESS: u32 = 0xfff3;
 const ETH_P_ALL: u16 = 0x0003;
 /// At most this many interfaces' requests go in one message buffer (their
 /// acknowledgements must fit the socket's receive buffer).
-const INTERFACES_PER_SEND: usize = 64;
+const INTERFACES_PER_SEND: usize = 32;
 
 /// `struct tcmsg`.
 #[repr(C)]
@@ -81,17 +81,10 @@ impl RequestError {
 /// has none. Returns, per interface, the first error of its requests.
 pub(super) fn attach(ifindexes: &[u32], filters: &[Filter<'_>]) -> Vec<Result<(), RequestError>> {
     let mut results = Vec::with_capacity(ifindexes.len());
-    let socket = match open() {
-        Ok(s) => s,
-        Err(source) => {
-            let e = RequestError { what: "opening an rtnetlink socket", source };
-            return ifindexes.iter().map(|_| Err(e.copy())).collect();
-        }
-    };
+    let per = 1 + filters.len() as u32;
     for chunk in ifindexes.chunks(INTERFACES_PER_SEND) {
-        let mut buf = Vec::with_capacity(chunk.len() * (1 + filters.len()) * 96);
-        // Sequence numbers: interface position × requests per interface + request.
-        let per = 1 + filters.len() as u32;
+        // Request k of interface i has sequence number i × per + k + 1.
+        let mut buf = Vec::with_capacity(chunk.len() * per as usize * 96);
         for (i, &ifindex) in chunk.iter().enumerate() {
             let seq = i as u32 * per + 1;
             push_qdisc(&mut buf, seq, ifindex);
@@ -99,24 +92,30 @@ pub(super) fn attach(ifindexes: &[u32], filters: &[Filter<'_>]) -> Vec<Result<()
                 push_filter(&mut buf, seq + 1 + f as u32, ifindex, filter);
             }
         }
+        // A socket per buffer: acknowledgements a failed exchange left
+        // unread can never be taken for the next buffer's.
+        let acks = open()
+            .map_err(|source| RequestError { what: "opening an rtnetlink socket", source })
+            .and_then(|socket| {
+                exchange(&socket, &buf, chunk.len() * per as usize)
+                    .map_err(|source| RequestError { what: "rtnetlink exchange", source })
+            });
         let mut chunk_results: Vec<Result<(), RequestError>> = chunk.iter().map(|_| Ok(())).collect();
-        match exchange(&socket, &buf, chunk.len() * per as usize) {
+        match acks {
             Ok(acks) => {
-                for (seq, code) in acks {
-                    let Some(i) = (seq.checked_sub(1)).map(|s| (s / per) as usize) else { continue };
+                for (seq, code) in acks.into_iter().enumerate().map(|(k, code)| (k as u32 + 1, code)) {
                     let is_qdisc = (seq - 1) % per == 0;
                     // A qdisc that exists already is the one wanted.
                     if code == 0 || (is_qdisc && code == libc::EEXIST) {
                         continue;
                     }
-                    if let Some(r @ Ok(())) = chunk_results.get_mut(i) {
+                    if let Some(r @ Ok(())) = chunk_results.get_mut(((seq - 1) / per) as usize) {
                         let what = if is_qdisc { "adding the clsact qdisc" } else { "adding a filter" };
                         *r = Err(RequestError { what, source: io::Error::from_raw_os_error(code) });
                     }
                 }
             }
-            Err(source) => {
-                let e = RequestError { what: "rtnetlink exchange", source };
+            Err(e) => {
                 for r in &mut chunk_results {
                     *r = Err(e.copy());
                 }
@@ -136,45 +135,51 @@ fn open() -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
+    let fd = socket.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: *const libc::c_void, len: usize| {
+        // SAFETY: setsockopt reads `len` bytes at `value`, which the callers
+        // point at a value of that size.
+        match unsafe { libc::setsockopt(fd, level, name, value, len as libc::socklen_t) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
+    let int = |v: &libc::c_int| (v as *const libc::c_int).cast::<libc::c_void>();
     // Acknowledgements without a copy of each request: short, so a
-    // buffer's worth fits the receive buffer.
-    // SAFETY: setsockopt with an int of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_NETLINK,
-            libc::NETLINK_CAP_ACK,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-    }
-    // The kernel answers at once; a bound on the wait all the same.
+    // buffer's worth fits the receive buffer...
+    set(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, int(&1), size_of::<libc::c_int>())?;
+    // ...which is made room for all the same (beyond rmem_max where allowed).
+    let room: libc::c_int = 1 << 20;
+    set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, int(&room), size_of::<libc::c_int>())
+        .or_else(|_| set(libc::SOL_SOCKET, libc::SO_RCVBUF, int(&room), size_of::<libc::c_int>()))?;
+    // The kernel answers at once; a bound on the wait all the same (the
+    // agent's loop waits on it).
     let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
-    // SAFETY: setsockopt with a timeval of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as u32,
-        );
-    }
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        (&timeout as *const libc::timeval).cast(),
+        size_of::<libc::timeval>(),
+    )?;
     Ok(socket)
 }
 
-/// Sends `buf` (`expected` requests, each asking for an acknowledgement)
-/// and returns every acknowledgement: `(sequence number, errno or 0)`.
-fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<(u32, i32)>> {
+/// Sends `buf` (`expected` requests numbered 1 to `expected`, each asking
+/// for an acknowledgement) and returns each request's errno (0: done), in
+/// order. Acknowledgements of other numbers, or of one twice, are ignored.
+fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<i32>> {
     // SAFETY: sends the bytes of `buf`.
     let sent = unsafe { libc::send(socket.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut acks = Vec::with_capacity(expected);
+    if sent as usize != buf.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "rtnetlink took part of the requests"));
+    }
+    let mut codes: Vec<Option<i32>> = vec![None; expected];
+    let mut missing = expected;
     let mut rx = vec![0u8; 64 * 1024];
-    while acks.len() < expected {
+    while missing > 0 {
         // SAFETY: receives into a buffer of the length given.
         let n = unsafe { libc::recv(socket.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
         if n < 0 {
@@ -189,17 +194,22 @@ fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<(u3
             if len < size_of::<libc::nlmsghdr>() || off + len > data.len() {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
             }
-            if i32::from(header.nlmsg_type) == libc::NLMSG_ERROR && len >= size_of::<libc::nlmsghdr>() + 4 {
+            let slot = (header.nlmsg_seq as usize).checked_sub(1).and_then(|i| codes.get_mut(i));
+            if i32::from(header.nlmsg_type) == libc::NLMSG_ERROR
+                && len >= size_of::<libc::nlmsghdr>() + 4
+                && let Some(slot @ None) = slot
+            {
                 // SAFETY: in bounds (checked).
                 let code: i32 = unsafe {
                     std::ptr::read_unaligned(data[off + size_of::<libc::nlmsghdr>()..].as_ptr().cast())
                 };
-                acks.push((header.nlmsg_seq, -code));
+                *slot = Some(-code);
+                missing -= 1;
             }
             off += align(len);
         }
     }
-    Ok(acks)
+    Ok(codes.into_iter().map(|c| c.unwrap_or(0)).collect())
 }
 
 fn align(n: usize) -> usize {

@@ -329,7 +329,9 @@ impl Datapath {
                 .get(&ep.id)
                 .is_some_and(|prev| !prev.name.is_empty() && prev.name != ep.name);
             if let Some(prev) = self.loaded.endpoints.get_mut(&ep.id) {
-                // Recovered from the pins, the name was unknown until now.
+                // Recovered from the pins, the name was unknown until now:
+                // whose it was is not known either.
+                report.reused |= prev.name.is_empty();
                 prev.name = ep.name.clone();
             }
             if handed_over {
@@ -342,6 +344,8 @@ impl Datapath {
                 fail(&mut report, ep, WriteError::NoInterface { endpoint: ep.name.clone(), interface });
                 continue;
             };
+            // The pod's sandbox was made anew (a new veth, the same pod).
+            report.reused |= self.loaded.endpoints.get(&ep.id).is_some_and(|p| p.ifindex != idx);
             if let Some(p) = self.loaded.endpoints.get(&ep.id)
                 && p.attached
                 && p.ifindex == idx
