@@ -632,8 +632,6 @@ impl Datapath {
             [] => String::new(),
         };
         let policy = group.policy;
-        let mut keys = policy_keys(&policy.ingress, &policy.egress)
-            .map_err(|why| WriteError::Invalid { endpoint: name(), why })?;
         let set = match target {
             Some(r) => r,
             None => {
@@ -660,6 +658,10 @@ impl Datapath {
         if loaded.policy.as_deref().is_some_and(|(i, e)| *i == policy.ingress && *e == policy.egress) {
             return Ok((set, Removals::default()));
         }
+        // Only for a set whose policy changes (replicas joining one that
+        // holds theirs already need no entries).
+        let mut keys = policy_keys(&policy.ingress, &policy.egress)
+            .map_err(|why| WriteError::Invalid { endpoint: name(), why })?;
         keys.keep_classes_of(&loaded.keys);
         for ((_, key), value) in keys.policy.iter_mut() {
             value.stats_slot = self.slot_for(set.id, key.direction, value.rule_cookie);
