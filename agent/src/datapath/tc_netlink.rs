@@ -1,7 +1,8 @@
-//! Endpoint filters attached many at a time: one rtnetlink socket and one
-//! message buffer for a whole pass (each interface's clsact qdisc, then
-//! its two filters), where a request each would open a socket each and
-//! wait for its answer. Pods started together reach a pass together.
+//! Endpoint filters attached many at a time: one rtnetlink message buffer,
+//! on a socket of its own, per 32 interfaces of a pass (each interface's
+//! clsact qdisc, then its two filters), where a request each would open a
+//! socket each and wait for its answer. Pods started together reach a pass
+//! together.
 
 use std::{
     ffi::CStr,
@@ -183,7 +184,12 @@ fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<i32
         // SAFETY: receives into a buffer of the length given.
         let n = unsafe { libc::recv(socket.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            // A signal: the kernel did the requests, their answers wait.
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
         let data = &rx[..n as usize];
         let mut off = 0;
@@ -209,7 +215,12 @@ fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<i32
             off += align(len);
         }
     }
-    Ok(codes.into_iter().map(|c| c.unwrap_or(0)).collect())
+    // Every request has its answer here (`missing` is 0); none is taken
+    // for a success it did not report.
+    codes
+        .into_iter()
+        .map(|c| c.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a request went unanswered")))
+        .collect()
 }
 
 fn align(n: usize) -> usize {

@@ -950,8 +950,9 @@ impl Datapath {
         self.loaded.sets.get(&self.loaded.endpoints.get(&id)?.set?)
     }
 
-    /// Attaches the hooks of every endpoint that has none yet, in one
-    /// exchange (pods that start together reach a pass together). Called
+    /// Attaches the hooks of every endpoint that has none yet, together
+    /// (one rtnetlink buffer per 32 interfaces: pods that start together
+    /// reach a pass together). Called
     /// once their table entries are written: policy is in place before the
     /// programs see a packet. Also where an entry could not be written: the
     /// programs then drop everything on the interface (fail closed).
