@@ -102,7 +102,7 @@ impl Datapath {
     }
 
     /// Attaches both hooks to each interface of `ifindexes`, as `attach`
-    /// does one: tc filters go through one rtnetlink exchange for them all
+    /// does one: tc filters go through one rtnetlink buffer per 32 of them
     /// (pods that start together reach a pass together). Interfaces with
     /// pinned TCX links, and TCX mode, take `attach` one by one.
     pub fn attach_many(&mut self, ifindexes: &[u32]) -> Vec<Result<(), AttachError>> {
@@ -111,18 +111,21 @@ impl Datapath {
             AttachMode::Tc => self.pinned_link_ifindexes().into_iter().collect(),
         };
         let batched = |idx: &u32| self.attach == AttachMode::Tc && !pinned.contains(idx);
-        let together: Vec<u32> = ifindexes.iter().copied().filter(batched).collect();
+        let batched: Vec<bool> = ifindexes.iter().map(batched).collect();
+        let together: Vec<u32> =
+            ifindexes.iter().zip(&batched).filter(|(_, b)| **b).map(|(idx, _)| *idx).collect();
         let mut results = self.attach_filters(&together).into_iter();
         ifindexes
             .iter()
-            .map(|&idx| match self.attach == AttachMode::Tc && !pinned.contains(&idx) {
+            .zip(batched)
+            .map(|(&idx, batched)| match batched {
                 true => results.next().unwrap_or(Err(AttachError::NoInterface(idx))),
                 false => self.attach(idx),
             })
             .collect()
     }
 
-    /// Both hooks' filters on each of `ifindexes`, in one exchange.
+    /// Both hooks' filters on each of `ifindexes` (`tc_netlink::attach`).
     fn attach_filters(&mut self, ifindexes: &[u32]) -> Vec<Result<(), AttachError>> {
         if ifindexes.is_empty() {
             return vec![];

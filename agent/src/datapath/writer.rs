@@ -952,10 +952,10 @@ impl Datapath {
 
     /// Attaches the hooks of every endpoint that has none yet, together
     /// (one rtnetlink buffer per 32 interfaces: pods that start together
-    /// reach a pass together). Called
-    /// once their table entries are written: policy is in place before the
-    /// programs see a packet. Also where an entry could not be written: the
-    /// programs then drop everything on the interface (fail closed).
+    /// reach a pass together). Called once their table entries are written:
+    /// policy is in place before the programs see a packet. Also where an
+    /// entry could not be written: the programs then drop everything on the
+    /// interface (fail closed).
     fn attach_new_endpoints(&mut self, report: &mut ApplyReport) {
         let due: Vec<(u16, u32)> = self
             .loaded
