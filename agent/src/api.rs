@@ -112,7 +112,8 @@ pub struct ApiServerHealth {
 /// What the main loop is asked.
 #[derive(Debug)]
 pub enum Request {
-    CniAdd(CniAdd, oneshot::Sender<Result<CniReady, String>>),
+    /// With when its request was read: the wait is part of a pod's start.
+    CniAdd(CniAdd, std::time::Instant, oneshot::Sender<Result<CniReady, String>>),
     CniDel(CniDel),
     Status(oneshot::Sender<Status>),
     Inspect(Query, oneshot::Sender<Result<Answer, Failure>>),
@@ -200,6 +201,7 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, flows: FlowStore)
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).await?;
+    let received = std::time::Instant::now();
     let mut stream = reader.into_inner();
     let bad = |e: serde_json::Error| serde_json::json!({"error": format!("invalid request body: {e}")});
     match (method.as_str(), path.as_str()) {
@@ -209,7 +211,7 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, flows: FlowStore)
                 Err(e) => return respond(stream, 400, &bad(e)).await,
             };
             let (reply_tx, reply_rx) = oneshot::channel();
-            if tx.send(Request::CniAdd(add, reply_tx)).await.is_err() {
+            if tx.send(Request::CniAdd(add, received, reply_tx)).await.is_err() {
                 return respond(stream, 503, &serde_json::json!({"error": "agent stopping"})).await;
             }
             // The caller's own timeout bounds the wait; if it hangs up, the
@@ -562,7 +564,7 @@ mod tests {
             })
         };
         match rx.recv().await.unwrap() {
-            Request::CniAdd(got, reply) => {
+            Request::CniAdd(got, _, reply) => {
                 assert_eq!(got, add);
                 reply.send(Ok(CniReady { endpoint_id: 7 })).unwrap();
             }

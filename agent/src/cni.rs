@@ -23,6 +23,8 @@ use crate::api::{self, CniAdd, CniDel};
 
 /// The plugin's type in a conflist, and its file name in the CNI bin dir.
 pub const PLUGIN_TYPE: &str = "portcullis";
+/// The plugin's own binary, beside the agent's (the image's `/usr/bin`).
+pub const PLUGIN_BINARY: &str = "portcullis-cni";
 const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The plugin's network configuration (stdin).
@@ -210,7 +212,22 @@ fn chain_entry(socket: &Path) -> Value {
     json!({"type": PLUGIN_TYPE, "socket": socket})
 }
 
-/// Installs the plugin: this binary as `BIN_DIR/portcullis`, and
+/// The binary to install as the plugin: the plugin's own, beside `exe`;
+/// failing that, `exe` itself (the agent runs as the plugin too, but each
+/// of its starts maps and relocates 25 MB, not 3).
+fn plugin_source(exe: &Path) -> PathBuf {
+    let own = exe.with_file_name(PLUGIN_BINARY);
+    if own.is_file() {
+        return own;
+    }
+    tracing::warn!(
+        missing = %own.display(),
+        "no plugin binary beside the agent: installing the agent itself as the CNI plugin (slower pod starts)"
+    );
+    exe.to_path_buf()
+}
+
+/// Installs the plugin: its binary as `BIN_DIR/portcullis`, and
 /// `{"type": "portcullis"}` appended to the first conflist of `CONF_DIR`
 /// (the one the runtime uses). Both writes are atomic renames; a second
 /// run changes nothing. Returns the conflist's path.
@@ -223,7 +240,7 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> Result<PathBuf
     let target = bin_dir.join(PLUGIN_TYPE);
     let tmp = bin_dir.join(format!(".{PLUGIN_TYPE}.tmp"));
     std::fs::create_dir_all(bin_dir).map_err(io(bin_dir))?;
-    std::fs::copy(&exe, &tmp).map_err(io(&tmp))?;
+    std::fs::copy(plugin_source(&exe), &tmp).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
 
     let conflist = first_conflist(conf_dir)?;
@@ -397,6 +414,18 @@ mod tests {
             wait_for_conflist(&dir.join("none"), std::time::Duration::ZERO),
             Err(InstallError::Io { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_plugins_own_binary_is_installed_when_it_is_beside_the_agent() {
+        let dir = std::env::temp_dir().join(format!("portcullis-cni-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = dir.join("agent");
+        std::fs::write(&agent, "agent").unwrap();
+        assert_eq!(plugin_source(&agent), agent, "none beside it: the agent itself");
+        std::fs::write(dir.join(PLUGIN_BINARY), "plugin").unwrap();
+        assert_eq!(plugin_source(&agent), dir.join(PLUGIN_BINARY));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

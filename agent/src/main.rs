@@ -525,6 +525,9 @@ const REQUESTS_PER_PASS: usize = 256;
 struct PendingAdd {
     pod: PodKey,
     interface: String,
+    /// When the API server read the request, and when this loop took it.
+    received: std::time::Instant,
+    taken: std::time::Instant,
     reply: tokio::sync::oneshot::Sender<Result<api::CniReady, String>>,
 }
 
@@ -663,14 +666,20 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             Some(request) = api_rx.recv(), if requests < REQUESTS_PER_PASS => {
                 requests += 1;
                 match request {
-                    api::Request::CniAdd(add, reply) => {
+                    api::Request::CniAdd(add, received, reply) => {
                         let pod = PodKey { namespace: add.namespace.clone(), name: add.name.clone() };
                         tracing::info!(pod = %pod, interface = %add.interface, ips = ?add.ips, "CNI ADD: enforcing before the pod starts");
                         let hint = Hint { container_id: add.container_id, interface: add.interface.clone(), ips: add.ips };
                         match source.engine_mut() {
                             Some(engine) => {
                                 hint_changes.extend(hints.insert(pod.clone(), hint, engine));
-                                pending.push(PendingAdd { pod, interface: add.interface, reply });
+                                pending.push(PendingAdd {
+                                    pod,
+                                    interface: add.interface,
+                                    received,
+                                    taken: std::time::Instant::now(),
+                                    reply,
+                                });
                                 cni_dirty = true;
                                 soon.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
                             }
@@ -845,7 +854,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         let starting_pods = !pending.is_empty();
         let revoking = revoke_flows && report.narrowed;
         if !(revoking && report.reused) {
-            answer_adds(&mut pending, &state, &report);
+            answer_adds(&mut pending, &state, &report, &mut telemetry);
         }
         if news || report.endpoints_written > 0 || report.endpoints_removed > 0 {
             telemetry.write.observe(write_took.as_secs_f64());
@@ -884,7 +893,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             } else {
                 tracing::debug!(ms, "no tracked flow to cut");
             }
-            answer_adds(&mut pending, &state, &report);
+            answer_adds(&mut pending, &state, &report, &mut telemetry);
         }
         if news {
             tracing::info!(
@@ -941,6 +950,7 @@ fn answer_adds(
     pending: &mut Vec<PendingAdd>,
     state: &CompiledState,
     report: &portcullis_agent::datapath::ApplyReport,
+    telemetry: &mut inspect::Telemetry,
 ) {
     if pending.is_empty() {
         return;
@@ -955,7 +965,18 @@ fn answer_adds(
             .map(|e| e.id);
         match enforced {
             Some(endpoint_id) => {
-                tracing::info!(pod = %p.pod, endpoint = endpoint_id, "CNI ADD answered: enforced");
+                // Queued: read by the API server, waiting for this loop (a
+                // pass running); in all: read to answered.
+                let took = p.received.elapsed();
+                let queued = p.taken.saturating_duration_since(p.received);
+                telemetry.cni_add.observe(took.as_secs_f64());
+                tracing::info!(
+                    pod = %p.pod,
+                    endpoint = endpoint_id,
+                    ms = took.as_secs_f64() * 1e3,
+                    queued_ms = queued.as_secs_f64() * 1e3,
+                    "CNI ADD answered: enforced"
+                );
                 let _ = p.reply.send(Ok(api::CniReady { endpoint_id }));
             }
             None => pending.push(p),

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub conntrack_entries: u64,
     pub policy_compile_seconds: Histogram,
     pub map_write_seconds: Histogram,
+    /// CNI ADDs, from the request read to the answer (the pod enforced).
+    #[serde(default)]
+    pub cni_add_seconds: Histogram,
     /// Per watched kind (`Pod`, `NetworkPolicy`, ...).
     pub watch_restarts: BTreeMap<String, u64>,
     /// None when the agent does not watch Kubernetes.
@@ -195,6 +198,11 @@ pub fn render(m: &Metrics) -> String {
         "portcullis_map_write_seconds",
         "Time to write compiled state to the BPF maps.",
         &m.map_write_seconds,
+    );
+    r.histogram(
+        "portcullis_cni_add_seconds",
+        "Time from a CNI ADD request read to its answer (the pod's endpoint enforced).",
+        &m.cni_add_seconds,
     );
 
     r.family("portcullis_api_watch_restarts_total", "counter", "Kubernetes watch restarts, per kind.");
@@ -470,6 +478,7 @@ mod tests {
             conntrack_entries: 42,
             policy_compile_seconds,
             map_write_seconds: Histogram::new(),
+            cni_add_seconds: Histogram::new(),
             watch_restarts: [("Pod".to_owned(), 2)].into(),
             api_server_connected: Some(true),
             last_sync_unix_seconds: Some(1700000000.5),
@@ -516,6 +525,8 @@ mod tests {
             "portcullis_map_write_seconds_bucket{le=\"+Inf\"} 0".into(),
             "portcullis_map_write_seconds_sum 0".into(),
             "portcullis_map_write_seconds_count 0".into(),
+            "# TYPE portcullis_cni_add_seconds histogram".into(),
+            "portcullis_cni_add_seconds_count 0".into(),
             "# TYPE portcullis_api_watch_restarts_total counter".into(),
             "portcullis_api_watch_restarts_total{kind=\"Pod\"} 2".into(),
             "portcullis_api_server_connected 1".into(),

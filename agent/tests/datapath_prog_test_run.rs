@@ -277,6 +277,10 @@ fn unisolated_directions_pass_and_unknown_interfaces_fail_closed() {
         let ev = events();
         assert_eq!(ev.len(), 2, "{ev:?}");
         assert!(ev.iter().all(|e| e.reason == reason::UNKNOWN_ENDPOINT && e.verdict == VERDICT_DROPPED));
+        // Counted too (under id 0), so the drop totals see them.
+        let c = dp.endpoint_counters(0).expect("id 0 is counted");
+        assert_eq!(c.ingress.dropped_packets[reason::UNKNOWN_ENDPOINT as usize], 1);
+        assert_eq!(c.egress.dropped_packets[reason::UNKNOWN_ENDPOINT as usize], 1);
     });
 }
 
@@ -798,7 +802,10 @@ fn counters_count_packets_per_endpoint_direction_and_reason() {
         assert_eq!(c.ingress.dropped_total(), 2);
         assert_eq!(c.egress.forwarded_packets, 1);
         assert_eq!(c.egress.dropped_total(), 0);
-        assert_eq!(dp.counters().len(), 1);
+        // Endpoint 1, and id 0: what no endpoint's table entry claims (none here).
+        let all = dp.counters();
+        assert_eq!(all.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!((all[&0].ingress.dropped_total(), all[&0].egress.dropped_total()), (0, 0));
     });
 }
 

@@ -98,6 +98,7 @@ mod datapath {
                 let m = skb_mark(&ctx);
                 ctx.set_mark(m & !mark::MASK);
                 let client = (m >> mark::ENDPOINT_SHIFT) as u16;
+                count(client, DIR_EGRESS, reason::MALFORMED, ctx.len());
                 emit(
                     &ctx,
                     client,
@@ -147,7 +148,9 @@ mod datapath {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let Some(ep) = (unsafe { PC_ENDPOINTS.get(&ifindex) }) else {
             // Our programs run here but the table does not know the
-            // interface: fail closed (the agent detaches before it forgets).
+            // interface: fail closed (the agent detaches before it forgets),
+            // counted under id 0, which no endpoint has.
+            count(0, direction, reason::UNKNOWN_ENDPOINT, ctx.len());
             emit(
                 ctx,
                 0,

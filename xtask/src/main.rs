@@ -231,9 +231,14 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
-/// Builds the agent binary (debug) and returns its path.
+/// The CNI plugin's own binary, built beside the agent's: the agent
+/// installs it from its own directory.
+pub const PLUGIN_BIN: &str = "portcullis-cni";
+
+/// Builds the agent binary (debug), and the plugin's beside it, and returns
+/// the agent's path.
 pub fn build_agent() -> Result<PathBuf> {
-    cargo(&["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent"])?;
+    cargo(&["build", "--quiet", "--package", "portcullis-agent", "--bin", "agent", "--bin", PLUGIN_BIN])?;
     let agent = target_dir().join("debug").join("agent");
     if !agent.exists() {
         bail!("no agent binary at {}", agent.display());
@@ -247,13 +252,14 @@ fn host_triple() -> String {
     format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
 }
 
-/// `cargo build` of the release agent, statically linked (glibc's static
+/// `cargo build` of the release agent and plugin, statically linked (glibc's static
 /// libc): the image needs nothing beside it, and the copy the init
 /// container puts into the node's CNI bin dir runs on any node's libc.
 pub fn static_agent_build(quiet: bool) -> Command {
     let triple = host_triple();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--release", "--package", "portcullis-agent", "--bin", "agent", "--target", &triple])
+    cmd.args(["build", "--release", "--package", "portcullis-agent", "--bin", "agent", "--bin", PLUGIN_BIN])
+        .args(["--target", &triple])
         .env(
             format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_")),
             "-C target-feature=+crt-static",

@@ -41,6 +41,8 @@ const API_LINK: &str = "pcscale-api";
 
 struct Env {
     binary: PathBuf,
+    /// The CNI plugin the agent installs (its own binary, beside the agent's).
+    plugin: PathBuf,
     kubeconfig: PathBuf,
     log: PathBuf,
     cycles_one: usize,
@@ -51,8 +53,14 @@ fn env() -> Result<Env> {
     let var =
         |k: &str| std::env::var(k).with_context(|| format!("{k} is not set: run `cargo xtask bench scale`"));
     let num = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let binary: PathBuf = var("PORTCULLIS_SCALE_AGENT")?.into();
+    let plugin = binary.with_file_name(portcullis_agent::cni::PLUGIN_BINARY);
+    if !plugin.is_file() {
+        anyhow::bail!("no CNI plugin binary at {}: run `cargo xtask bench scale`", plugin.display());
+    }
     Ok(Env {
-        binary: var("PORTCULLIS_SCALE_AGENT")?.into(),
+        binary,
+        plugin,
         kubeconfig: var("PORTCULLIS_SCALE_KUBECONFIG")?.into(),
         log: std::env::temp_dir().join("portcullis-scale-agent.log"),
         cycles_one: num("PORTCULLIS_SCALE_CYCLES_ONE", 40),
@@ -199,7 +207,7 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
 
     let plugin = |command: &str, i: usize| -> (Command, String) {
         let pod = bed.pod(&objects::local_pod_name(i));
-        let mut cmd = Command::new(&env.binary);
+        let mut cmd = Command::new(&env.plugin);
         cmd.env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", format!("scale{i:03}"))
@@ -413,10 +421,13 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
     let mut start_cpu = Vec::new();
     let d0 = dropped(&a);
     let s = gap_sweeps()?;
-    for _ in 0..5 {
+    for n in 0..5 {
+        gaps.mark(format!("restart {n}: stopping the agent"));
         a.stop()?;
+        gaps.mark(format!("restart {n}: stopped, starting the next"));
         a = Agent::start(&bed.node, &env.binary, &env.kubeconfig, pin_dir, &env.log)?;
         adoption.push(ms(a.wait_ready(LOCAL_PODS + 1, Duration::from_secs(120))?));
+        gaps.mark(format!("restart {n}: ready"));
         let u = a.usage()?;
         start_peak.push(mib(u.hwm_kib));
         start_cpu.push(ms(u.cpu));
@@ -479,6 +490,9 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
 #[derive(Default)]
 struct Gaps {
     phases: Vec<Phase>,
+    /// What happened when, in the phase being probed: lost probes are
+    /// told against these.
+    marks: Vec<(String, Instant)>,
 }
 
 struct Phase {
@@ -508,8 +522,31 @@ impl Gaps {
                 "scale: gaps in {name}: {} allowed lost, {} denied through, {dropped} drops counted",
                 p.lost, p.leaked
             );
+            // Which, and when: against the phase's first probe and its marks.
+            if let Some(t0) = sent.iter().map(|s| s.at).min() {
+                let at = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
+                for (what, t) in &self.marks {
+                    eprintln!("scale:   {:>9.1} ms  {what}", at(*t));
+                }
+                let arrived = receivers.which(sent.iter().map(|s| s.id));
+                let wrong = sent.iter().zip(arrived).filter(|(s, got)| *got != (s.port == ALLOWED_PORT));
+                for (s, _) in wrong.take(40) {
+                    let what = if s.port == ALLOWED_PORT { "allowed, lost" } else { "denied, through" };
+                    eprintln!(
+                        "scale:   {:>9.1} ms  probe {} to {} ({what})",
+                        at(s.at),
+                        s.id,
+                        objects::local_pod_name(s.target)
+                    );
+                }
+            }
         }
+        self.marks.clear();
         self.phases.push(p);
+    }
+
+    fn mark(&mut self, what: String) {
+        self.marks.push((what, Instant::now()));
     }
 
     fn allowed(&self) -> usize {

@@ -35,7 +35,9 @@ impl Datapath {
     /// Counters of every endpoint id that has counted anything.
     pub fn counters(&self) -> BTreeMap<u16, EndpointCounters> {
         let mut out = BTreeMap::new();
-        let ids: Vec<u16> = self.loaded.endpoints.keys().copied().collect();
+        // Id 0 is no endpoint's: the programs count there what they drop
+        // on an interface the endpoint table does not know.
+        let ids: Vec<u16> = std::iter::once(0).chain(self.loaded.endpoints.keys().copied()).collect();
         for id in ids {
             if let Some(c) = self.endpoint_counters(id) {
                 out.insert(id, c);
@@ -126,7 +128,7 @@ impl Datapath {
     }
 
     fn zero_slot(&mut self, slot: u32) {
-        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        let Some(cpus) = possible_cpus() else { return };
         if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]) {
             let _ = self.maps.rule_stats.set(slot, zero, 0);
         }
@@ -137,7 +139,7 @@ impl Datapath {
         if u32::from(id) >= COUNTED_ENDPOINTS {
             return;
         }
-        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        let Some(cpus) = possible_cpus() else { return };
         for slot in 0..COUNTER_SLOTS {
             let zero = aya::maps::PerCpuValues::try_from(vec![Default::default(); cpus]);
             if let Ok(zero) = zero {
@@ -145,4 +147,11 @@ impl Datapath {
             }
         }
     }
+}
+
+/// The kernel's possible CPUs (a per-CPU value's length): read once, as
+/// it cannot change while we run (each new endpoint's counters need it).
+fn possible_cpus() -> Option<usize> {
+    static CPUS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| aya::util::nr_cpus().ok())
 }

@@ -249,6 +249,7 @@ impl Datapath {
     /// nothing changed, so callers may re-apply to retry failures.
     pub fn apply(&mut self, state: &CompiledState) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let started = std::time::Instant::now();
 
         // What of the ipcache to write now, and what to remove after the
         // policy: the difference from the last list when there is one.
@@ -286,6 +287,7 @@ impl Datapath {
             }
         }
         let ipcache_failed = report.errors.len() > ipcache_errors;
+        let ipcache_done = std::time::Instant::now();
 
         // Service frontends before policy: a pod's first packet to a Service
         // must wait for its backend.
@@ -378,6 +380,7 @@ impl Datapath {
             }
         }
 
+        let grouped = std::time::Instant::now();
         let targets = self.choose_sets(&groups);
         let mut removals = Vec::new();
         // Endpoints joining a set that is updated in place, to be written
@@ -450,7 +453,9 @@ impl Datapath {
                 Err(e) => fail(&mut report, ep, e),
             }
         }
+        let written = std::time::Instant::now();
         self.attach_new_endpoints(&mut report);
+        let attached = std::time::Instant::now();
         // Then the sets no endpoint names any more.
         let empty: Vec<SetRef> =
             self.loaded.sets.iter().filter(|(_, s)| s.members.is_empty()).map(|(r, _)| *r).collect();
@@ -495,6 +500,16 @@ impl Datapath {
         report.services = self.loaded.services.len();
         report.policy_entries = self.loaded_entries();
         report.ipcache_entries = self.loaded.ipcache.len();
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        let ended = std::time::Instant::now();
+        tracing::debug!(
+            ipcache_ms = ms(started, ipcache_done),
+            group_ms = ms(ipcache_done, grouped),
+            sets_and_endpoints_ms = ms(grouped, written),
+            attach_ms = ms(written, attached),
+            cleanup_ms = ms(attached, ended),
+            "maps written"
+        );
         report
     }
 

@@ -17,6 +17,8 @@ pub struct Telemetry {
     pub compile: Histogram,
     /// Passes that wrote the maps: the time the writes took.
     pub write: Histogram,
+    /// CNI ADDs answered: from the request read to the answer.
+    pub cni_add: Histogram,
     pub last_enforced: Option<SystemTime>,
     /// Live conntrack entries at the last sweep.
     pub conntrack_live: Option<u64>,
@@ -115,6 +117,7 @@ pub fn metrics(
         conntrack_entries: t.conntrack_live.unwrap_or(0),
         policy_compile_seconds: t.compile.clone(),
         map_write_seconds: t.write.clone(),
+        cni_add_seconds: t.cni_add.clone(),
         watch_restarts: restarts.into_iter().collect(),
         api_server_connected: api_server.map(|a| a.connected),
         last_sync_unix_seconds: t

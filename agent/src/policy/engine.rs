@@ -90,6 +90,9 @@ pub struct Engine {
     /// falls back to the one before.
     ip_owner: HashMap<IpAddr, Vec<PodKey>>,
     endpoints: BTreeMap<PodKey, EndpointPolicy>,
+    /// The pods this node enforces (`is_local`), by namespace: what a
+    /// policy can select here, without walking its namespace's pods.
+    local: BTreeSet<PodKey>,
     shared: SharedPolicies,
     /// What the ipcache and the identities went through since the state
     /// builder last took it.
@@ -162,6 +165,7 @@ impl Engine {
             plans: PlanCache::default(),
             ip_owner: HashMap::new(),
             endpoints: BTreeMap::new(),
+            local: BTreeSet::new(),
             shared: SharedPolicies::default(),
             changes: IpcacheChanges::default(),
             recovered: HashMap::new(),
@@ -305,12 +309,24 @@ impl Engine {
 
     fn local_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         let start = PodKey { namespace: namespace.to_string(), name: String::new() };
-        self.cluster
-            .pods
+        self.local
             .range(start..)
-            .map(|(_, p)| p)
-            .take_while(move |p| p.namespace == namespace)
-            .filter(|p| self.is_local(p))
+            .take_while(move |k| k.namespace == namespace)
+            .filter_map(|k| self.cluster.pods.get(k))
+    }
+
+    /// Keeps `local` in step with the cluster's copy of the pod `key`.
+    fn track_local(&mut self, key: &PodKey) {
+        match self.cluster.pods.get(key) {
+            Some(p) if self.is_local(p) => {
+                if !self.local.contains(key) {
+                    self.local.insert(key.clone());
+                }
+            }
+            _ => {
+                self.local.remove(key);
+            }
+        }
     }
 
     fn apply_one(&mut self, change: Change, pending: &mut Pending) {
@@ -339,10 +355,12 @@ impl Engine {
             Change::UpsertPod(pod) => {
                 let key = pod.key();
                 let old = self.cluster.pods.insert(key.clone(), pod);
+                self.track_local(&key);
                 self.refresh_pod(&key, old, pending);
             }
             Change::DeletePod(key) => {
                 let old = self.cluster.pods.remove(&key);
+                self.track_local(&key);
                 self.refresh_pod(&key, old, pending);
             }
             Change::UpsertService(svc) => {

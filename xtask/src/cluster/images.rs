@@ -36,11 +36,13 @@ fn add_busybox(image: &mut Image) -> Result<()> {
     Ok(())
 }
 
-/// The agent's image: the static agent binary and nothing else (no shell,
-/// no libc: `kubectl exec … -- agent …` is all an operator needs).
+/// The agent's image: the static agent binary and the plugin's beside it
+/// (which the agent installs on the node), and nothing else (no shell, no
+/// libc: `kubectl exec … -- agent …` is all an operator needs).
 pub fn agent(binary: &Path, name: &str) -> Image {
     let mut image = Image::new(name);
     image.file("/usr/bin/agent", binary, 0o755);
+    image.file(&format!("/usr/bin/{}", crate::PLUGIN_BIN), binary.with_file_name(crate::PLUGIN_BIN), 0o755);
     image.dir("/tmp").dir("/proc").dir("/sys").dir("/dev").dir("/run").dir("/var/run");
     image.entrypoint = vec!["/usr/bin/agent".into()];
     image

@@ -49,6 +49,13 @@ pub fn deployed_as_shipped() -> Result<()> {
     if has_interpreter(plugin)? {
         bail!("{} is dynamically linked (it must run on any node's libc)", plugin.display());
     }
+    // The plugin's own small binary, not the agent's: every pod start runs it.
+    let built = crate::static_agent_path().with_file_name(crate::PLUGIN_BIN);
+    if std::fs::read(plugin)?
+        != std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?
+    {
+        bail!("{} is not the plugin binary the image ships ({})", plugin.display(), built.display());
+    }
     const NET_ADMIN: u32 = 12;
     const PERFMON: u32 = 38;
     const BPF: u32 = 39;
@@ -73,7 +80,7 @@ pub fn deployed_as_shipped() -> Result<()> {
     let body = ready.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_owned();
     eprintln!(
         "cluster test: deployed as shipped: the mount-bpffs init container mounted bpffs for the host; \
-         the CNI plugin is a static binary; the agent holds only BPF, PERFMON and NET_ADMIN \
+         the CNI plugin is its own static binary; the agent holds only BPF, PERFMON and NET_ADMIN \
          ({effective:#x}); /readyz: {body}"
     );
     Ok(())
