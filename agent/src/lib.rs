@@ -14,4 +14,5 @@ pub mod model;
 pub mod node;
 pub mod policy;
 pub mod probes;
+mod rtnetlink;
 pub mod source;

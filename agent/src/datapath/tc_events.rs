@@ -8,9 +8,10 @@
 //! loop wakes for it). Not noticed: another program put into our filter
 //! (a replace is not a deletion).
 
-use std::{io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{io, os::fd::AsRawFd as _};
 
 use super::attach::{FILTER_HANDLE_RAW, FILTER_PRIORITY};
+use crate::rtnetlink;
 
 const RTM_DELQDISC: u16 = 37;
 const RTM_DELTFILTER: u16 = 45;
@@ -22,42 +23,29 @@ const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 const RTMGRP_TC: u32 = 0x8;
 /// The clsact qdisc's parent handle.
 const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
-const NLMSG_HDRLEN: usize = 16;
 
 /// Interfaces whose endpoint hooks a notification says are gone.
 pub fn hooks_removed(messages: &[u8]) -> Vec<u32> {
     let mut out = Vec::new();
-    let mut rest = messages;
-    while rest.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            break;
-        }
+    // A truncated message ends the walk: what came before it counts.
+    for message in rtnetlink::messages(messages).map_while(Result::ok) {
         // struct tcmsg: family, 3 bytes of padding, ifindex, handle,
         // parent, info (priority in its upper half).
-        let tcm = &rest[NLMSG_HDRLEN..len];
-        if tcm.len() >= 20 {
-            let word = |at: usize| u32::from_ne_bytes([tcm[at], tcm[at + 1], tcm[at + 2], tcm[at + 3]]);
-            let (ifindex, handle, parent, info) = (word(4), word(8), word(12), word(16));
-            let ours = match kind {
-                // Our filter by its handle, or every filter at our priority
-                // (a delete by priority, or a flush of the hook, is
-                // announced without a handle).
-                RTM_DELTFILTER => {
-                    info >> 16 == u32::from(FILTER_PRIORITY) && (handle == FILTER_HANDLE_RAW || handle == 0)
-                }
-                RTM_DELCHAIN => parent == CLSACT_INGRESS || parent == CLSACT_EGRESS,
-                RTM_DELQDISC => parent == TC_H_CLSACT,
-                _ => false,
-            };
-            if ours && ifindex != 0 {
-                out.push(ifindex);
+        let Some(([_, ifindex, handle, parent, info], _)) = message.body::<[u32; 5]>() else { continue };
+        let ours = match message.kind {
+            // Our filter by its handle, or every filter at our priority
+            // (a delete by priority, or a flush of the hook, is
+            // announced without a handle).
+            RTM_DELTFILTER => {
+                info >> 16 == u32::from(FILTER_PRIORITY) && (handle == FILTER_HANDLE_RAW || handle == 0)
             }
+            RTM_DELCHAIN => parent == CLSACT_INGRESS || parent == CLSACT_EGRESS,
+            RTM_DELQDISC => parent == TC_H_CLSACT,
+            _ => false,
+        };
+        if ours && ifindex != 0 {
+            out.push(ifindex);
         }
-        // Messages are aligned to 4 bytes.
-        let step = (len + 3) & !3;
-        rest = rest.get(step..).unwrap_or_default();
     }
     out
 }
@@ -65,14 +53,7 @@ pub fn hooks_removed(messages: &[u8]) -> Vec<u32> {
 /// Listens, on a thread of its own, for deletions of endpoint hooks in the
 /// caller's network namespace; `removed` gets each interface index.
 pub fn watch_hook_removals(removed: impl Fn(u32) + Send + 'static) -> io::Result<()> {
-    // SAFETY: plain socket(2); the result is checked.
-    let fd =
-        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = rtnetlink::socket()?;
     // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
@@ -88,47 +69,25 @@ pub fn watch_hook_removals(removed: impl Fn(u32) + Send + 'static) -> io::Result
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    // Room for a burst (every re-attach is announced too): 1 MiB, past the
-    // default limit where the agent may (CAP_NET_ADMIN).
-    let size: libc::c_int = 1 << 20;
-    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: an int option of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-    }
+    // Room for a burst (every re-attach is announced too). Best effort:
+    // a smaller buffer only makes an overflow (all taken as gone) likelier.
+    let _ = rtnetlink::set_receive_buffer(&socket, 1 << 20);
     std::thread::Builder::new().name("tc-events".into()).spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Notifications were lost: take every hook as gone, the
-                    // next pass attaches (replaces) them all again.
-                    Some(libc::ENOBUFS) => {
-                        removed(0);
-                        continue;
-                    }
-                    _ => {
-                        tracing::error!(error = %e, "tc notifications: no longer listening");
-                        return;
+            match rtnetlink::receive(&socket, &mut buf) {
+                Ok(data) => {
+                    for ifindex in hooks_removed(data) {
+                        removed(ifindex);
                     }
                 }
-            }
-            for ifindex in hooks_removed(&buf[..n as usize]) {
-                removed(ifindex);
+                // Notifications were lost: take every hook as gone, the
+                // next pass attaches (replaces) them all again.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => removed(0),
+                Err(e) => {
+                    tracing::error!(error = %e, "tc notifications: no longer listening");
+                    return;
+                }
             }
         }
     })?;

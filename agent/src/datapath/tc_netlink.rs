@@ -8,8 +8,10 @@ use std::{
     ffi::CStr,
     io,
     mem::size_of,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
 };
+
+use crate::rtnetlink::{self, align};
 
 const RTM_NEWQDISC: u16 = 36;
 const RTM_NEWTFILTER: u16 = 44;
@@ -128,40 +130,16 @@ pub(super) fn attach(ifindexes: &[u32], filters: &[Filter<'_>]) -> Vec<Result<()
 }
 
 fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); owned right below.
-    let fd =
-        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let fd = socket.as_raw_fd();
-    let set = |level: libc::c_int, name: libc::c_int, value: *const libc::c_void, len: usize| {
-        // SAFETY: setsockopt reads `len` bytes at `value`, which the callers
-        // point at a value of that size.
-        match unsafe { libc::setsockopt(fd, level, name, value, len as libc::socklen_t) } {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        }
-    };
-    let int = |v: &libc::c_int| (v as *const libc::c_int).cast::<libc::c_void>();
+    let socket = rtnetlink::socket()?;
     // Acknowledgements without a copy of each request: short, so a
     // buffer's worth fits the receive buffer...
-    set(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, int(&1), size_of::<libc::c_int>())?;
-    // ...which is made room for all the same (beyond rmem_max where allowed).
-    let room: libc::c_int = 1 << 20;
-    set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, int(&room), size_of::<libc::c_int>())
-        .or_else(|_| set(libc::SOL_SOCKET, libc::SO_RCVBUF, int(&room), size_of::<libc::c_int>()))?;
+    rtnetlink::set_option(&socket, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1 as libc::c_int)?;
+    // ...which is made room for all the same.
+    rtnetlink::set_receive_buffer(&socket, 1 << 20)?;
     // The kernel answers at once; a bound on the wait all the same (the
     // agent's loop waits on it).
     let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
-    set(
-        libc::SOL_SOCKET,
-        libc::SO_RCVTIMEO,
-        (&timeout as *const libc::timeval).cast(),
-        size_of::<libc::timeval>(),
-    )?;
+    rtnetlink::set_option(&socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, timeout)?;
     Ok(socket)
 }
 
@@ -169,50 +147,18 @@ fn open() -> io::Result<OwnedFd> {
 /// for an acknowledgement) and returns each request's errno (0: done), in
 /// order. Acknowledgements of other numbers, or of one twice, are ignored.
 fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<i32>> {
-    // SAFETY: sends the bytes of `buf`.
-    let sent = unsafe { libc::send(socket.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if sent as usize != buf.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "rtnetlink took part of the requests"));
-    }
+    rtnetlink::send(socket, buf)?;
     let mut codes: Vec<Option<i32>> = vec![None; expected];
     let mut missing = expected;
     let mut rx = vec![0u8; 64 * 1024];
     while missing > 0 {
-        // SAFETY: receives into a buffer of the length given.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            // A signal: the kernel did the requests, their answers wait.
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let data = &rx[..n as usize];
-        let mut off = 0;
-        while off + size_of::<libc::nlmsghdr>() <= data.len() {
-            // SAFETY: in bounds (checked above); read unaligned.
-            let header: libc::nlmsghdr = unsafe { std::ptr::read_unaligned(data[off..].as_ptr().cast()) };
-            let len = header.nlmsg_len as usize;
-            if len < size_of::<libc::nlmsghdr>() || off + len > data.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-            }
-            let slot = (header.nlmsg_seq as usize).checked_sub(1).and_then(|i| codes.get_mut(i));
-            if i32::from(header.nlmsg_type) == libc::NLMSG_ERROR
-                && len >= size_of::<libc::nlmsghdr>() + 4
-                && let Some(slot @ None) = slot
-            {
-                // SAFETY: in bounds (checked).
-                let code: i32 = unsafe {
-                    std::ptr::read_unaligned(data[off + size_of::<libc::nlmsghdr>()..].as_ptr().cast())
-                };
-                *slot = Some(-code);
+        for message in rtnetlink::messages(rtnetlink::receive(socket, &mut rx)?) {
+            let message = message?;
+            let slot = (message.seq as usize).checked_sub(1).and_then(|i| codes.get_mut(i));
+            if let (Some(code), Some(slot @ None)) = (message.error(), slot) {
+                *slot = Some(code);
                 missing -= 1;
             }
-            off += align(len);
         }
     }
     // Every request has its answer here (`missing` is 0); none is taken
@@ -221,10 +167,6 @@ fn exchange(socket: &OwnedFd, buf: &[u8], expected: usize) -> io::Result<Vec<i32
         .into_iter()
         .map(|c| c.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a request went unanswered")))
         .collect()
-}
-
-fn align(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 /// Starts a message: its header (length filled in by `finish`) and body.

@@ -5,6 +5,8 @@
 
 use std::{io, mem::size_of, net::IpAddr};
 
+use crate::rtnetlink;
+
 const RTM_GETNEIGH: u16 = 30;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
@@ -129,10 +131,6 @@ pub fn forwarding() -> io::Result<Vec<Forwarding>> {
 /// Attributes of one message: `(type, value)`.
 type Attributes = Vec<(u16, Vec<u8>)>;
 
-fn align(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// A message body that starts with its address family (`ndmsg`, `ifaddrmsg`).
 trait Body: Copy + Default {
     fn with_family(family: u8) -> Self;
@@ -152,15 +150,7 @@ impl Body for IfAddrMsg {
 
 /// One dump (`request`, answered by `reply` messages) for `family`.
 fn dump<B: Body>(request: u16, reply: u16, family: u8) -> io::Result<Vec<(B, Attributes)>> {
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd =
-        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own; closed on drop.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    use std::os::fd::AsRawFd as _;
+    let socket = rtnetlink::socket()?;
     let request = Request {
         header: libc::nlmsghdr {
             nlmsg_len: size_of::<Request<B>>() as u32,
@@ -171,69 +161,29 @@ fn dump<B: Body>(request: u16, reply: u16, family: u8) -> io::Result<Vec<(B, Att
         },
         body: B::with_family(family),
     };
-    // SAFETY: sends the bytes of a plain repr(C) struct.
-    let sent = unsafe {
-        libc::send(fd.as_raw_fd(), (&request as *const Request<B>).cast(), size_of::<Request<B>>(), 0)
+    // SAFETY: the bytes of a plain repr(C) struct, read as bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&request as *const Request<B>).cast::<u8>(), size_of::<Request<B>>())
     };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rtnetlink::send(&socket, bytes)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: receives into a buffer of the length given.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let data = &buf[..n as usize];
-        let mut off = 0;
-        while off + size_of::<libc::nlmsghdr>() <= data.len() {
-            // SAFETY: in bounds (checked above); read unaligned.
-            let header: libc::nlmsghdr = unsafe { std::ptr::read_unaligned(data[off..].as_ptr().cast()) };
-            let len = header.nlmsg_len as usize;
-            if len < size_of::<libc::nlmsghdr>() || off + len > data.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+        for message in rtnetlink::messages(rtnetlink::receive(&socket, &mut buf)?) {
+            let message = message?;
+            if i32::from(message.kind) == libc::NLMSG_DONE {
+                return Ok(out);
             }
-            match i32::from(header.nlmsg_type) {
-                libc::NLMSG_DONE => return Ok(out),
-                libc::NLMSG_ERROR => {
-                    let code: i32 = if len >= size_of::<libc::nlmsghdr>() + 4 {
-                        // SAFETY: in bounds (checked).
-                        unsafe {
-                            std::ptr::read_unaligned(
-                                data[off + size_of::<libc::nlmsghdr>()..].as_ptr().cast(),
-                            )
-                        }
-                    } else {
-                        0
-                    };
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
+            match message.error() {
+                Some(0) => {}
+                Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                None if message.kind == reply => {
+                    if let Some((body, attrs)) = message.body::<B>() {
+                        out.push((body, attrs.map(|(kind, value)| (kind, value.to_vec())).collect()));
                     }
                 }
-                _ if header.nlmsg_type == reply => {
-                    let body_at = off + size_of::<libc::nlmsghdr>();
-                    if body_at + size_of::<B>() <= off + len {
-                        // SAFETY: in bounds (checked); `B` is plain data.
-                        let msg: B = unsafe { std::ptr::read_unaligned(data[body_at..].as_ptr().cast()) };
-                        let mut attrs = Vec::new();
-                        let mut a = body_at + align(size_of::<B>());
-                        while a + 4 <= off + len {
-                            let alen = u16::from_ne_bytes([data[a], data[a + 1]]) as usize;
-                            let kind = u16::from_ne_bytes([data[a + 2], data[a + 3]]) & 0x3fff;
-                            if alen < 4 || a + alen > off + len {
-                                break;
-                            }
-                            attrs.push((kind, data[a + 4..a + alen].to_vec()));
-                            a += align(alen);
-                        }
-                        out.push((msg, attrs));
-                    }
-                }
-                _ => {}
+                None => {}
             }
-            off += align(len);
         }
     }
 }
