@@ -83,23 +83,56 @@ pub fn endpoint_keys(ep: &EndpointState) -> Result<EndpointKeys, String> {
 }
 
 pub fn policy_keys(ingress: &DirectionPolicy, egress: &DirectionPolicy) -> Result<EndpointKeys, String> {
+    policy_keys_keeping(ingress, egress, &EndpointKeys::default())
+}
+
+/// `policy_keys`, with each prefix given the class it has in `previous`
+/// (as `EndpointKeys::keep_classes_of` would), at once: a set rewritten as
+/// addresses come and go does not build its entries twice.
+pub fn policy_keys_keeping(
+    ingress: &DirectionPolicy,
+    egress: &DirectionPolicy,
+    previous: &EndpointKeys,
+) -> Result<EndpointKeys, String> {
     let mut out = EndpointKeys::default();
     for (direction, policy) in [(DIR_INGRESS, ingress), (DIR_EGRESS, egress)] {
-        add_direction(&mut out, direction, policy)?;
+        add_direction(&mut out, direction, policy, previous)?;
     }
     Ok(out)
 }
 
-fn add_direction(out: &mut EndpointKeys, direction: u8, policy: &DirectionPolicy) -> Result<(), String> {
+fn add_direction(
+    out: &mut EndpointKeys,
+    direction: u8,
+    policy: &DirectionPolicy,
+    previous: &EndpointKeys,
+) -> Result<(), String> {
     for entry in &policy.allow {
         add_allow(&mut out.policy, direction, entry.peer, entry)?;
     }
     if policy.prefixes.len() >= (u32::MAX - CLASS_BASE) as usize {
         return Err("too many prefixes".into());
     }
-    for (n, prefix) in policy.prefixes.iter().enumerate() {
-        let class = CLASS_BASE + n as u32;
-        out.cidr.insert(cidr_key(direction, &prefix.cidr), class);
+    // Fresh classes go above every class `previous` gave this direction.
+    let mut next = previous
+        .cidr
+        .iter()
+        .filter(|((_, k), _)| k.direction == direction)
+        .map(|(_, class)| class.saturating_add(1))
+        .max()
+        .unwrap_or(CLASS_BASE)
+        .max(CLASS_BASE);
+    for prefix in &policy.prefixes {
+        let key = cidr_key(direction, &prefix.cidr);
+        let class = match previous.cidr.get(&key) {
+            Some(kept) => *kept,
+            None => {
+                let fresh = next;
+                next = next.saturating_add(1);
+                fresh
+            }
+        };
+        out.cidr.insert(key, class);
         for entry in &prefix.allow {
             add_allow(&mut out.policy, direction, class, entry)?;
         }
@@ -315,6 +348,20 @@ mod tests {
             (new_cidr, new_policy, gone),
             (1, 2, 1),
             "the port entries of 10.2/16 moved from 81 to 82"
+        );
+        // Built with the classes kept from the start: the very same entries.
+        let after = endpoint(&["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]);
+        let at_once = policy_keys_keeping(&after.ingress, &after.egress, &before).expect("keys");
+        assert_eq!(at_once, kept);
+        // A prefix gone, one new: the new one's class is above every class
+        // before, not the freed one.
+        let other = endpoint(&["10.2.0.0/16", "10.3.0.0/16"]);
+        let moved = policy_keys_keeping(&other.ingress, &other.egress, &kept).expect("keys");
+        assert_eq!(class_of(&moved, "10.2.0.0"), class_of(&before, "10.2.0.0"));
+        assert_eq!(class_of(&moved, "10.3.0.0"), Some(CLASS_BASE + 3));
+        assert_eq!(
+            by_prefix(&moved),
+            by_prefix(&endpoint_keys(&endpoint(&["10.2.0.0/16", "10.3.0.0/16"])).expect("keys"))
         );
     }
 }

@@ -42,14 +42,13 @@ use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use portcullis_common::{
     AF_INET, AF_INET6, CidrKey, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EP_POLICY_OVERFLOW,
-    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, POLICY_SET_BASE, PolicyKey, PolicyValue,
-    ServiceKey,
+    EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, IpKey, POLICY_SET_BASE, PolicyKey, ServiceKey,
 };
 
 use super::{
     Datapath,
     attach::ifname,
-    keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys},
+    keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys, policy_keys_keeping},
 };
 use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, ServiceFrontend};
 
@@ -675,9 +674,8 @@ impl Datapath {
         }
         // Only for a set whose policy changes (replicas joining one that
         // holds theirs already need no entries).
-        let mut keys = policy_keys(&policy.ingress, &policy.egress)
+        let mut keys = policy_keys_keeping(&policy.ingress, &policy.egress, &loaded.keys)
             .map_err(|why| WriteError::Invalid { endpoint: name(), why })?;
-        keys.keep_classes_of(&loaded.keys);
         for ((_, key), value) in keys.policy.iter_mut() {
             value.stats_slot = self.slot_for(set.id, key.direction, value.rule_cookie);
         }
@@ -734,22 +732,8 @@ impl Datapath {
         let cidr_key = |prefix: u32, k: &CidrKey| {
             Key::new(prefix, CidrKey { policy_id: set.id, generation: set.generation, ..*k })
         };
-        let added: Vec<((u32, PolicyKey), PolicyValue)> = keys
-            .policy
-            .iter()
-            .filter(|(k, v)| loaded.keys.policy.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let cidr_added: Vec<((u32, CidrKey), u32)> = keys
-            .cidr
-            .iter()
-            .filter(|(k, c)| loaded.keys.cidr.get(k) != Some(c))
-            .map(|(k, c)| (*k, *c))
-            .collect();
-        let removed: Vec<(u32, PolicyKey)> =
-            loaded.keys.policy.keys().filter(|k| !keys.policy.contains_key(k)).copied().collect();
-        let cidr_removed: Vec<(u32, CidrKey)> =
-            loaded.keys.cidr.keys().filter(|k| !keys.cidr.contains_key(k)).copied().collect();
+        let (added, removed) = map_diff(&loaded.keys.policy, &keys.policy);
+        let (cidr_added, cidr_removed) = map_diff(&loaded.keys.cidr, &keys.cidr);
         // A changed value moves a flow to another rule: not less allowed.
         // A set with no members yet (new) narrows nothing.
         *narrowed |= !loaded.members.is_empty()
@@ -1178,6 +1162,46 @@ impl Datapath {
     }
 }
 
+/// What `new` has that `old` has not, or has with another value; and the
+/// keys only `old` has. One walk over both (they are sorted alike), where
+/// a lookup per entry would walk each tree thousands of times.
+fn map_diff<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (Some((ok, _)), Some((nk, nv))) => match ok.cmp(nk) {
+                std::cmp::Ordering::Less => {
+                    removed.push(**ok);
+                    o.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    added.push((**nk, **nv));
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if o.next().map(|(_, v)| v) != Some(*nv) {
+                        added.push((**nk, **nv));
+                    }
+                    n.next();
+                }
+            },
+            (Some((ok, _)), None) => {
+                removed.push(**ok);
+                o.next();
+            }
+            (None, Some((nk, nv))) => {
+                added.push((**nk, **nv));
+                n.next();
+            }
+            (None, None) => return (added, removed),
+        }
+    }
+}
+
 fn service_key(s: &ServiceFrontend) -> ServiceKey {
     let (family, addr) = family_and_addr(s.ip);
     debug_assert!(family == AF_INET || family == AF_INET6);
@@ -1246,6 +1270,26 @@ mod tests {
     }
 
     proptest! {
+        /// The old map with the diff's writes and removals applied is the
+        /// new map, and nothing it already held is written again.
+        #[test]
+        fn a_map_diff_turns_the_old_map_into_the_new(
+            old in proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+            new in proptest::collection::btree_map(0u8..40, 0u8..3, 0..30),
+        ) {
+            let (added, removed) = map_diff(&old, &new);
+            let mut turned = old.clone();
+            for k in &removed {
+                prop_assert!(!new.contains_key(k));
+                turned.remove(k);
+            }
+            for (k, v) in &added {
+                prop_assert!(old.get(k) != Some(v), "only what differs is written");
+                turned.insert(*k, *v);
+            }
+            prop_assert_eq!(turned, new);
+        }
+
         /// The last list with the delta's writes and removals applied is
         /// the new list.
         #[test]
