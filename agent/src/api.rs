@@ -144,12 +144,18 @@ pub enum ApiError {
     Socket { path: PathBuf, source: std::io::Error },
 }
 
+/// Work a CNI ADD allows before the loop takes it (on a blocking thread,
+/// while the request would wait in the queue anyway): what it does must
+/// not change what the pod may send or receive.
+pub type Prepare = std::sync::Arc<dyn Fn(&CniAdd) + Send + Sync>;
+
 /// Binds the socket (its directory root-only) and serves until the
 /// receiver side goes away.
 pub fn serve(
     path: &Path,
     tx: mpsc::Sender<Request>,
     flows: FlowStore,
+    prepare: Option<Prepare>,
 ) -> Result<tokio::task::JoinHandle<()>, ApiError> {
     let err = |source| ApiError::Socket { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
@@ -163,9 +169,9 @@ pub fn serve(
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let (tx, flows) = (tx.clone(), flows.clone());
+            let (tx, flows, prepare) = (tx.clone(), flows.clone(), prepare.clone());
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, tx, flows).await {
+                if let Err(e) = handle(stream, tx, flows, prepare).await {
                     tracing::debug!(error = %e, "API connection");
                 }
             });
@@ -173,7 +179,12 @@ pub fn serve(
     }))
 }
 
-async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, flows: FlowStore) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    tx: mpsc::Sender<Request>,
+    flows: FlowStore,
+    prepare: Option<Prepare>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).await?;
@@ -210,6 +221,10 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, flows: FlowStore)
                 Ok(a) => a,
                 Err(e) => return respond(stream, 400, &bad(e)).await,
             };
+            if let Some(prepare) = prepare {
+                let add = add.clone();
+                let _ = tokio::task::spawn_blocking(move || prepare(&add)).await;
+            }
             let (reply_tx, reply_rx) = oneshot::channel();
             if tx.send(Request::CniAdd(add, received, reply_tx)).await.is_err() {
                 return respond(stream, 503, &serde_json::json!({"error": "agent stopping"})).await;
@@ -546,7 +561,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portcullis-api-{}", std::process::id()));
         let socket = dir.join("agent.sock");
         let (tx, mut rx) = mpsc::channel(8);
-        let server = serve(&socket, tx, FlowStore::new(16)).unwrap();
+        // The ADD's interface is readied before the loop sees the request.
+        let prepared = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = prepared.clone();
+        let prepare: Prepare = std::sync::Arc::new(move |add: &CniAdd| {
+            seen.lock().unwrap().push(add.interface.clone());
+        });
+        let server = serve(&socket, tx, FlowStore::new(16), Some(prepare)).unwrap();
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "root-only socket");
 
@@ -566,6 +587,7 @@ mod tests {
         match rx.recv().await.unwrap() {
             Request::CniAdd(got, _, reply) => {
                 assert_eq!(got, add);
+                assert_eq!(*prepared.lock().unwrap(), ["veth1"]);
                 reply.send(Ok(CniReady { endpoint_id: 7 })).unwrap();
             }
             other => panic!("{other:?}"),
@@ -600,7 +622,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portcullis-api-status-{}", std::process::id()));
         let socket = dir.join("agent.sock");
         let (tx, mut rx) = mpsc::channel(8);
-        let server = serve(&socket, tx, FlowStore::new(16)).unwrap();
+        let server = serve(&socket, tx, FlowStore::new(16), None).unwrap();
         let client = {
             let socket = socket.clone();
             tokio::task::spawn_blocking(move || get(&socket, "/v1/status", std::time::Duration::from_secs(5)))

@@ -576,7 +576,16 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     // Room for a node's worth of CNI ADDs: requests that wait here join the
     // next pass; ones that found it full would wait for the pass after.
     let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(REQUESTS_PER_PASS);
-    let api_server = api::serve(&api_socket, api_tx.clone(), flow_store.clone())?;
+    // A pod's interface gets its clsact qdisc while its ADD waits for a
+    // pass, not in the pass (which every ADD of a burst waits for).
+    let prepare: Option<api::Prepare> = (config.attach == portcullis_agent::datapath::AttachMode::Tc).then(|| {
+        std::sync::Arc::new(|add: &api::CniAdd| {
+            if let Err(e) = portcullis_agent::datapath::prepare_interface(&add.interface) {
+                tracing::debug!(interface = %add.interface, error = %e, "readying the interface ahead of its pass");
+            }
+        }) as api::Prepare
+    });
+    let api_server = api::serve(&api_socket, api_tx.clone(), flow_store.clone(), prepare)?;
     tracing::info!(socket = %api_socket.display(), "local API listening");
     let metrics_server = match metrics_address {
         Some(addr) => {

@@ -1191,6 +1191,16 @@ fn interfaces_attached_together_each_get_one_filter_per_hook() {
                 .map(|l| l.split(" id ").nth(1).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string())
                 .collect()
         };
+        // Half of them readied as a CNI ADD's wait does: a clsact qdisc and
+        // no filter yet; twice, and on an interface that does not exist.
+        for name in names.iter().step_by(2) {
+            portcullis_agent::datapath::prepare_interface(name).expect("prepare");
+            portcullis_agent::datapath::prepare_interface(name).expect("prepare again");
+            let out = std::process::Command::new("tc").args(["qdisc", "show", "dev", name]).output().expect("tc");
+            assert!(String::from_utf8_lossy(&out.stdout).contains("clsact"), "{name}: no clsact");
+            assert!(programs(name, "ingress").is_empty() && programs(name, "egress").is_empty());
+        }
+        portcullis_agent::datapath::prepare_interface("no-such-if").expect("left to the pass");
         let config = DatapathConfig { pin_dir, ..Default::default() };
         let mut first = Vec::new();
         {

@@ -386,6 +386,15 @@ pub fn ifname(ifindex: u32) -> Option<String> {
 }
 
 /// The index of a network interface in the caller's network namespace.
+/// Readies a new endpoint's interface ahead of the pass that attaches its
+/// filters (`--attach tc`): its clsact qdisc, which alone changes nothing
+/// the interface carries (a pod's start waits for its filters all the same).
+/// An interface that does not exist is left to the pass to report.
+pub fn prepare_interface(interface: &str) -> Result<(), AttachError> {
+    let Some(idx) = ifindex(interface) else { return Ok(()) };
+    tc_netlink::add_clsact(idx).map_err(|source| AttachError::Filters { ifindex: idx, source })
+}
+
 pub fn ifindex(interface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(interface).ok()?;
     // SAFETY: valid C string.

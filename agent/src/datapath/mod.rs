@@ -25,7 +25,7 @@ use portcullis_common::{
     map_names, map_sizes, program_names,
 };
 
-pub use attach::{AttachError, IfIndexes, detach_all_filters, ifindex, ifname};
+pub use attach::{AttachError, IfIndexes, detach_all_filters, ifindex, ifname, prepare_interface};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
 pub use inspect::{KernelEndpoint, KernelVerdict};

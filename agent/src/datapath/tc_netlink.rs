@@ -129,6 +129,28 @@ pub(super) fn attach(ifindexes: &[u32], filters: &[Filter<'_>]) -> Vec<Result<()
     results
 }
 
+/// Adds the clsact qdisc to an interface that has none (one there is
+/// kept): no filter yet, so nothing it carries changes. Done ahead of a
+/// pass, it takes from the pass the qdisc's cost: adding one to an
+/// interface that is up waits for an RCU grace period under RTNL.
+pub(super) fn add_clsact(ifindex: u32) -> Result<(), RequestError> {
+    let mut buf = Vec::with_capacity(64);
+    push_qdisc(&mut buf, 1, ifindex);
+    let socket = open().map_err(|source| RequestError { what: "opening an rtnetlink socket", source })?;
+    let codes =
+        exchange(&socket, &buf, 1).map_err(|source| RequestError { what: "rtnetlink exchange", source })?;
+    match codes.as_slice() {
+        [0] | [libc::EEXIST] => Ok(()),
+        [code, ..] => {
+            Err(RequestError { what: "adding the clsact qdisc", source: io::Error::from_raw_os_error(*code) })
+        }
+        [] => Err(RequestError {
+            what: "adding the clsact qdisc",
+            source: io::Error::new(io::ErrorKind::InvalidData, "no answer"),
+        }),
+    }
+}
+
 fn open() -> io::Result<OwnedFd> {
     let socket = rtnetlink::socket()?;
     // Acknowledgements without a copy of each request: short, so a
