@@ -176,20 +176,24 @@ impl StateBuilder {
         self.follow_ipcache(engine);
         let engine = &*engine;
         let mut endpoints = Vec::new();
-        // Read when some endpoint needs it (pods the CNI plugin announced
-        // carry their interface), and then at most once a second: a pod
-        // the last read does not place, and that has no placement of its
-        // own either, has it read again at once (`fresh`).
+        // Read only when some endpoint needs it: pods the CNI plugin
+        // announced carry their interface, and placed pods keep theirs; a
+        // pod neither the last read (up to a second old) nor a placement
+        // of its own places has them read again at once.
         let mut cache = self.interfaces.take().filter(|(at, _)| at.elapsed() < INTERFACES_FRESH);
         let mut read_now = false;
-        let mut interface_for = |ips: &[IpAddr], fresh: bool| -> Option<String> {
-            if fresh && !read_now {
-                cache = None;
+        // `read`: read the node's interfaces for it (once per pass) when
+        // the last read does not place it; otherwise only the last read,
+        // while it is fresh.
+        let mut interface_for = |ips: &[IpAddr], read: bool| -> Option<String> {
+            let cached = cache
+                .as_ref()
+                .and_then(|(_, interfaces)| ips.iter().find_map(|ip| interfaces.interface_for(*ip)));
+            if cached.is_some() || !read || read_now {
+                return cached;
             }
-            let (_, interfaces) = cache.get_or_insert_with(|| {
-                read_now = true;
-                (std::time::Instant::now(), node::Interfaces::read())
-            });
+            read_now = true;
+            let (_, interfaces) = cache.insert((std::time::Instant::now(), node::Interfaces::read()));
             ips.iter().find_map(|ip| interfaces.interface_for(*ip))
         };
         let mut unresolved = Vec::new();
@@ -198,10 +202,13 @@ impl StateBuilder {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
             let restored = hints.restored_for(&pod.ips);
             // The CNI plugin names the interface at pod start; otherwise
-            // routes, neighbours and the bridge's forwarding table tell.
-            // When they cannot (yet), the interface it was last enforced on
-            // (by this agent, or the one before it) keeps it: never detach a
-            // running pod for want of a neighbour entry.
+            // routes, neighbours and the bridge's forwarding table tell
+            // (their last read, while fresh). When they cannot, the
+            // interface it was last enforced on (by this agent, or the one
+            // before it) while it exists: a pod already placed makes no
+            // pass read them (a burst's first pass would wait for it), and
+            // a running pod is never detached for want of a neighbour
+            // entry. Then a read now; then its pinned placement.
             let hinted = hints.get(key).map(|h| h.interface.clone());
             let found = hinted
                 .or_else(|| interface_for(&pod.ips, false))
