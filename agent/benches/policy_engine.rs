@@ -300,12 +300,12 @@ fn main() {
     // after a pod's relabel to a new identity.
     let hints = Hints::default();
     let mut builder = StateBuilder::default();
-    builder.build(&mut engine, 1, &[], &hints);
+    builder.build(&mut engine, 1, &[], &hints, true);
     let state_build = measure(inc_runs, || {
         flip = !flip;
         engine.apply([Change::UpsertPod(pod(3, 1, Some(if flip { "fresh" } else { "app1" })))]);
         let t = Instant::now();
-        black_box(builder.build(&mut engine, 1, &[], &hints));
+        black_box(builder.build(&mut engine, 1, &[], &hints, true));
         t.elapsed()
     });
 

@@ -442,12 +442,14 @@ impl Source {
     /// The state to enforce, and whether it is news (to report) rather than
     /// a periodic re-check; `None` when nothing moved. `reconcile`: build
     /// the state even when no object moved (interfaces that appeared, CNI
-    /// hints); `node_ips`: the node's addresses, as last read.
+    /// hints); `node_ips`: the node's addresses, as last read; `starting`:
+    /// CNI ADDs wait on this pass (`StateBuilder::build`'s `verify_placed`).
     fn poll(
         &mut self,
         reconcile: bool,
         hints: &mut Hints,
         node_ips: &[IpAddr],
+        starting: bool,
     ) -> Option<(CompiledState, bool)> {
         let (engine, builder, revision, moved) = match self {
             Source::Kube { source, events, engine, builder } => {
@@ -495,7 +497,7 @@ impl Source {
         if !moved && !reconcile {
             return None;
         }
-        let (state, errors) = builder.build(engine, revision, node_ips, hints);
+        let (state, errors) = builder.build(engine, revision, node_ips, hints, !starting);
         for e in &errors {
             tracing::debug!("{e}");
         }
@@ -833,7 +835,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         if each_second || node_ips.is_none() {
             node_ips = Some(node::local_addresses());
         }
-        let polled = source.poll(reconcile, &mut hints, node_ips.as_deref().unwrap_or_default());
+        let polled =
+            source.poll(reconcile, &mut hints, node_ips.as_deref().unwrap_or_default(), !pending.is_empty());
         let rebuilt = polled.is_some();
         let (state, news) = match polled {
             Some((state, news)) => (state, news),

@@ -385,7 +385,6 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// The index of a network interface in the caller's network namespace.
 /// Readies a new endpoint's interface ahead of the pass that attaches its
 /// filters (`--attach tc`): its clsact qdisc, which alone changes nothing
 /// the interface carries (a pod's start waits for its filters all the same).
@@ -395,6 +394,7 @@ pub fn prepare_interface(interface: &str) -> Result<(), AttachError> {
     tc_netlink::add_clsact(idx).map_err(|source| AttachError::Filters { ifindex: idx, source })
 }
 
+/// The index of a network interface in the caller's network namespace.
 pub fn ifindex(interface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(interface).ok()?;
     // SAFETY: valid C string.

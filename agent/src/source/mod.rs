@@ -113,8 +113,8 @@ impl Hints {
 #[derive(Default)]
 pub struct StateBuilder {
     ids: BTreeMap<PodKey, u16>,
-    /// The interface each endpoint was last placed on (by ifindex).
-    placed: BTreeMap<PodKey, u32>,
+    /// The interface each endpoint was last placed on: its index and name.
+    placed: BTreeMap<PodKey, (u32, String)>,
     /// The pods' ipcache entries and the identities' names, kept between
     /// passes and updated where the engine says they changed: a pass that
     /// moves a few pods does not rebuild 10,000 entries.
@@ -133,6 +133,18 @@ pub struct StateBuilder {
 
 /// How long a read of the node's interfaces serves.
 const INTERFACES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When a lookup of a pod's interface reads the node's interfaces anew
+/// (at most once a pass).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Only the last read, while it is fresh.
+    Never,
+    /// When the last read is over `INTERFACES_FRESH` old.
+    IfStale,
+    /// When the last read does not place the pod.
+    IfMissing,
+}
 
 impl StateBuilder {
     /// The pod's id: the one it has, else `preferred` (its id in the pinned
@@ -154,12 +166,15 @@ impl StateBuilder {
 
     /// The state for the engine's local endpoints; endpoints whose interface
     /// cannot be found yet are reported and left out (the next pass retries).
+    /// `verify_placed`: check placed pods against a read of the node's
+    /// interfaces when the last is stale (false while pods start).
     pub fn build(
         &mut self,
         engine: &mut Engine,
         revision: u64,
         node_ips: &[IpAddr],
         hints: &Hints,
+        verify_placed: bool,
     ) -> (CompiledState, Vec<String>) {
         let mut errors = Vec::new();
         let live: BTreeSet<&PodKey> = engine.endpoints().keys().collect();
@@ -176,25 +191,29 @@ impl StateBuilder {
         self.follow_ipcache(engine);
         let engine = &*engine;
         let mut endpoints = Vec::new();
-        // Read only when some endpoint needs it: pods the CNI plugin
-        // announced carry their interface, and placed pods keep theirs; a
-        // pod neither the last read (up to a second old) nor a placement
-        // of its own places has them read again at once.
+        // Read when some endpoint needs it (pods the CNI plugin announced
+        // carry their interface), and then at most once a second (at most
+        // once a pass): a pod the last read does not place, and that has
+        // no placement of its own either, has it read again at once.
         let mut cache = self.interfaces.take().filter(|(at, _)| at.elapsed() < INTERFACES_FRESH);
         let mut read_now = false;
-        // `read`: read the node's interfaces for it (once per pass) when
-        // the last read does not place it; otherwise only the last read,
-        // while it is fresh.
-        let mut interface_for = |ips: &[IpAddr], read: bool| -> Option<String> {
-            let cached = cache
-                .as_ref()
-                .and_then(|(_, interfaces)| ips.iter().find_map(|ip| interfaces.interface_for(*ip)));
-            if cached.is_some() || !read || read_now {
-                return cached;
+        let mut interface_for = |ips: &[IpAddr], read: Read| -> Option<String> {
+            let lookup = |cache: &Option<(std::time::Instant, node::Interfaces)>| {
+                cache.as_ref().and_then(|(_, i)| ips.iter().find_map(|ip| i.interface_for(*ip)))
+            };
+            let found = lookup(&cache);
+            let again = !read_now
+                && match read {
+                    Read::Never => false,
+                    Read::IfStale => cache.is_none(),
+                    Read::IfMissing => found.is_none(),
+                };
+            if !again {
+                return found;
             }
             read_now = true;
-            let (_, interfaces) = cache.insert((std::time::Instant::now(), node::Interfaces::read()));
-            ips.iter().find_map(|ip| interfaces.interface_for(*ip))
+            cache = Some((std::time::Instant::now(), node::Interfaces::read()));
+            lookup(&cache)
         };
         let mut unresolved = Vec::new();
         let indexes = datapath::IfIndexes::open();
@@ -202,18 +221,24 @@ impl StateBuilder {
             let Some(pod) = engine.cluster().pods.get(key) else { continue };
             let restored = hints.restored_for(&pod.ips);
             // The CNI plugin names the interface at pod start; otherwise
-            // routes, neighbours and the bridge's forwarding table tell
-            // (their last read, while fresh). When they cannot, the
-            // interface it was last enforced on (by this agent, or the one
-            // before it) while it exists: a pod already placed makes no
-            // pass read them (a burst's first pass would wait for it), and
-            // a running pod is never detached for want of a neighbour
-            // entry. Then a read now; then its pinned placement.
+            // routes, neighbours and the bridge's forwarding table tell.
+            // When they cannot (yet), the interface it was last enforced on
+            // (by this agent, or the one before it) keeps it: never detach a
+            // running pod for want of a neighbour entry. While pods start
+            // (`verify_placed` false), a placed pod is not checked against
+            // a new read: the burst's pass would wait for it; the first
+            // pass after the burst checks.
             let hinted = hints.get(key).map(|h| h.interface.clone());
+            let verify = if verify_placed { Read::IfStale } else { Read::Never };
+            let placed = || {
+                let (idx, name) = self.placed.get(key)?;
+                // The same interface, not another that took its index.
+                datapath::ifname(*idx).filter(|now| now == name)
+            };
             let found = hinted
-                .or_else(|| interface_for(&pod.ips, false))
-                .or_else(|| self.placed.get(key).and_then(|idx| datapath::ifname(*idx)))
-                .or_else(|| interface_for(&pod.ips, true))
+                .or_else(|| interface_for(&pod.ips, verify))
+                .or_else(placed)
+                .or_else(|| interface_for(&pod.ips, Read::IfMissing))
                 .or_else(|| restored.as_ref().map(|(_, name)| name.clone()));
             let Some(interface) = found else {
                 // Behind a bridge, a pod that has not spoken yet has no
@@ -225,7 +250,7 @@ impl StateBuilder {
             };
             let preferred = restored.filter(|(_, name)| *name == interface).map(|(p, _)| p.endpoint_id);
             if let Some(idx) = indexes.get(&interface) {
-                self.placed.insert(key.clone(), idx);
+                self.placed.insert(key.clone(), (idx, interface.clone()));
             }
             let Some(id) = self.id_for(key, preferred, &reserved) else {
                 errors.push(format!("endpoint {key}: no endpoint id left"));
@@ -372,7 +397,7 @@ mod tests {
             },
         ]);
         // `a` has no interface anywhere, `b` only its pinned one.
-        let (state, errors) = StateBuilder::default().build(&mut engine, 1, &[], &hints);
+        let (state, errors) = StateBuilder::default().build(&mut engine, 1, &[], &hints, true);
         assert_eq!(placed(&state), vec![("x/b".into(), "lo".into(), 1)]);
         assert_eq!(errors.len(), 2, "{errors:?}");
 
@@ -380,14 +405,24 @@ mod tests {
         let mut builder = StateBuilder::default();
         let hint = Hint { container_id: "c1".into(), interface: "lo".into(), ips: pod("a", 10).ips };
         engine.apply(hints.insert(key("a"), hint, &engine));
-        let (state, _) = builder.build(&mut engine, 2, &[], &hints);
+        let (state, _) = builder.build(&mut engine, 2, &[], &hints, true);
         assert_eq!(placed(&state), vec![("x/a".into(), "lo".into(), 2), ("x/b".into(), "lo".into(), 1)]);
 
         // Once placed, a pod stays on its interface when nothing else
         // names it any more (a neighbour entry that expired).
         hints.remove(&key("a"), "c1");
-        let (state, _) = builder.build(&mut engine, 3, &[], &hints);
+        let (state, _) = builder.build(&mut engine, 3, &[], &hints, true);
         assert_eq!(placed(&state)[0], ("x/a".into(), "lo".into(), 2));
+        // Also while pods start (no read of the node's interfaces then).
+        let (state, _) = builder.build(&mut engine, 4, &[], &hints, false);
+        assert_eq!(placed(&state)[0], ("x/a".into(), "lo".into(), 2));
+
+        // Its index now names another interface (the veth went, its index
+        // was handed on): that is not its placement.
+        builder.placed.insert(key("a"), (lo, "gone0".into()));
+        let (state, errors) = builder.build(&mut engine, 5, &[], &hints, true);
+        assert!(placed(&state).iter().all(|(name, _, _)| name != "x/a"), "{:?}", placed(&state));
+        assert!(errors.iter().any(|e| e.contains("x/a")), "{errors:?}");
     }
 
     /// The ipcache and identities a builder keeps up to date pass by pass
@@ -420,8 +455,8 @@ mod tests {
                     }),
                 };
                 engine.apply([change]);
-                let (incremental, _) = kept.build(&mut engine, revision as u64, &[], &hints);
-                let (whole, _) = StateBuilder::default().build(&mut engine, revision as u64, &[], &hints);
+                let (incremental, _) = kept.build(&mut engine, revision as u64, &[], &hints, true);
+                let (whole, _) = StateBuilder::default().build(&mut engine, revision as u64, &[], &hints, true);
                 prop_assert_eq!(&incremental.ipcache, &whole.ipcache);
                 prop_assert_eq!(&incremental.identities, &whole.identities);
             }
