@@ -83,20 +83,42 @@ pub fn endpoint_keys(ep: &EndpointState) -> Result<EndpointKeys, String> {
 }
 
 pub fn policy_keys(ingress: &DirectionPolicy, egress: &DirectionPolicy) -> Result<EndpointKeys, String> {
-    policy_keys_keeping(ingress, egress, &EndpointKeys::default())
+    policy_keys_keeping(ingress, egress, &EndpointKeys::default(), [CLASS_BASE; 2])
+}
+
+/// Per direction, the lowest class above every class `keys` uses (in its
+/// prefixes or its entries' peers).
+pub fn class_floor(keys: &EndpointKeys) -> [u32; 2] {
+    let mut floor = [CLASS_BASE; 2];
+    let mut see = |direction: u8, class: u32| {
+        let f = &mut floor[usize::from(direction & 1)];
+        *f = (*f).max(class.saturating_add(1));
+    };
+    for ((_, key), class) in &keys.cidr {
+        see(key.direction, *class);
+    }
+    for (_, key) in keys.policy.keys().filter(|(_, k)| k.identity >= CLASS_BASE) {
+        see(key.direction, key.identity);
+    }
+    floor
 }
 
 /// `policy_keys`, with each prefix given the class it has in `previous`
 /// (as `EndpointKeys::keep_classes_of` would), at once: a set rewritten as
-/// addresses come and go does not build its entries twice.
+/// addresses come and go does not build its entries twice. New prefixes
+/// get classes at or above `floor` (per direction) and above every class
+/// of `previous`: a class whose entries may linger is not handed out again.
 pub fn policy_keys_keeping(
     ingress: &DirectionPolicy,
     egress: &DirectionPolicy,
     previous: &EndpointKeys,
+    floor: [u32; 2],
 ) -> Result<EndpointKeys, String> {
     let mut out = EndpointKeys::default();
+    let above = class_floor(previous);
     for (direction, policy) in [(DIR_INGRESS, ingress), (DIR_EGRESS, egress)] {
-        add_direction(&mut out, direction, policy, previous)?;
+        let d = usize::from(direction & 1);
+        add_direction(&mut out, direction, policy, previous, floor[d].max(above[d]))?;
     }
     Ok(out)
 }
@@ -106,6 +128,7 @@ fn add_direction(
     direction: u8,
     policy: &DirectionPolicy,
     previous: &EndpointKeys,
+    mut next: u32,
 ) -> Result<(), String> {
     for entry in &policy.allow {
         add_allow(&mut out.policy, direction, entry.peer, entry)?;
@@ -113,22 +136,14 @@ fn add_direction(
     if policy.prefixes.len() >= (u32::MAX - CLASS_BASE) as usize {
         return Err("too many prefixes".into());
     }
-    // Fresh classes go above every class `previous` gave this direction.
-    let mut next = previous
-        .cidr
-        .iter()
-        .filter(|((_, k), _)| k.direction == direction)
-        .map(|(_, class)| class.saturating_add(1))
-        .max()
-        .unwrap_or(CLASS_BASE)
-        .max(CLASS_BASE);
     for prefix in &policy.prefixes {
         let key = cidr_key(direction, &prefix.cidr);
         let class = match previous.cidr.get(&key) {
             Some(kept) => *kept,
             None => {
                 let fresh = next;
-                next = next.saturating_add(1);
+                // Never two prefixes on one class: fail (closed) instead.
+                next = next.checked_add(1).ok_or("the policy set has used up its prefix classes")?;
                 fresh
             }
         };
@@ -351,14 +366,22 @@ mod tests {
         );
         // Built with the classes kept from the start: the very same entries.
         let after = endpoint(&["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"]);
-        let at_once = policy_keys_keeping(&after.ingress, &after.egress, &before).expect("keys");
+        let at_once =
+            policy_keys_keeping(&after.ingress, &after.egress, &before, [CLASS_BASE; 2]).expect("keys");
         assert_eq!(at_once, kept);
         // A prefix gone, one new: the new one's class is above every class
         // before, not the freed one.
         let other = endpoint(&["10.2.0.0/16", "10.3.0.0/16"]);
-        let moved = policy_keys_keeping(&other.ingress, &other.egress, &kept).expect("keys");
+        let moved = policy_keys_keeping(&other.ingress, &other.egress, &kept, [CLASS_BASE; 2]).expect("keys");
         assert_eq!(class_of(&moved, "10.2.0.0"), class_of(&before, "10.2.0.0"));
         assert_eq!(class_of(&moved, "10.3.0.0"), Some(CLASS_BASE + 3));
+        // Above a floor (classes that left the set, whose entries the
+        // kernel may still hold), never below it.
+        let floored = policy_keys_keeping(&other.ingress, &other.egress, &kept, [CLASS_BASE, CLASS_BASE + 9])
+            .expect("keys");
+        assert_eq!(class_of(&floored, "10.3.0.0"), Some(CLASS_BASE + 9));
+        assert_eq!(class_floor(&floored)[1], CLASS_BASE + 10);
+        assert_eq!(class_floor(&floored)[0], CLASS_BASE, "no ingress prefix");
         assert_eq!(
             by_prefix(&moved),
             by_prefix(&endpoint_keys(&endpoint(&["10.2.0.0/16", "10.3.0.0/16"])).expect("keys"))

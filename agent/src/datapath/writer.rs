@@ -48,7 +48,7 @@ use portcullis_common::{
 use super::{
     Datapath,
     attach::ifname,
-    keys::{EndpointKeys, endpoint_keys, family_and_addr, policy_keys, policy_keys_keeping},
+    keys::{EndpointKeys, class_floor, endpoint_keys, family_and_addr, policy_keys, policy_keys_keeping},
 };
 use crate::compiled::{CompiledState, DirectionPolicy, EndpointState, IpcacheEntry, ServiceFrontend};
 
@@ -126,6 +126,10 @@ pub(super) struct LoadedSet {
     policy: Option<Arc<SetPolicy>>,
     policy_hash: u64,
     pub(super) members: BTreeSet<u16>,
+    /// Per direction, where fresh prefix classes start: above every class
+    /// the set has held, so one whose entries a failed removal left in the
+    /// kernel never comes back naming another prefix.
+    class_floor: [u32; 2],
 }
 
 pub(super) struct LoadedEndpoint {
@@ -661,6 +665,7 @@ impl Datapath {
                         policy: None,
                         policy_hash: 0,
                         members: BTreeSet::new(),
+                        class_floor: class_floor(&EndpointKeys::default()),
                     },
                 );
                 r
@@ -674,8 +679,9 @@ impl Datapath {
         }
         // Only for a set whose policy changes (replicas joining one that
         // holds theirs already need no entries).
-        let mut keys = policy_keys_keeping(&policy.ingress, &policy.egress, &loaded.keys)
+        let mut keys = policy_keys_keeping(&policy.ingress, &policy.egress, &loaded.keys, loaded.class_floor)
             .map_err(|why| WriteError::Invalid { endpoint: name(), why })?;
+        let floor = class_floor(&keys);
         for ((_, key), value) in keys.policy.iter_mut() {
             value.stats_slot = self.slot_for(set.id, key.direction, value.rule_cookie);
         }
@@ -701,6 +707,9 @@ impl Datapath {
         if let Some(s) = self.loaded.sets.get_mut(&set) {
             s.policy = Some(Arc::new((policy.ingress.clone(), policy.egress.clone())));
             s.policy_hash = group.hash;
+            for (f, new) in s.class_floor.iter_mut().zip(floor) {
+                *f = (*f).max(new);
+            }
         }
         Ok((set, removals))
     }
@@ -1057,6 +1066,7 @@ impl Datapath {
                         policy: None,
                         policy_hash: 0,
                         members: BTreeSet::new(),
+                        class_floor: class_floor(&EndpointKeys::default()),
                     })
                     .members
                     .insert(info.endpoint_id);
@@ -1139,6 +1149,10 @@ impl Datapath {
             }
         }
         self.loaded.endpoints = live;
+        // Every class the kernel holds, stale entries' too.
+        for set in sets.values_mut() {
+            set.class_floor = class_floor(&set.keys);
+        }
         self.loaded.sets = sets;
         let due: Vec<(u16, u32)> = self.loaded.endpoints.iter().map(|(id, l)| (*id, l.ifindex)).collect();
         let ifindexes: Vec<u32> = due.iter().map(|(_, idx)| *idx).collect();
