@@ -41,7 +41,9 @@ impl Agent {
             .arg("--pin-dir")
             .arg(pin_dir)
             .env("PORTCULLIS_API_SOCKET", &socket)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            // The main loop's info lines (per pass, per CNI ADD) give the
+            // agent's share of a pod start.
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,agent=info".into()))
             // Every dropped probe is a flow line: kept out of the way.
             .stdout(Stdio::null())
             .stderr(log)

@@ -119,6 +119,23 @@ fn stats(mut v: Vec<f64>) -> Stats {
     Stats { median: at(0.5), p99: at(0.99), max: v[v.len() - 1], n: v.len() }
 }
 
+/// The last `n` CNI ADD answers in the agent's log: their `ms` (request
+/// read to answer) and `queued_ms`.
+fn agent_shares(log: &Path, n: usize) -> Option<(Stats, Stats)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let field = |line: &str, name: &str| -> Option<f64> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    let answers: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.contains("CNI ADD answered"))
+        .filter_map(|l| Some((field(l, "ms")?, field(l, "queued_ms")?)))
+        .collect();
+    let last = answers.get(answers.len().checked_sub(n)?..)?;
+    Some((stats(last.iter().map(|a| a.0).collect()), stats(last.iter().map(|a| a.1).collect())))
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -264,6 +281,17 @@ fn run(rt: &tokio::runtime::Runtime, client: &Client, server: &str, env: &Env) -
         format!("{:.1} ms", add.p99),
         format!("plugin VERSION ×{LOCAL_PODS} together: {:.1} / {:.1} ms ({:.1}× / {:.1}×)", ver.median, ver.p99, add.median / ver.median, add.p99 / ver.p99),
     );
+    // The agent's share, from its log: each ADD from its request read to
+    // its answer, and of that the wait for the pass running when it came.
+    match agent_shares(&env.log, LOCAL_PODS) {
+        Some((took, queued)) => table.row(
+            "pod start: the agent's share, ADD request read to answer (its log)",
+            format!("{:.1} ms", took.median),
+            format!("{:.1} ms", took.p99),
+            format!("of it queued behind the pass before: {:.1} / {:.1} ms", queued.median, queued.p99),
+        ),
+        None => eprintln!("scale: the agent's log has no CNI ADD answers (RUST_LOG without agent=info?)"),
+    }
     // The kubelet then writes the pods' addresses.
     rt.block_on(futures::stream::iter(0..LOCAL_PODS).for_each_concurrent(32, |i| async move {
         if let Err(e) = objects::local_started(client, i).await {
