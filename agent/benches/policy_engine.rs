@@ -86,6 +86,8 @@ fn pod(ns: usize, i: usize, app_override: Option<&str>) -> Pod {
         node: Some(node),
         host_network: false,
         finished: false,
+        created: None,
+        deleting: false,
         ports: vec![
             ContainerPort {
                 name: Some("http".into()),

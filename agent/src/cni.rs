@@ -1,6 +1,7 @@
 //! The chained CNI plugin (`type: portcullis`, after the main plugin in the
-//! node's conflist). The agent binary runs as the plugin when the container
-//! runtime calls it (`CNI_COMMAND` set, no arguments).
+//! node's CNI configuration; [`install`] puts it there). The agent binary
+//! runs as the plugin when the container runtime calls it (`CNI_COMMAND`
+//! set, no arguments).
 //!
 //! ADD waits until the agent enforces the pod's endpoint (programs attached
 //! to its host-side interface, its policy in the maps) and only then passes
@@ -20,6 +21,9 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::api::{self, CniAdd, CniDel};
+
+mod install;
+pub use install::{InstallError, install, is_chained, uninstall, wait_for_conflist};
 
 /// The plugin's type in a conflist, and its file name in the CNI bin dir.
 pub const PLUGIN_TYPE: &str = "portcullis";
@@ -195,148 +199,6 @@ pub fn is_bridge(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("bridge").exists()
 }
 
-#[derive(Debug, Error)]
-pub enum InstallError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error(
-        "no .conflist in {0}: the main CNI plugin's configuration must be there before portcullis can chain after it"
-    )]
-    NoConflist(PathBuf),
-    #[error("{path}: not a CNI conflist: {why}")]
-    Invalid { path: PathBuf, why: String },
-}
-
-/// The plugin's entry in the conflist: its type and the agent's socket.
-fn chain_entry(socket: &Path) -> Value {
-    json!({"type": PLUGIN_TYPE, "socket": socket})
-}
-
-/// The binary to install as the plugin: the plugin's own, beside `exe`;
-/// failing that, `exe` itself (the agent runs as the plugin too, but each
-/// of its starts maps and relocates 25 MB, not 3).
-fn plugin_source(exe: &Path) -> PathBuf {
-    let own = exe.with_file_name(PLUGIN_BINARY);
-    if own.is_file() {
-        return own;
-    }
-    tracing::warn!(
-        missing = %own.display(),
-        "no plugin binary beside the agent: installing the agent itself as the CNI plugin (slower pod starts)"
-    );
-    exe.to_path_buf()
-}
-
-/// Installs the plugin: its binary as `BIN_DIR/portcullis`, and
-/// `{"type": "portcullis"}` appended to the first conflist of `CONF_DIR`
-/// (the one the runtime uses). Both writes are atomic renames; a second
-/// run changes nothing. Returns the conflist's path.
-pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> Result<PathBuf, InstallError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| InstallError::Io { path, source }
-    };
-    let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
-    let target = bin_dir.join(PLUGIN_TYPE);
-    let tmp = bin_dir.join(format!(".{PLUGIN_TYPE}.tmp"));
-    std::fs::create_dir_all(bin_dir).map_err(io(bin_dir))?;
-    std::fs::copy(plugin_source(&exe), &tmp).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &target).map_err(io(&target))?;
-
-    let conflist = first_conflist(conf_dir)?;
-    let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
-    let invalid = |why: String| InstallError::Invalid { path: conflist.clone(), why };
-    let mut conf: Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    let plugins = conf["plugins"].as_array_mut().ok_or_else(|| invalid("no \"plugins\" list".into()))?;
-    let entry = chain_entry(socket);
-    match plugins.iter_mut().find(|p| p["type"] == PLUGIN_TYPE) {
-        Some(existing) if *existing == entry => return Ok(conflist),
-        Some(existing) => *existing = entry,
-        None => plugins.push(entry),
-    }
-    // Not .conf/.conflist/.json while being written: the runtime ignores it.
-    let tmp = conf_dir.join(".portcullis.tmp");
-    let out = serde_json::to_string_pretty(&conf).map_err(|e| invalid(e.to_string()))?;
-    std::fs::write(&tmp, out).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &conflist).map_err(io(&conflist))?;
-    Ok(conflist)
-}
-
-/// Whether the plugin is in place: its binary, and its entry in the
-/// conflist the runtime uses. Main plugins (kindnet, k3s' flannel) rewrite
-/// their conflist when they restart, which drops the entry; the agent
-/// checks this every second and chains again.
-pub fn is_chained(bin_dir: &Path, conf_dir: &Path, socket: &Path) -> bool {
-    let entry = chain_entry(socket);
-    bin_dir.join(PLUGIN_TYPE).is_file()
-        && first_conflist(conf_dir)
-            .ok()
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .is_some_and(|conf| conf["plugins"].as_array().is_some_and(|p| p.contains(&entry)))
-}
-
-/// The first conflist of `conf_dir`, once there is one: the main plugin
-/// may write it after the agent starts (kindnet and flannel run as pods).
-pub fn wait_for_conflist(conf_dir: &Path, timeout: std::time::Duration) -> Result<PathBuf, InstallError> {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut said = false;
-    loop {
-        match first_conflist(conf_dir) {
-            Err(InstallError::NoConflist(_) | InstallError::Io { .. })
-                if std::time::Instant::now() < deadline =>
-            {
-                if !std::mem::replace(&mut said, true) {
-                    eprintln!(
-                        "waiting for the main CNI plugin to write its conflist into {} ...",
-                        conf_dir.display()
-                    );
-                }
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Removes the plugin's entry from the conflist (and the binary).
-pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<(), InstallError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| InstallError::Io { path, source }
-    };
-    if let Ok(conflist) = first_conflist(conf_dir) {
-        let text = std::fs::read_to_string(&conflist).map_err(io(&conflist))?;
-        if let Ok(mut conf) = serde_json::from_str::<Value>(&text)
-            && let Some(plugins) = conf["plugins"].as_array_mut()
-        {
-            let before = plugins.len();
-            plugins.retain(|p| p["type"] != PLUGIN_TYPE);
-            if plugins.len() != before {
-                let tmp = conf_dir.join(".portcullis.tmp");
-                let out = serde_json::to_string_pretty(&conf).unwrap_or(text);
-                std::fs::write(&tmp, out).map_err(io(&tmp))?;
-                std::fs::rename(&tmp, &conflist).map_err(io(&conflist))?;
-            }
-        }
-    }
-    match std::fs::remove_file(bin_dir.join(PLUGIN_TYPE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&bin_dir.join(PLUGIN_TYPE))(e)),
-        _ => Ok(()),
-    }
-}
-
-/// The runtime loads the first configuration file by name.
-fn first_conflist(conf_dir: &Path) -> Result<PathBuf, InstallError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(conf_dir)
-        .map_err(|source| InstallError::Io { path: conf_dir.to_path_buf(), source })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
-        .collect();
-    files.sort();
-    files.into_iter().next().ok_or_else(|| InstallError::NoConflist(conf_dir.to_path_buf()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,70 +253,5 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(err.code, INVALID_NETCONF);
-    }
-
-    #[test]
-    fn is_chained_sees_a_rewritten_conflist() {
-        let dir = std::env::temp_dir().join(format!("portcullis-cni-chained-{}", std::process::id()));
-        let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
-        std::fs::create_dir_all(&conf).unwrap();
-        let main = r#"{"cniVersion":"0.4.0","name":"kindnet","plugins":[{"type":"ptp"}]}"#;
-        std::fs::write(conf.join("10-kindnet.conflist"), main).unwrap();
-        let socket = Path::new("/var/run/portcullis/agent.sock");
-        assert!(!is_chained(&bin, &conf, socket));
-        install(&bin, &conf, socket).unwrap();
-        assert!(is_chained(&bin, &conf, socket));
-        assert!(!is_chained(&bin, &conf, Path::new("/elsewhere.sock")), "another socket is not ours");
-        // The main plugin restarts and writes its conflist again.
-        std::fs::write(conf.join("10-kindnet.conflist"), main).unwrap();
-        assert!(!is_chained(&bin, &conf, socket));
-        let found = wait_for_conflist(&conf, std::time::Duration::ZERO).unwrap();
-        assert_eq!(found, conf.join("10-kindnet.conflist"));
-        assert!(matches!(
-            wait_for_conflist(&dir.join("none"), std::time::Duration::ZERO),
-            Err(InstallError::Io { .. })
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn the_plugins_own_binary_is_installed_when_it_is_beside_the_agent() {
-        let dir = std::env::temp_dir().join(format!("portcullis-cni-source-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let agent = dir.join("agent");
-        std::fs::write(&agent, "agent").unwrap();
-        assert_eq!(plugin_source(&agent), agent, "none beside it: the agent itself");
-        std::fs::write(dir.join(PLUGIN_BINARY), "plugin").unwrap();
-        assert_eq!(plugin_source(&agent), dir.join(PLUGIN_BINARY));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn install_appends_once_and_uninstall_removes() {
-        let dir = std::env::temp_dir().join(format!("portcullis-cni-install-{}", std::process::id()));
-        let (bin, conf_dir) = (dir.join("bin"), dir.join("net.d"));
-        std::fs::create_dir_all(&conf_dir).unwrap();
-        let main = r#"{"cniVersion":"0.4.0","name":"k8s","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#;
-        std::fs::write(conf_dir.join("10-net.conflist"), main).unwrap();
-        std::fs::write(conf_dir.join("20-other.conflist"), main).unwrap();
-        assert!(matches!(install(&bin, &dir.join("none"), Path::new("/s")), Err(InstallError::Io { .. })));
-        let socket = Path::new("/var/run/portcullis/agent.sock");
-        let path = install(&bin, &conf_dir, socket).unwrap();
-        assert_eq!(path, conf_dir.join("10-net.conflist"));
-        install(&bin, &conf_dir, socket).unwrap();
-        let conf: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let types: Vec<_> = conf["plugins"].as_array().unwrap().iter().map(|p| p["type"].clone()).collect();
-        assert_eq!(types, ["bridge", "portmap", "portcullis"], "appended once, after the main plugin");
-        assert!(bin.join(PLUGIN_TYPE).exists());
-        assert_eq!(
-            std::fs::read_to_string(conf_dir.join("20-other.conflist")).unwrap(),
-            main,
-            "others untouched"
-        );
-        uninstall(&bin, &conf_dir).unwrap();
-        let conf: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        assert_eq!(conf["plugins"].as_array().unwrap().len(), 2);
-        assert!(!bin.join(PLUGIN_TYPE).exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -136,16 +136,27 @@ struct RunArgs {
     /// Seconds between sweeps of expired conntrack entries.
     #[arg(long, env = "PORTCULLIS_CT_SWEEP_INTERVAL", default_value_t = 30)]
     ct_sweep_interval: u64,
-    /// Node devices whose TC egress judges Service connections to
-    /// backends off this node (e.g. eth0; repeatable).
+    /// Node devices to give the Service hook as pinned TCX links. Not
+    /// needed: every device of the node that is not a pod's gets it as a
+    /// tc filter, followed as devices come and go.
     #[arg(long = "netdev", env = "PORTCULLIS_NETDEVS", value_delimiter = ',', value_name = "INTERFACE")]
     netdevs: Vec<String>,
+    /// The node's root cgroup (cgroup v2, as the host mounts it): its
+    /// ingress judges Service connections whose backend is one of the
+    /// node's own addresses (hostNetwork pods, the API server).
+    #[arg(long, env = "PORTCULLIS_HOST_CGROUP", default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    host_cgroup: PathBuf,
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9962),
     /// and the kubelet's probes: `/healthz` (the agent is turning) and
     /// `/readyz` (the node is enforcing). `GET /metrics` on the API
     /// socket serves the metrics too.
     #[arg(long, env = "PORTCULLIS_METRICS_ADDRESS", value_name = "ADDRESS:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Serve only the kubelet's probes (`/healthz`, `/readyz`) on this
+    /// address, e.g. 127.0.0.1:9963: on loopback, no pod can reach it, so
+    /// no pod's connections can delay a probe.
+    #[arg(long, env = "PORTCULLIS_HEALTH_ADDRESS", value_name = "ADDRESS:PORT")]
+    health_address: Option<std::net::SocketAddr>,
     /// Flows kept in memory for `agent observe --last`.
     #[arg(long, env = "PORTCULLIS_FLOW_HISTORY", default_value_t = portcullis_agent::flows::store::DEFAULT_HISTORY)]
     flow_history: usize,
@@ -295,7 +306,9 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 map_sizes,
                 ct_sweep_interval,
                 netdevs,
+                host_cgroup,
                 metrics_address,
+                health_address,
                 flow_history,
                 cni_bin_dir,
                 cni_conf_dir,
@@ -336,8 +349,10 @@ async fn agent_main(command: Command, api_socket: PathBuf) -> Result<()> {
                 revoke_flows,
                 ct_sweep_interval: Duration::from_secs(ct_sweep_interval.max(1)),
                 netdevs,
+                host_cgroup,
                 api_socket,
                 metrics_address,
+                health_address,
                 flow_history,
                 node: node_name,
                 cni: cni_bin_dir.zip(cni_conf_dir),
@@ -509,8 +524,10 @@ struct RunOptions {
     revoke_flows: bool,
     ct_sweep_interval: Duration,
     netdevs: Vec<String>,
+    host_cgroup: PathBuf,
     api_socket: PathBuf,
     metrics_address: Option<std::net::SocketAddr>,
+    health_address: Option<std::net::SocketAddr>,
     flow_history: usize,
     node: String,
     /// (bin dir, conf dir) to install the CNI plugin into.
@@ -538,8 +555,10 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         revoke_flows,
         ct_sweep_interval,
         netdevs,
+        host_cgroup,
         api_socket,
         metrics_address,
+        health_address,
         flow_history,
         node: node_name,
         cni,
@@ -551,6 +570,18 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     for dev in &netdevs {
         dp.attach_netdev(dev).with_context(|| format!("--netdev {dev}"))?;
     }
+    // Service verdicts after DNAT: on the node's devices (backends on other
+    // nodes) and its root cgroup (backends on its own addresses). Without
+    // the latter a Service to a node address would bypass egress policy.
+    dp.attach_host(&host_cgroup).with_context(|| format!("--host-cgroup {}", host_cgroup.display()))?;
+    dp.follow_node_devices();
+    let (links_tx, mut links_rx) = tokio::sync::mpsc::unbounded_channel::<portcullis_agent::node::Link>();
+    if let Err(e) = portcullis_agent::datapath::watch_new_links(move |link| {
+        let _ = links_tx.send(link);
+    }) {
+        tracing::warn!(error = %e, "not listening for new links: node devices are read once a second");
+    }
+    let mut links_changed = false;
     let mut reader = FlowReader::new(dp.take_flows().context("flow ring buffer")?)?;
     let (names_tx, names_rx) = watch::channel(std::sync::Arc::new(Names::default()));
     let flow_store = FlowStore::new(flow_history);
@@ -616,6 +647,21 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 }
             }
         }
+        None => None,
+    };
+    let health_server = match health_address {
+        Some(addr) => match portcullis_agent::metrics::serve_probes(addr, progress_rx.clone()).await {
+            Ok(server) => {
+                tracing::info!(address = %addr, "probes served");
+                Some(server)
+            }
+            // As with metrics. The kubelet's probes then fail: it restarts
+            // the agent, which tries again.
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot serve the probes; enforcing without them");
+                None
+            }
+        },
         None => None,
     };
     // The plugin goes in only once the socket answers: from here on, pods
@@ -776,6 +822,12 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                 }
                 continue;
             }
+            Some(link) = links_rx.recv() => {
+                tracing::debug!(interface = %link.name, "a link appeared");
+                links_changed = true;
+                soon = Some(tokio::time::Instant::now());
+                continue;
+            }
             _ = tick.tick() => on_tick = true,
             _ = sweep.tick() => {
                 let sweep = dp.sweep_conntrack(monotonic_ns());
@@ -800,6 +852,9 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         // Once a second (every tenth tick): the periodic checks.
         let each_second = on_tick && ticks.is_multiple_of(10);
         progress_tx.send_modify(|p| p.heartbeat = std::time::Instant::now());
+        if each_second || hooks_gone || std::mem::take(&mut links_changed) {
+            dp.follow_node_devices();
+        }
         // The main plugin may have rewritten its conflist (kindnet and
         // flannel do when they restart): chain again at once, or new pods
         // would start unenforced.
@@ -934,8 +989,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     }
     printer.abort();
     api_server.abort();
-    if let Some(m) = metrics_server {
-        m.abort();
+    for server in [metrics_server, health_server].into_iter().flatten() {
+        server.abort();
     }
     // A CNI ADD now fails at once (no socket) instead of waiting for us.
     let _ = std::fs::remove_file(&api_socket);

@@ -4,15 +4,27 @@
 //! probes (`GET /healthz`, `GET /readyz`, see `probes`). Hand-written
 //! because the format is small and stable, and a client library would be a
 //! new crate.
+//!
+//! The metrics listener is on the node's network, where every pod can
+//! reach it: its connections are bounded per peer address and in all, and
+//! idle ones make way for new ones (`Limits`), so no peer can keep another
+//! waiting. The kubelet's probes have a listener of their own
+//! (`serve_probes`), meant for a loopback address, which pods cannot reach.
 
-use std::{collections::BTreeMap, fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Display,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::{oneshot, watch},
     task::JoinHandle,
 };
 
@@ -299,12 +311,44 @@ fn escape_label(v: &str) -> String {
 
 /// A request head larger than this is refused; a scrape needs a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one connection may take in all (snapshot and write included).
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
-/// Connections answered at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 32;
+/// A body rendered for one scrape serves the scrapes that follow for this
+/// long: the main loop is asked at most once in this time, however many
+/// scrape (it answers between passes, and the answer has a cost).
+const FRESH: Duration = Duration::from_secs(1);
+/// How long a scrape waits for the main loop's snapshot before a 503.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an answered client has to hang up before we do.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// What one listener admits. The listener on the node's network is
+/// reachable from every pod, so no peer may hold what another needs: each
+/// address holds at most `per_peer` connections, the listener `total`.
+/// A connection that would exceed either takes the place of the oldest one
+/// still waiting for its request head (that peer's, for `per_peer`), so
+/// idle connections can delay no one; only if every connection in the way
+/// is being answered is the new one closed at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections one address holds at once.
+    pub per_peer: usize,
+    /// Connections the listener holds at once.
+    pub total: usize,
+    /// Time a client has to send its whole request head.
+    pub head_timeout: Duration,
+    /// Time to answer once the head is read (snapshot and write).
+    pub answer_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_peer: 4,
+            total: 64,
+            head_timeout: Duration::from_secs(2),
+            answer_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Binds `addr` and serves `/metrics` and the probes from it. The bind
 /// error is returned so the caller decides whether metrics are worth
@@ -319,21 +363,179 @@ pub async fn serve(
 }
 
 /// Serves `/metrics` and the probes on an already bound listener (tests
-/// bind port 0). `snapshot` returns None when no snapshot can be had (the
-/// agent is stopping), answered with 503. The probes read `progress`
-/// without asking the main loop, so they answer even when it is stuck.
+/// bind port 0), with the default `Limits`. `snapshot` returns None when no
+/// snapshot can be had (the agent is stopping), answered with 503. The
+/// probes read `progress` without asking the main loop, so they answer even
+/// when it is stuck.
 pub async fn serve_listener(
     listener: TcpListener,
     snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
     progress: watch::Receiver<Progress>,
 ) -> JoinHandle<()> {
-    let snapshot = Arc::new(snapshot);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_listener_with(listener, snapshot, progress, Limits::default()).await
+}
+
+/// `serve_listener` with other `Limits`.
+pub async fn serve_listener_with(
+    listener: TcpListener,
+    snapshot: impl Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync + 'static,
+    progress: watch::Receiver<Progress>,
+    limits: Limits,
+) -> JoinHandle<()> {
+    let scraper = Scraper { snapshot: Box::new(snapshot), last: tokio::sync::Mutex::new(None), fresh: FRESH };
+    spawn_server(listener, Routes::Metrics(Arc::new(scraper)), progress, limits)
+}
+
+/// Binds `addr` (meant to be a loopback address, which pods cannot reach)
+/// and serves only the kubelet's probes, `/healthz` and `/readyz`, from it.
+pub async fn serve_probes(
+    addr: SocketAddr,
+    progress: watch::Receiver<Progress>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(serve_probes_listener(listener, progress, Limits::default()).await)
+}
+
+/// `serve_probes` on an already bound listener.
+pub async fn serve_probes_listener(
+    listener: TcpListener,
+    progress: watch::Receiver<Progress>,
+    limits: Limits,
+) -> JoinHandle<()> {
+    spawn_server(listener, Routes::Probes, progress, limits)
+}
+
+/// What a listener answers.
+#[derive(Clone)]
+enum Routes {
+    /// `/metrics` and the probes.
+    Metrics(Arc<Scraper>),
+    /// The probes alone.
+    Probes,
+}
+
+type Snapshot = dyn Fn() -> BoxFuture<'static, Option<Metrics>> + Send + Sync;
+
+struct Scraper {
+    snapshot: Box<Snapshot>,
+    /// The body last rendered, and when. Held while the main loop is asked,
+    /// so scrapes arriving together wait for one answer instead of each
+    /// asking.
+    last: tokio::sync::Mutex<Option<(Instant, Arc<String>)>>,
+    /// How long a body serves (`FRESH`).
+    fresh: Duration,
+}
+
+impl Scraper {
+    async fn body(&self) -> Option<Arc<String>> {
+        let mut last = self.last.lock().await;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < self.fresh
+        {
+            return Some(body.clone());
+        }
+        let body = Arc::new(render(&(self.snapshot)().await?));
+        *last = Some((Instant::now(), body.clone()));
+        Some(body)
+    }
+}
+
+/// The connections one listener holds, oldest first (ids only grow), and
+/// how many each address holds.
+struct Admission {
+    limits: Limits,
+    next: u64,
+    open: BTreeMap<u64, Slot>,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+struct Slot {
+    peer: IpAddr,
+    /// True until its request head is read and again once it is answered:
+    /// it may then be closed to make room.
+    evictable: bool,
+    /// Dropped to close the connection (its task waits on the receiver).
+    _evict: oneshot::Sender<()>,
+}
+
+impl Admission {
+    fn new(limits: Limits) -> Self {
+        let limits = Limits { per_peer: limits.per_peer.max(1), total: limits.total.max(1), ..limits };
+        Admission { limits, next: 0, open: BTreeMap::new(), per_peer: HashMap::new() }
+    }
+
+    /// Room for a connection from `peer`, made by closing the oldest
+    /// evictable connection in the way: its id and the receiver that
+    /// fires when it is closed in turn. None: refused.
+    fn admit(&mut self, peer: IpAddr) -> Option<(u64, oneshot::Receiver<()>)> {
+        if self.per_peer.get(&peer).is_some_and(|&n| n >= self.limits.per_peer) {
+            let victim = self.open.iter().find(|(_, s)| s.peer == peer && s.evictable).map(|(&id, _)| id)?;
+            self.remove(victim);
+        }
+        if self.open.len() >= self.limits.total {
+            let victim = self.open.iter().find(|(_, s)| s.evictable).map(|(&id, _)| id)?;
+            self.remove(victim);
+        }
+        let id = self.next;
+        self.next += 1;
+        let (evict, evicted) = oneshot::channel();
+        self.open.insert(id, Slot { peer, evictable: true, _evict: evict });
+        *self.per_peer.entry(peer).or_default() += 1;
+        Some((id, evicted))
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(slot) = self.open.remove(&id) else { return };
+        if let Some(n) = self.per_peer.get_mut(&slot.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&slot.peer);
+            }
+        }
+    }
+
+    fn set_evictable(&mut self, id: u64, evictable: bool) {
+        if let Some(slot) = self.open.get_mut(&id) {
+            slot.evictable = evictable;
+        }
+    }
+}
+
+fn lock(admission: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+    admission.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A connection's place in its listener's `Admission`, given up on drop.
+struct Ticket {
+    admission: Arc<Mutex<Admission>>,
+    id: u64,
+}
+
+impl Ticket {
+    fn evictable(&self, evictable: bool) {
+        lock(&self.admission).set_evictable(self.id, evictable);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.admission).remove(self.id);
+    }
+}
+
+/// The accept loop: it never waits for anything but the next connection,
+/// so what one peer holds cannot keep another's connection in the backlog.
+fn spawn_server(
+    listener: TcpListener,
+    routes: Routes,
+    progress: watch::Receiver<Progress>,
+    limits: Limits,
+) -> JoinHandle<()> {
+    let admission = Arc::new(Mutex::new(Admission::new(limits)));
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Usually out of file descriptors: back off rather than spin.
                     tracing::warn!("metrics: accept failed: {e}");
@@ -341,15 +543,23 @@ pub async fn serve_listener(
                     continue;
                 }
             };
-            let snapshot = snapshot.clone();
-            let progress = progress.borrow().clone();
+            // An IPv4 peer of a dual-stack listener counts as itself.
+            let admitted = lock(&admission).admit(peer.ip().to_canonical());
+            let Some((id, evicted)) = admitted else {
+                tracing::debug!(%peer, "metrics: connection refused: its address, or the listener, is full");
+                continue; // dropping the stream closes it
+            };
+            let ticket = Ticket { admission: admission.clone(), id };
+            let (routes, progress) = (routes.clone(), progress.clone());
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, || snapshot(), progress)).await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!("metrics: connection failed: {e}"),
-                    Err(_) => tracing::debug!("metrics: connection timed out"),
+                tokio::select! {
+                    biased;
+                    _ = evicted => tracing::debug!(%peer, "metrics: idle connection closed to admit another"),
+                    done = handle(stream, &ticket, &routes, &progress, &limits) => {
+                        if let Err(e) = done {
+                            tracing::debug!(%peer, "metrics: connection failed: {e}");
+                        }
+                    }
                 }
             });
         }
@@ -358,37 +568,67 @@ pub async fn serve_listener(
 
 async fn handle(
     mut stream: TcpStream,
-    snapshot: impl FnOnce() -> BoxFuture<'static, Option<Metrics>>,
-    progress: Progress,
+    ticket: &Ticket,
+    routes: &Routes,
+    progress: &watch::Receiver<Progress>,
+    limits: &Limits,
 ) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(Some(head))) => head,
-        Ok(Ok(None)) => return respond(stream, 431, "text/plain", "request head too large\n").await,
+    let head = match tokio::time::timeout(limits.head_timeout, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()), // too slow: just hang up
     };
+    ticket.evictable(false);
+    let answer = async {
+        let (status, content_type, body) = match head {
+            Some(head) => route(&head, routes, progress).await,
+            None => (431, "text/plain", Arc::new("request head too large\n".to_owned())),
+        };
+        respond(&mut stream, status, content_type, &body).await
+    };
+    match tokio::time::timeout(limits.answer_timeout, answer).await {
+        Ok(answered) => answered?,
+        Err(_) => return Ok(()),
+    }
+    ticket.evictable(true);
+    // Closing with unread input makes the kernel send a reset, which can
+    // destroy the response before the client reads it: drain briefly first.
+    let mut buf = [0u8; 1024];
+    let drain = async { while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+    Ok(())
+}
+
+async fn route(
+    head: &str,
+    routes: &Routes,
+    progress: &watch::Receiver<Progress>,
+) -> (u16, &'static str, Arc<String>) {
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let path = target.split('?').next().unwrap_or_default();
-    let probe = |verdict: Result<String, String>| match verdict {
-        Ok(line) => (200, line),
-        Err(why) => (503, format!("{why}\n")),
-    };
-    match (method, path) {
-        ("GET", "/metrics") => match snapshot().await {
-            Some(m) => respond(stream, 200, CONTENT_TYPE, &render(&m)).await,
-            None => respond(stream, 503, "text/plain", "metrics unavailable\n").await,
-        },
-        ("GET", "/healthz") => {
-            let (status, body) = probe(progress.live(std::time::Instant::now()));
-            respond(stream, status, "text/plain", &body).await
+    let text = |status, body: String| (status, "text/plain", Arc::new(body));
+    match (method, path, routes) {
+        ("GET", "/metrics", Routes::Metrics(scraper)) => {
+            match tokio::time::timeout(SNAPSHOT_TIMEOUT, scraper.body()).await {
+                Ok(Some(body)) => (200, CONTENT_TYPE, body),
+                _ => text(503, "metrics unavailable\n".into()),
+            }
         }
-        ("GET", "/readyz") => {
-            let (status, body) = probe(progress.ready(std::time::Instant::now()));
-            respond(stream, status, "text/plain", &body).await
+        ("GET", "/healthz" | "/readyz", _) => {
+            let now = Instant::now();
+            let verdict = {
+                let progress = progress.borrow();
+                if path == "/healthz" { progress.live(now) } else { progress.ready(now) }
+            };
+            match verdict {
+                Ok(line) => text(200, line),
+                Err(why) => text(503, format!("{why}\n")),
+            }
         }
-        _ => respond(stream, 404, "text/plain", "not found; try GET /metrics, /healthz or /readyz\n").await,
+        (_, _, Routes::Metrics(_)) => text(404, "not found; try GET /metrics, /healthz or /readyz\n".into()),
+        (_, _, Routes::Probes) => text(404, "not found; try GET /healthz or /readyz\n".into()),
     }
 }
 
@@ -414,7 +654,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&head).into_owned()))
 }
 
-async fn respond(mut stream: TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -427,13 +667,7 @@ async fn respond(mut stream: TcpStream, status: u16, content_type: &str, body: &
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await?;
-    // Closing with unread input makes the kernel send a reset, which can
-    // destroy the response before the client reads it: drain briefly first.
-    let mut buf = [0u8; 1024];
-    let drain = async { while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {} };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-    Ok(())
+    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -664,6 +898,110 @@ mod tests {
         let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
         assert!(serve(addr, || async { None }.boxed(), progress().1).await.is_err());
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    fn admission(per_peer: usize, total: usize) -> Admission {
+        Admission::new(Limits { per_peer, total, ..Limits::default() })
+    }
+
+    #[test]
+    fn a_full_address_gives_up_its_oldest_idle_connection() {
+        let mut a = admission(2, 10);
+        let (first, mut first_evicted) = a.admit(ip(1)).unwrap();
+        let (second, _e2) = a.admit(ip(1)).unwrap();
+        let (_other, _e3) = a.admit(ip(2)).unwrap();
+        assert!(first_evicted.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        let (third, _e4) = a.admit(ip(1)).unwrap();
+        // The oldest of that address was closed, no one else's.
+        assert!(first_evicted.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Closed));
+        assert!(!a.open.contains_key(&first));
+        assert_eq!(a.open.keys().copied().collect::<Vec<_>>(), vec![second, 2, third]);
+        assert_eq!(a.per_peer[&ip(1)], 2);
+        // Being answered, both: the next one from that address is refused.
+        a.set_evictable(second, false);
+        a.set_evictable(third, false);
+        assert!(a.admit(ip(1)).is_none());
+        assert!(a.admit(ip(3)).is_some());
+        // One is answered: room again.
+        a.remove(second);
+        assert!(a.admit(ip(1)).is_some());
+        assert_eq!(a.per_peer[&ip(1)], 2);
+        assert_eq!(a.open.len(), a.per_peer.values().sum::<usize>());
+    }
+
+    #[test]
+    fn a_full_listener_gives_up_its_oldest_idle_connection() {
+        let mut a = admission(4, 3);
+        let ids: Vec<u64> = (1..=3).map(|i| a.admit(ip(i)).unwrap().0).collect();
+        a.set_evictable(ids[0], false);
+        let (newest, _e) = a.admit(ip(9)).unwrap();
+        // The oldest idle one went (the first is being answered).
+        assert_eq!(a.open.keys().copied().collect::<Vec<_>>(), vec![ids[0], ids[2], newest]);
+        assert!(!a.per_peer.contains_key(&ip(2)));
+        for id in [ids[2], newest] {
+            a.set_evictable(id, false);
+        }
+        assert!(a.admit(ip(10)).is_none());
+        for id in [ids[0], ids[2], newest] {
+            a.remove(id);
+        }
+        assert!(a.open.is_empty() && a.per_peer.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_probes_listener_serves_only_the_probes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = progress();
+        let server = serve_probes_listener(listener, rx, Limits::default()).await;
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("alive\n"), "{r}");
+        let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 503 ") && r.contains("not enforcing yet"), "{r}");
+        tx.send_modify(|p| p.revision = Some(2));
+        let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 404 ") && r.ends_with("try GET /healthz or /readyz\n"), "{r}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn scrapes_within_a_second_ask_the_main_loop_once() {
+        let scraper = |fresh| {
+            let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counter = asked.clone();
+            let snapshot = move || {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some(Metrics { revision: n, ..Metrics::default() })
+                }
+                .boxed()
+            };
+            (Scraper { snapshot: Box::new(snapshot), last: tokio::sync::Mutex::new(None), fresh }, asked)
+        };
+        let revisions = |bodies: Vec<Option<Arc<String>>>| -> Vec<String> {
+            let revision =
+                |b: &str| b.lines().find_map(|l| l.strip_prefix("portcullis_revision ")).unwrap().to_owned();
+            bodies.iter().map(|b| revision(b.as_ref().unwrap())).collect()
+        };
+        // Scrapes together: one asks, the others wait for its answer; and
+        // while it is fresh, it serves the next ones too.
+        let (fresh, asked) = scraper(Duration::from_secs(3600));
+        let bodies = futures::future::join_all((0..3).map(|_| fresh.body())).await;
+        assert_eq!(revisions(bodies), ["1", "1", "1"]);
+        assert_eq!(revisions(vec![fresh.body().await]), ["1"]);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Stale at once: each asks, still one at a time.
+        let (stale, asked) = scraper(Duration::ZERO);
+        let bodies = futures::future::join_all((0..3).map(|_| stale.body())).await;
+        assert_eq!(revisions(bodies), ["1", "2", "3"]);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     fn progress() -> (watch::Sender<Progress>, watch::Receiver<Progress>) {

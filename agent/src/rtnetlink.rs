@@ -143,6 +143,11 @@ pub(crate) struct Attributes<'a> {
     rest: &'a [u8],
 }
 
+/// The attributes nested in an attribute's value.
+pub(crate) fn nested(value: &[u8]) -> Attributes<'_> {
+    Attributes { rest: value }
+}
+
 impl<'a> Iterator for Attributes<'a> {
     type Item = (u16, &'a [u8]);
 

@@ -934,7 +934,9 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         let (me, fe, admin, svc) = (ip("10.0.0.2"), ip("10.0.0.1"), ip("10.0.0.3"), ip("10.96.0.10"));
         let to_svc = |port| Frame { src_port: port, ..Frame::tcp(me, svc, 80) };
         let dnat = |port, backend| Frame { src_port: port, ..Frame::tcp(me, backend, 8080) };
-        let pending = mark::SERVICE_PENDING | (1 << mark::ENDPOINT_SHIFT);
+        let tag = dp.node_tag();
+        assert!((1..=255).contains(&tag), "a node tag is set at load: {tag}");
+        let pending = mark::SERVICE_PENDING | tag | (1 << mark::ENDPOINT_SHIFT);
 
         // Leaving the pod the packet is not judged but marked...
         let (v, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0x4000).expect("run");
@@ -974,6 +976,13 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         assert_eq!(v, TC_ACT_SHOT);
         let (v, _) = dp.test_run_marked(Hook::ToNetdev, &dnat(43004, admin).bytes(), 0).expect("run");
         assert_eq!(v, TC_PASS, "unmarked traffic is not the node device's to judge");
+        // Other software's marks are left alone: WireGuard's 0xca6c shares
+        // our magic nibble, and another node's tag is not ours.
+        for foreign in [0xca6c, mark::SERVICE_PENDING | (tag % 255 + 1) | (1 << mark::ENDPOINT_SHIFT)] {
+            let (v, m) =
+                dp.test_run_marked(Hook::ToNetdev, &dnat(43004, admin).bytes(), foreign).expect("run");
+            assert_eq!((v, m), (TC_PASS, foreign), "foreign mark {foreign:#x}");
+        }
         events();
 
         // A mark without its pending record (evicted): fail closed.
@@ -1281,5 +1290,114 @@ fn a_pass_says_when_an_id_or_an_address_changes_holder() {
         emptied.endpoints.clear();
         let report = dp.apply(&emptied);
         assert!(report.reused, "an endpoint gone (its id and addresses free for the next pod): {report:?}");
+    });
+}
+
+/// What a pod with CAP_NET_RAW can put in a packet earns no exemption meant
+/// for something else (issue 24), and the paths around Services keep working
+/// for what the policy allows (the positive controls).
+#[test]
+fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
+    // The endpoint (lo, 10.0.0.2) may send TCP/8080 to frontend and to
+    // itself, nothing else.
+    let mut state = backend_state(default_rules());
+    state.ipcache.push(IpcacheEntry {
+        cidr: "10.0.0.2/32".parse().expect("cidr"),
+        identity: 400,
+        name: None,
+    });
+    state.endpoints[0].egress = DirectionPolicy {
+        isolated: true,
+        allow: vec![
+            allow(FRONTEND, Some(Protocol::Tcp), Some((8080, 8080)), 7),
+            allow(400, Some(Protocol::Tcp), Some((8080, 8080)), 8),
+            allow(FRONTEND, Some(Protocol::Udp), Some((5353, 5353)), 9),
+        ],
+        ..Default::default()
+    }
+    .into();
+    state.services = vec![
+        ServiceFrontend { ip: ip("10.96.0.10"), protocol: Protocol::Tcp, port: 80 },
+        ServiceFrontend { ip: ip("10.96.0.11"), protocol: Protocol::Udp, port: 53 },
+    ];
+    with_datapath(state, |dp, events| {
+        let tag = dp.node_tag();
+        let ours = |m: u32| m & mark::MAGIC_MASK;
+        let (me, me6, fe) = (ip("10.0.0.2"), ip("fd00::2"), ip("10.0.0.1"));
+        let out = |frame: &Frame| dp.test_run_marked(Hook::FromContainer, &frame.bytes(), 0).expect("run");
+
+        // IPv4 carrying protocol 58, dressed as a neighbour solicitation.
+        let fake_nd =
+            Frame { hop_limit: 255, icmp_type: 135, ..Frame::new(me, ip("192.0.2.7"), packets::ICMPV6, 0) };
+        assert_eq!(out(&fake_nd).0, TC_ACT_SHOT, "ND over IPv4 is just an unknown protocol");
+        // Real neighbour discovery passes (positive control), marked as
+        // link-only: routed on, it is dropped where it leaves the node or
+        // enters a pod; on the link (a bridge) it arrives.
+        let nd = Frame { hop_limit: 255, ..Frame::icmp(me6, ip("2001:db8::7"), 135) };
+        let (v, m) = out(&nd);
+        assert_eq!((v, ours(m)), (TC_PASS, mark::LINK_ONLY | tag));
+        let routed = Frame { hop_limit: 254, ..nd.clone() };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &routed.bytes(), m).expect("run"), (TC_ACT_SHOT, 0));
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &nd.bytes(), m).expect("run"), (TC_PASS, 0));
+        let into_pod = Frame { hop_limit: 254, ..Frame::icmp(ip("fd00::1"), me6, 135) };
+        assert_eq!(dp.test_run_marked(Hook::ToContainer, &into_pod.bytes(), m).expect("run").0, TC_ACT_SHOT);
+        let on_link = Frame { hop_limit: 255, ..into_pod };
+        assert_eq!(dp.test_run_marked(Hook::ToContainer, &on_link.bytes(), m).expect("run").0, TC_PASS);
+
+        // An ICMP error quoting a tracked flow goes back to the quoted
+        // packet's sender only: anywhere else it is a packet like any other.
+        let inbound = Frame { src_port: 41000, ..Frame::tcp(fe, me, 80) };
+        assert_eq!(ingress(dp, inbound.clone()), TC_PASS);
+        assert_eq!(out(&Frame::icmp_error(me, fe, &inbound)).0, TC_PASS, "back to the sender");
+        assert_eq!(
+            out(&Frame::icmp_error(me, ip("192.0.2.7"), &inbound)).0,
+            TC_ACT_SHOT,
+            "carried elsewhere"
+        );
+
+        // A fragmented datagram to a Service: the later fragments follow the
+        // first to the verdict after DNAT, instead of being dropped portless.
+        let dns = ip("10.96.0.11");
+        let first = Frame { more_fragments: true, ip_id: 77, src_port: 40053, ..Frame::udp(me, dns, 53) };
+        let (v, m) = out(&first);
+        assert_eq!((v, ours(m)), (TC_PASS, mark::SERVICE_PENDING | tag));
+        let later = Frame { frag_offset: 100, ip_id: 77, src_port: 40053, ..Frame::udp(me, dns, 53) };
+        let (v, m) = out(&later);
+        assert_eq!(
+            (v, ours(m)),
+            (TC_PASS, mark::SERVICE_PENDING | tag),
+            "the later fragment is the Service's too"
+        );
+        let after = Frame { src_port: 40053, ..Frame::udp(me, fe, 5353) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &after.bytes(), m).expect("run").0, TC_PASS);
+
+        // Hairpin: the pod reaches its own Service and kube-proxy
+        // masquerades it (source: the node). Judged on the backend (itself),
+        // tracked under the pod's own address, and the reply passes.
+        let svc = ip("10.96.0.10");
+        let (_, m) = out(&Frame { src_port: 45000, ..Frame::tcp(me, svc, 80) });
+        let masqueraded = Frame { src_port: 45000, ..Frame::tcp(ip("10.0.0.254"), me, 8080) };
+        assert_eq!(
+            dp.test_run_marked(Hook::ToContainer, &masqueraded.bytes(), m).expect("run"),
+            (TC_PASS, 0)
+        );
+        let reply = Frame { src_port: 80, tcp_flags: 0x12, ..Frame::tcp(svc, me, 45000) };
+        assert_eq!(ingress(dp, reply), TC_PASS, "the reply from the Service address");
+
+        // A port reused after the connection closed: the new SYN is judged
+        // again after DNAT (netfilter may pick another backend), not passed
+        // as the old flow. A retransmitted SYN of an unanswered one is not.
+        let (_, m) = out(&Frame { src_port: 46000, ..Frame::tcp(me, svc, 80) });
+        let to_fe = Frame { src_port: 46000, ..Frame::tcp(me, fe, 8080) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &to_fe.bytes(), m).expect("run").0, TC_PASS);
+        assert_eq!(
+            ingress(dp, Frame { src_port: 80, tcp_flags: 0x12, ..Frame::tcp(svc, me, 46000) }),
+            TC_PASS
+        );
+        let (v, m) = out(&Frame { src_port: 46000, ..Frame::tcp(me, svc, 80) });
+        assert_eq!((v, ours(m)), (TC_PASS, mark::SERVICE_PENDING | tag), "a new connection on an old tuple");
+        let to_admin = Frame { src_port: 46000, ..Frame::tcp(me, ip("10.0.0.3"), 8080) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &to_admin.bytes(), m).expect("run").0, TC_ACT_SHOT);
+        events();
     });
 }

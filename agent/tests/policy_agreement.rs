@@ -1,12 +1,15 @@
 //! Property: for random clusters and policies, the compiled entries (looked
 //! up the way the programs look them up) give the oracle's verdict for every
-//! flow between the pods, external addresses and the node, on every protocol
-//! and a spread of ports. Set PROPTEST_CASES for more cases.
+//! flow between the pods, external addresses and the nodes, on every protocol
+//! and a spread of ports. Clusters have two nodes, each enforced by its own
+//! engine (its endpoints, its ipcache, its own addresses as the host), pods on
+//! the host network sharing their node's addresses, and pods claiming one
+//! address (new, terminating, finished). Set PROPTEST_CASES for more cases.
 
 mod support;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -18,13 +21,13 @@ use portcullis_agent::{
         PortRange, PortRef, PortSpec, Protocol, Requirement, Rule,
     },
     policy::{
-        Change, Compiler, EndpointPolicy, Engine, Identities, IdentityLabels,
+        Change, Compiler, EndpointPolicy, Engine, Identities, IdentityLabels, Simulation,
         compile::{PlanCache, pods_by_identity},
-        oracle::Party,
+        oracle::{self, Party, pod_at},
     },
 };
 use proptest::prelude::*;
-use support::{NODE_IP, agree, compile};
+use support::NODE_IP;
 
 /// splitmix64: the case is a seed, and a failing seed reproduces exactly.
 struct Rng(u64);
@@ -52,6 +55,17 @@ impl Rng {
 }
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+/// The nodes and their addresses: a pod on the host network has its node's.
+const NODES: [(&str, [IpAddr; 2]); 2] = [
+    ("node", [NODE_IP, IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0xff, 0xfffe))]),
+    (
+        "other",
+        [
+            IpAddr::V4(Ipv4Addr::new(10, 0, 255, 253)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0xff, 0xfffd)),
+        ],
+    ),
+];
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 /// Ports probed: every number rules and container ports use, and neighbours.
 const PROBE_PORTS: [u16; 11] = [53, 79, 80, 81, 5353, 8000, 8080, 8999, 9000, 9001, 9090];
@@ -156,6 +170,12 @@ fn rules(rng: &mut Rng) -> Vec<Rule> {
         .collect()
 }
 
+/// A creation time: a few values, so that ties happen; or none (an object
+/// from a manifest file).
+fn lifetime(rng: &mut Rng) -> Option<i64> {
+    rng.chance(80).then(|| rng.below(3) as i64)
+}
+
 fn cluster(seed: u64) -> Cluster {
     let mut rng = Rng(seed);
     let mut cluster = Cluster::default();
@@ -173,12 +193,15 @@ fn cluster(seed: u64) -> Cluster {
         ("sc", Protocol::Sctp, &[9000, 9001]),
         ("metrics", Protocol::Tcp, &[9090]),
     ];
-    for i in 0..2 + rng.below(6) {
+    let pod_labels = |rng: &mut Rng| {
         let mut l = Labels::new();
         l.insert("app".into(), rng.pick(&["a", "b", "c"]).to_string());
         if rng.chance(50) {
             l.insert("tier".into(), rng.pick(&["f", "b"]).to_string());
         }
+        l
+    };
+    let pod_ports = |rng: &mut Rng| {
         let mut ports = Vec::new();
         for (name, protocol, numbers) in &catalog {
             if rng.chance(60) {
@@ -189,19 +212,48 @@ fn cluster(seed: u64) -> Cluster {
                 });
             }
         }
+        ports
+    };
+    for i in 0..2 + rng.below(6) {
+        let labels = pod_labels(&mut rng);
+        let ports = pod_ports(&mut rng);
         let n = i as u8 + 1;
+        // Now and then an address another pod claims too: a reused one
+        // (the old pod terminating, or finished, or not yet seen so).
+        let m = if i > 0 && rng.chance(30) { 1 + rng.below(i) as u8 } else { n };
         cluster.add_pod(Pod {
             namespace: rng.pick(&NAMESPACES).to_string(),
             name: format!("p{n}"),
-            labels: l,
+            labels,
             ips: vec![
-                IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
-                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n))),
+                IpAddr::V4(Ipv4Addr::new(10, 0, 0, m)),
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(m))),
             ],
             node: Some(if rng.chance(70) { "node" } else { "other" }.into()),
             host_network: false,
+            finished: rng.chance(5),
+            ports,
+            created: lifetime(&mut rng),
+            deleting: rng.chance(15),
+        });
+    }
+    // Pods on the host network (kube-proxy, etcd, the agent): their
+    // addresses are their node's, and their labels are like any pod's.
+    for i in 0..rng.below(4) {
+        let labels = pod_labels(&mut rng);
+        let ports = pod_ports(&mut rng);
+        let (node, ips) = rng.pick(&NODES);
+        cluster.add_pod(Pod {
+            namespace: rng.pick(&NAMESPACES).to_string(),
+            name: format!("h{i}"),
+            labels,
+            ips: ips.to_vec(),
+            node: Some(node.to_string()),
+            host_network: true,
             finished: false,
             ports,
+            created: lifetime(&mut rng),
+            deleting: rng.chance(15),
         });
     }
     for i in 0..1 + rng.below(5) {
@@ -230,20 +282,73 @@ fn cluster(seed: u64) -> Cluster {
     cluster
 }
 
+/// One engine per node, fed the whole cluster (in key order).
+fn engines(cluster: &Cluster) -> Vec<(Engine, [IpAddr; 2])> {
+    NODES
+        .iter()
+        .map(|(node, ips)| {
+            let mut engine = Engine::new(*node);
+            engine.apply(cluster.namespaces.values().cloned().map(Change::UpsertNamespace));
+            engine.apply(cluster.pods.values().cloned().map(Change::UpsertPod));
+            engine.apply(cluster.policies.values().cloned().map(Change::UpsertPolicy));
+            (engine, *ips)
+        })
+        .collect()
+}
+
+/// The engine's ipcache is exactly the oracle's: every pod address with
+/// the identity (and the name) of the pod holding it, and nothing for an
+/// address no pod holds (a node's, which pods on the host network share).
+fn assert_ipcache(engine: &Engine, context: &dyn std::fmt::Debug) {
+    let cluster = engine.cluster();
+    let want: BTreeMap<IpAddr, (IdentityLabels, String)> = cluster
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().copied())
+        .filter_map(|ip| {
+            let holder = pod_at(cluster, ip)?;
+            Some((ip, (IdentityLabels::of(cluster, holder), holder.key().to_string())))
+        })
+        .collect();
+    let got: BTreeMap<IpAddr, (IdentityLabels, String)> = engine
+        .ipcache()
+        .map(|(ip, id)| {
+            let labels = engine.identities().labels(id).cloned().expect("a live identity");
+            let (_, holder) = engine.ip_holder(&ip).expect("an ipcache entry has a holder");
+            (ip, (labels, holder.to_string()))
+        })
+        .collect();
+    assert_eq!(got, want, "ipcache after {context:?}");
+}
+
 /// Checks every flow of one case; returns how many flows, and how many allowed.
 fn check(seed: u64) -> (u64, u64) {
     let (mut flows, mut allowed) = (0, 0);
     let cluster = cluster(seed);
-    let compiled = compile(&cluster);
+    let engines = engines(&cluster);
+    let mut simulations = Vec::new();
+    for (engine, node_ips) in &engines {
+        assert_ipcache(engine, &seed);
+        simulations.push(Simulation::from_engine(engine, node_ips).expect("compiled state has valid keys"));
+    }
     let externals = [
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200)),
         IpAddr::V4(Ipv4Addr::new(192, 168, 3, 4)),
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x77)),
     ];
-    let mut parties: Vec<Party<'_>> =
-        cluster.pods.values().flat_map(|p| p.ips.iter().map(move |ip| Party::Pod(p, *ip))).collect();
+    // Each pod at the addresses it holds; pods on the host network at their
+    // node's.
+    let mut parties: Vec<Party<'_>> = cluster
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().map(move |ip| (p, *ip)))
+        .filter(|(p, ip)| p.host_network || pod_at(&cluster, *ip).is_some_and(|h| h.key() == p.key()))
+        .map(|(p, ip)| Party::Pod(p, ip))
+        .collect();
     parties.extend(externals.iter().map(|ip| Party::External(*ip)));
-    let nodes = [Party::Node(NODE_IP)];
+    let nodes: Vec<Party<'_>> =
+        NODES.iter().flat_map(|(_, ips)| ips.iter().map(|ip| Party::Node(*ip))).collect();
+    let endpoint = |p: &Party<'_>| matches!(p, Party::Pod(pod, _) if !pod.host_network);
     for client in parties.iter().chain(&nodes) {
         for server in &parties {
             let same_pod =
@@ -251,13 +356,35 @@ fn check(seed: u64) -> (u64, u64) {
             if client.ip().is_ipv4() != server.ip().is_ipv4() || same_pod {
                 continue;
             }
-            if !matches!((client, server), (Party::Pod(..), _) | (_, Party::Pod(..))) {
+            if !endpoint(client) && !endpoint(server) {
                 continue;
             }
+            // A node is the node only to its own pods; to others, an address.
+            let client = match (*client, server) {
+                (Party::Node(ip), Party::Pod(pod, _)) => {
+                    let home = NODES.iter().find(|(n, _)| pod.node.as_deref() == Some(*n));
+                    if home.is_some_and(|(_, ips)| ips.contains(&ip)) {
+                        Party::Node(ip)
+                    } else {
+                        Party::External(ip)
+                    }
+                }
+                (c, _) => c,
+            };
             for protocol in PROTOCOLS {
                 for port in PROBE_PORTS {
                     flows += 1;
-                    allowed += u64::from(agree(&cluster, &compiled, *client, *server, protocol, port));
+                    let want = oracle::evaluate(&cluster, client, *server, protocol, port);
+                    // Each side is judged by its own node's engine.
+                    let got = simulations.iter().all(|s| s.allows(client, *server, protocol, port));
+                    assert_eq!(
+                        got,
+                        want.allowed,
+                        "compiled and oracle disagree on {} -> {} {protocol}/{port} (seed {seed})\noracle: {want:#?}\ncluster: {cluster:#?}",
+                        client.ip(),
+                        server.ip(),
+                    );
+                    allowed += u64::from(got);
                 }
             }
         }
@@ -282,16 +409,24 @@ proptest! {
 #[test]
 fn generated_cases_mix_verdicts() {
     let (mut policies, mut isolated, mut flows, mut allowed) = (0, 0, 0, 0);
+    let (mut host_network, mut shared) = (0, 0);
     for seed in 0..200 {
         let c = cluster(seed);
         policies += c.policies.len();
-        let compiled = compile(&c);
-        isolated += compiled.endpoints.values().filter(|p| p.ingress.isolated || p.egress.isolated).count();
+        host_network += c.pods.values().filter(|p| p.host_network).count();
+        let owners: Vec<IpAddr> = c.pods.values().filter(|p| p.owns_addresses()).map(|p| p.ips[0]).collect();
+        shared += owners.len() - owners.iter().collect::<BTreeSet<_>>().len();
+        for (engine, _) in engines(&c) {
+            isolated +=
+                engine.endpoints().values().filter(|p| p.ingress.isolated || p.egress.isolated).count();
+        }
         let (f, a) = check(seed);
         flows += f;
         allowed += a;
     }
     eprintln!("{flows} flows, {allowed} allowed, {policies} policies, {isolated} isolated endpoints");
+    eprintln!("{host_network} pods on the host network, {shared} pods claiming an address another claims");
+    assert!(host_network > 100 && shared > 50, "{host_network} on the host network, {shared} shared");
     assert!(flows > 100_000, "{flows} flows");
     assert!(allowed * 10 > flows && allowed * 10 < flows * 9, "{allowed} of {flows} allowed");
 }
@@ -318,7 +453,7 @@ fn portable(policy: &EndpointPolicy, ids: &Identities) -> Portable {
 fn from_scratch(cluster: &Cluster) -> std::collections::BTreeMap<String, Portable> {
     let mut ids = Identities::default();
     let mut pod_identity = std::collections::BTreeMap::new();
-    for pod in cluster.pods.values().filter(|p| !p.ips.is_empty()) {
+    for pod in cluster.pods.values().filter(|p| p.owns_addresses()) {
         pod_identity.insert(pod.key(), ids.acquire(IdentityLabels::of(cluster, pod)));
     }
     let by_identity = pods_by_identity(&pod_identity);
@@ -327,7 +462,7 @@ fn from_scratch(cluster: &Cluster) -> std::collections::BTreeMap<String, Portabl
     cluster
         .pods
         .values()
-        .filter(|p| p.node.as_deref() == Some("node") && !p.ips.is_empty())
+        .filter(|p| p.node.as_deref() == Some("node") && p.owns_addresses())
         .map(|p| (p.key().to_string(), portable(&compiler.endpoint(p), &ids)))
         .collect()
 }
@@ -339,7 +474,7 @@ fn engine_view(engine: &Engine) -> std::collections::BTreeMap<String, Portable> 
 /// A random change to a cluster, as the API would deliver it.
 fn mutation(rng: &mut Rng, cluster: &Cluster, round: u8) -> Change {
     let pods: Vec<&Pod> = cluster.pods.values().collect();
-    match rng.below(7) {
+    match rng.below(9) {
         0 | 1 if !pods.is_empty() => {
             let mut pod = (*rng.pick(&pods)).clone();
             let app = rng.pick(&["a", "b", "c", "d"]).to_string();
@@ -361,7 +496,8 @@ fn mutation(rng: &mut Rng, cluster: &Cluster, round: u8) -> Change {
         4 if !pods.is_empty() => {
             // A new pod, or a pod whose ports changed, possibly on a reused address.
             let template = (*rng.pick(&pods)).clone();
-            let mut pod = Pod { name: format!("n{round}"), ..template };
+            let mut pod =
+                Pod { name: format!("n{round}"), created: lifetime(rng), deleting: false, ..template };
             if rng.chance(50) {
                 pod.ports.iter_mut().for_each(|p| p.port = p.port.wrapping_add(1));
             }
@@ -369,6 +505,32 @@ fn mutation(rng: &mut Rng, cluster: &Cluster, round: u8) -> Change {
                 pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100 + round))];
             }
             Change::UpsertPod(pod)
+        }
+        7 if !pods.is_empty() => {
+            // A status update: terminating, finished, or back (an update
+            // seen out of order); the order of updates must not matter.
+            let mut pod = (*rng.pick(&pods)).clone();
+            match rng.below(4) {
+                0 | 1 => pod.deleting = !pod.deleting,
+                2 => pod.finished = !pod.finished,
+                _ => pod.created = lifetime(rng),
+            }
+            Change::UpsertPod(pod)
+        }
+        8 if !pods.is_empty() => {
+            // A pod taking another's address (or a node's, on the host
+            // network), older or newer than it.
+            let (donor, template) = (*rng.pick(&pods), *rng.pick(&pods));
+            Change::UpsertPod(Pod {
+                name: format!("r{round}"),
+                ips: donor.ips.clone(),
+                node: donor.node.clone(),
+                host_network: donor.host_network,
+                created: lifetime(rng),
+                deleting: rng.chance(20),
+                finished: false,
+                ..template.clone()
+            })
         }
         5 if !cluster.policies.is_empty() => {
             let keys: Vec<_> = cluster.policies.keys().cloned().collect();
@@ -414,35 +576,9 @@ fn check_incremental(seed: u64) {
             after.keys().chain(before.keys()).filter(|k| before.get(*k) != after.get(*k)).cloned().collect();
         let reported: BTreeSet<String> = diff.endpoints.keys().map(|k| k.to_string()).collect();
         assert_eq!(reported, changed, "diff after {change:?}");
-        // The ipcache follows the pods.
-        let mut want: Vec<(IpAddr, Option<IdentityLabels>)> = engine
-            .cluster()
-            .pods
-            .values()
-            .flat_map(|p| {
-                let l = IdentityLabels::of(engine.cluster(), p);
-                p.ips.iter().map(move |ip| (*ip, Some(l.clone())))
-            })
-            .collect();
-        want.sort();
-        want.dedup_by_key(|(ip, _)| *ip);
-        let mut got: Vec<(IpAddr, Option<IdentityLabels>)> =
-            engine.ipcache().map(|(ip, id)| (ip, engine.identities().labels(id).cloned())).collect();
-        got.sort();
-        assert_eq!(got.len(), want.len(), "ipcache size after {change:?}");
-        for (ip, labels) in &got {
-            let holders: Vec<IdentityLabels> = engine
-                .cluster()
-                .pods
-                .values()
-                .filter(|p| p.ips.contains(ip))
-                .map(|p| IdentityLabels::of(engine.cluster(), p))
-                .collect();
-            assert!(
-                labels.as_ref().is_some_and(|l| holders.contains(l)),
-                "{ip} -> {labels:?} after {change:?}"
-            );
-        }
+        // The ipcache follows the pods: each address goes to its holder
+        // whatever the order of updates.
+        assert_ipcache(&engine, &change);
     }
 }
 

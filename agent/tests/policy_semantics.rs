@@ -51,6 +51,8 @@ fn e2e_model() -> Cluster {
                 node: Some("node".into()),
                 host_network: false,
                 finished: false,
+                created: None,
+                deleting: false,
                 ports,
             });
         }

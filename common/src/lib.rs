@@ -16,6 +16,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "PC_COUNTERS";
     pub const FRAGS: &str = "PC_FRAGS";
     pub const RULE_STATS: &str = "PC_RULE_STATS";
+    pub const CONFIG: &str = "PC_CONFIG";
 }
 
 /// Names of the programs in the eBPF object.
@@ -26,6 +27,12 @@ pub mod program_names {
     pub const TO_CONTAINER: &str = "to_container";
     /// TC egress of the node's other devices: Service verdicts after DNAT.
     pub const TO_NETDEV: &str = "to_netdev";
+    /// The same for devices without a link-layer header (WireGuard, IPIP).
+    pub const TO_NETDEV_L3: &str = "to_netdev_l3";
+    /// cgroup ingress of the node's root cgroup: Service verdicts for
+    /// backends on the node's own addresses (hostNetwork pods, the API
+    /// server), which no device hook sees after DNAT.
+    pub const TO_HOST: &str = "to_host";
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -73,6 +80,11 @@ pub mod ct_timeout {
     pub const TCP_CLOSING_NS: u64 = 10 * S;
     /// UDP, SCTP, ICMP and everything else.
     pub const OTHER_NS: u64 = 60 * S;
+    /// A Service flow other than TCP: below the kernel's shortest UDP
+    /// timeout (30 s, unreplied or in its first seconds), so our entry never
+    /// outlives the NAT decision it was judged on (once the kernel forgets
+    /// it, the next packet may get another backend, which must be judged).
+    pub const SERVICE_OTHER_NS: u64 = 25 * S;
     /// The datapath rewrites an entry's expiry only when it moves by more
     /// than this, so a busy flow does not write its entry on every packet.
     pub const REFRESH_SLACK_NS: u64 = S;
@@ -93,11 +105,28 @@ pub mod ct_flags {
 /// the client's veth to the hook that sees the packet after kube-proxy's DNAT.
 /// Clear of kube-proxy's 0x4000/0x8000 and restored once read.
 pub mod mark {
-    /// Bits 8..=11 hold the magic, bits 16..=31 the client's endpoint id.
-    pub const MASK: u32 = 0xffff_0f00;
-    pub const MAGIC_MASK: u32 = 0x0000_0f00;
+    /// Bits 8..=11 hold the magic, bits 0..=7 the node's tag (random per
+    /// pinned map set, in `PC_CONFIG`), bits 16..=31 the client's endpoint
+    /// id. Twelve bits must match before a mark counts as ours: another
+    /// tool's mark (WireGuard's 0xca6c shares the magic nibble) is left
+    /// alone, and so is another agent's on the same kernel (test beds).
+    pub const MASK: u32 = 0xffff_0fff;
+    pub const MAGIC_MASK: u32 = 0x0000_0fff;
     pub const SERVICE_PENDING: u32 = 0x0000_0a00;
+    /// A packet let through a pod's egress because it stays on the link
+    /// (neighbour discovery): dropped where it leaves the node or enters a
+    /// pod if it was routed meanwhile.
+    pub const LINK_ONLY: u32 = 0x0000_0b00;
+    pub const TAG_MASK: u32 = 0x0000_00ff;
     pub const ENDPOINT_SHIFT: u32 = 16;
+}
+
+/// Slots of the `PC_CONFIG` array.
+pub mod config {
+    /// The node's mark tag (1..=255; 0 until the agent sets it, which no
+    /// mark matches).
+    pub const NODE_TAG: u32 = 0;
+    pub const SLOTS: u32 = 4;
 }
 
 /// The verdict for a packet we let through: TC_ACT_UNSPEC, which TCX reads as

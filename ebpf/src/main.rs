@@ -14,20 +14,20 @@
 mod datapath {
     use aya_ebpf::{
         helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-        macros::{classifier, map},
-        maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-        programs::TcContext,
+        macros::{cgroup_skb, classifier, map},
+        maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+        programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
     };
     use portcullis_common::{
-        AF_INET, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey, CtValue,
-        DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
+        CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
         IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
-        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, ct_flags, ct_timeout, identity, map_sizes,
-        mark, reason,
+        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, config, ct_flags, ct_timeout, identity,
+        map_sizes, mark, reason,
     };
 
-    use crate::packet::{Packet, Parsed, parse, quoted_key};
+    use crate::packet::{Packet, Parsed, parse, parse_l3, quoted_key};
 
     #[map]
     static PC_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(map_sizes::ENDPOINTS, 0);
@@ -68,6 +68,10 @@ mod datapath {
     #[map]
     static PC_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(map_sizes::RULE_STATS, 0);
 
+    /// Node-wide settings the agent writes once (`config::*` slots).
+    #[map]
+    static PC_CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
+
     #[classifier]
     pub fn from_container(ctx: TcContext) -> i32 {
         enforce(&ctx, DIR_EGRESS)
@@ -86,21 +90,40 @@ mod datapath {
     }
 
     /// TC egress of the node's other devices: gives the egress verdict of
-    /// Service connections whose backend is not a local pod.
+    /// Service connections whose backend is not a local pod. The agent
+    /// attaches it to every device of the node but its pods' veths, and
+    /// follows devices as they come.
     #[classifier]
     pub fn to_netdev(ctx: TcContext) -> i32 {
-        if skb_mark(&ctx) & mark::MAGIC_MASK != mark::SERVICE_PENDING {
+        netdev_verdict(&ctx.skb, true)
+    }
+
+    /// `to_netdev` for devices whose packets start with the IP header
+    /// (WireGuard, IPIP, tun).
+    #[classifier]
+    pub fn to_netdev_l3(ctx: TcContext) -> i32 {
+        netdev_verdict(&ctx.skb, false)
+    }
+
+    /// What a node device's egress checks: a pending Service verdict, and
+    /// link-only exemptions that were routed. Everything else passes.
+    #[inline(always)]
+    fn netdev_verdict(skb: &SkBuff, l2: bool) -> i32 {
+        let tag = node_tag();
+        let ours = skb_mark(skb) & mark::MAGIC_MASK;
+        if tag == 0 || (ours != mark::SERVICE_PENDING | tag && ours != mark::LINK_ONLY | tag) {
             return TC_PASS;
         }
-        match parse(&ctx) {
-            Parsed::Ip(pkt) => pending_service_verdict(&ctx, &pkt),
-            _ => {
-                let m = skb_mark(&ctx);
-                ctx.set_mark(m & !mark::MASK);
-                let client = (m >> mark::ENDPOINT_SHIFT) as u16;
-                count(client, DIR_EGRESS, reason::MALFORMED, ctx.len());
+        let parsed = if l2 { parse(skb) } else { parse_l3(skb) };
+        match parsed {
+            Parsed::Ip(pkt) if ours == mark::LINK_ONLY | tag => {
+                let client = (skb_mark(skb) >> mark::ENDPOINT_SHIFT) as u16;
+                if !routed_after_exemption(skb, &pkt) {
+                    return TC_PASS;
+                }
+                count(client, DIR_EGRESS, reason::MALFORMED, skb.len());
                 emit(
-                    &ctx,
+                    skb,
                     client,
                     0,
                     DIR_EGRESS,
@@ -108,17 +131,89 @@ mod datapath {
                     VERDICT_DROPPED,
                     reason::MALFORMED,
                     0,
-                    None,
+                    Some(&pkt),
                 );
                 TC_ACT_SHOT
             }
+            Parsed::Ip(pkt) => pending_service_verdict(skb, &pkt, None),
+            _ => pending_unparsed(skb),
         }
     }
 
+    /// Ingress of the node's root cgroup: a packet delivered to one of the
+    /// node's own sockets. The egress verdict of a Service connection whose
+    /// backend is a node address (a hostNetwork pod, the API server) is
+    /// given here: after DNAT such a packet goes to local input, where no
+    /// device hook runs.
+    #[cgroup_skb]
+    pub fn to_host(ctx: SkBuffContext) -> i32 {
+        const ALLOW: i32 = 1;
+        const DROP: i32 = 0;
+        if !is_our_pending_mark(&ctx.skb) {
+            return ALLOW;
+        }
+        let verdict = match parse_l3(&ctx.skb) {
+            Parsed::Ip(pkt) => pending_service_verdict(&ctx.skb, &pkt, None),
+            _ => pending_unparsed(&ctx.skb),
+        };
+        if verdict == TC_ACT_SHOT { DROP } else { ALLOW }
+    }
+
+    /// The node's mark tag (0: not set yet, which no mark matches).
     #[inline(always)]
-    fn skb_mark(ctx: &TcContext) -> u32 {
-        // SAFETY: the kernel hands TC programs a valid __sk_buff.
-        unsafe { (*ctx.skb.skb).mark }
+    fn node_tag() -> u32 {
+        PC_CONFIG.get(config::NODE_TAG).copied().unwrap_or(0) & mark::TAG_MASK
+    }
+
+    /// Marks a packet exempted from the pod's egress policy because it
+    /// never leaves the link (neighbour discovery): the hook where it
+    /// leaves the node, or enters another pod, drops it if it was routed.
+    #[inline(always)]
+    fn mark_link_only(skb: &SkBuff, endpoint_id: u16) {
+        let tag = node_tag();
+        if tag != 0 {
+            let ours = mark::LINK_ONLY | tag | (u32::from(endpoint_id) << mark::ENDPOINT_SHIFT);
+            skb.set_mark(skb_mark(skb) & !mark::MASK | ours);
+        }
+    }
+
+    /// A packet exempted as link-only by its sender's hook whose hop limit
+    /// shows it was routed; clears our mark either way.
+    #[inline(always)]
+    fn routed_after_exemption(skb: &SkBuff, pkt: &Packet) -> bool {
+        let m = skb_mark(skb);
+        let tag = node_tag();
+        if tag == 0 || m & mark::MAGIC_MASK != mark::LINK_ONLY | tag {
+            return false;
+        }
+        skb.set_mark(m & !mark::MASK);
+        pkt.hop_limit != 255
+    }
+
+    /// Whether the packet carries this node's "Service verdict pending"
+    /// mark: the magic and this node's tag (set by `from_container`).
+    #[inline(always)]
+    fn is_our_pending_mark(skb: &SkBuff) -> bool {
+        let tag = node_tag();
+        tag != 0 && skb_mark(skb) & mark::MAGIC_MASK == mark::SERVICE_PENDING | tag
+    }
+
+    /// A marked packet we cannot read after DNAT: the client's verdict
+    /// cannot be given, so it fails closed.
+    #[inline(always)]
+    fn pending_unparsed(skb: &SkBuff) -> i32 {
+        let m = skb_mark(skb);
+        skb.set_mark(m & !mark::MASK);
+        let client = (m >> mark::ENDPOINT_SHIFT) as u16;
+        count(client, DIR_EGRESS, reason::MALFORMED, skb.len());
+        emit(skb, client, 0, DIR_EGRESS, identity::WORLD, VERDICT_DROPPED, reason::MALFORMED, 0, None);
+        TC_ACT_SHOT
+    }
+
+    #[inline(always)]
+    fn skb_mark(skb: &SkBuff) -> u32 {
+        // SAFETY: the kernel hands the program a valid __sk_buff.
+        unsafe { (*skb.skb).mark }
     }
 
     /// ICMPv6 router/neighbour solicitation and advertisement, and redirect:
@@ -127,7 +222,12 @@ mod datapath {
     /// traffic past its policy.
     #[inline(always)]
     fn is_neighbour_discovery(pkt: &Packet) -> bool {
-        pkt.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) && pkt.hop_limit == 255
+        // Protocol 58 means ICMPv6 only in an IPv6 header: over IPv4 it is
+        // an unknown protocol that must meet the policy.
+        pkt.family == AF_INET6
+            && pkt.protocol == IPPROTO_ICMPV6
+            && (133..=137).contains(&pkt.icmp_type)
+            && pkt.hop_limit == 255
     }
 
     /// Multicast listener queries and reports (MLDv1 130-132, MLDv2 143):
@@ -135,7 +235,8 @@ mod datapath {
     /// they never leave the link either.
     #[inline(always)]
     fn is_multicast_listener_discovery(pkt: &Packet) -> bool {
-        pkt.protocol == IPPROTO_ICMPV6
+        pkt.family == AF_INET6
+            && pkt.protocol == IPPROTO_ICMPV6
             && matches!(pkt.icmp_type, 130..=132 | 143)
             && pkt.hop_limit == 1
             && pkt.dst[0] == 0xff
@@ -144,8 +245,9 @@ mod datapath {
 
     #[inline(always)]
     fn enforce(ctx: &TcContext, direction: u8) -> i32 {
+        let ctx = &ctx.skb;
         // SAFETY: the kernel hands TC programs a valid __sk_buff.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let ifindex = unsafe { (*ctx.skb).ifindex };
         let Some(ep) = (unsafe { PC_ENDPOINTS.get(&ifindex) }) else {
             // Our programs run here but the table does not know the
             // interface: fail closed (the agent detaches before it forgets),
@@ -181,7 +283,19 @@ mod datapath {
             // Not isolated: the kernel deals with what we cannot parse.
             Parsed::OtherL3 | Parsed::Malformed => return TC_PASS,
         };
-        if is_neighbour_discovery(&pkt) || is_multicast_listener_discovery(&pkt) {
+        // Neighbour discovery a pod sent passed its egress because it stays
+        // on the link; one that was routed on (its hop limit no longer 255)
+        // was never neighbour discovery, and must not arrive.
+        if direction == DIR_INGRESS && routed_after_exemption(ctx, &pkt) {
+            return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::MALFORMED, Some(&pkt));
+        }
+        if is_neighbour_discovery(&pkt) {
+            if direction == DIR_EGRESS {
+                mark_link_only(ctx, ep.endpoint_id);
+            }
+            return TC_PASS;
+        }
+        if is_multicast_listener_discovery(&pkt) {
             return TC_PASS;
         }
         // A later fragment takes the ports of its datagram's first fragment
@@ -204,8 +318,8 @@ mod datapath {
         // A connection to a Service on its way in, after DNAT: first the
         // client's egress verdict, then ours.
         if direction == DIR_INGRESS
-            && skb_mark(ctx) & mark::MAGIC_MASK == mark::SERVICE_PENDING
-            && pending_service_verdict(ctx, &pkt) == TC_ACT_SHOT
+            && is_our_pending_mark(ctx)
+            && pending_service_verdict(ctx, &pkt, hairpin_source(&ep, &pkt, skb_mark(ctx))) == TC_ACT_SHOT
         {
             return TC_ACT_SHOT;
         }
@@ -215,11 +329,16 @@ mod datapath {
         // SAFETY: plain helper call without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         // An ICMP error about a tracked flow (unreachable, too big, time
-        // exceeded) is related to it and passes like its replies.
+        // exceeded) is related to it and passes like its replies: coming in,
+        // to the endpoint that sent the quoted packet (from any router on
+        // the way); going out, only back to the quoted packet's sender, so
+        // a quote of a tracked flow carries nothing anywhere else.
         if !overflow
             && pkt.quoted_off != 0
-            && quoted_key(ctx, &pkt, ep.endpoint_id, direction == DIR_INGRESS)
-                .is_some_and(|k| ct_live(&k, now))
+            && quoted_key(ctx, &pkt, ep.endpoint_id, direction == DIR_INGRESS).is_some_and(|k| {
+                let to = if direction == DIR_INGRESS { &k.local_addr } else { &k.remote_addr };
+                pkt.dst == *to && ct_live(&k, now)
+            })
         {
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             return TC_PASS;
@@ -242,8 +361,20 @@ mod datapath {
             if !(direction == DIR_INGRESS && remote_identity == identity::HOST) {
                 // Egress to a Service: the verdict waits for the backend
                 // kube-proxy picks (DNAT comes after this hook).
-                if !overflow && direction == DIR_EGRESS && pkt.has_l4 && mark_service_pending(ctx, &ep, &pkt)
-                {
+                if !overflow && direction == DIR_EGRESS && pkt.has_l4 && is_service(&pkt) {
+                    if !mark_service(ctx, &ep, &pkt) {
+                        return drop(
+                            ctx,
+                            &ep,
+                            ifindex,
+                            direction,
+                            remote_identity,
+                            reason::NO_MAP_SPACE,
+                            Some(&pkt),
+                        );
+                    }
+                    // Its later fragments follow it to the Service.
+                    remember_first_fragment(&pkt);
                     return TC_PASS;
                 }
                 let lookup = if overflow {
@@ -309,16 +440,24 @@ mod datapath {
         }
     }
 
-    /// Records a packet to a Service address and marks it, so the hook that
-    /// sees it after DNAT gives the client's egress verdict on the backend.
+    /// Whether the packet goes to a mirrored Service frontend.
     #[inline(always)]
-    fn mark_service_pending(ctx: &TcContext, ep: &EndpointInfo, pkt: &Packet) -> bool {
+    fn is_service(pkt: &Packet) -> bool {
         let service =
             ServiceKey { family: pkt.family, protocol: pkt.protocol, port: pkt.dst_port, addr: pkt.dst };
-        if unsafe { PC_SERVICES.get(&service) }.is_none() {
+        unsafe { PC_SERVICES.get(&service) }.is_some()
+    }
+
+    /// Records a packet to a Service address and marks it, so the hook that
+    /// sees it after DNAT gives the client's egress verdict on the backend.
+    /// False when this node has no mark tag yet (the verdict could not be
+    /// given: the caller drops).
+    #[inline(always)]
+    fn mark_service(skb: &SkBuff, ep: &EndpointInfo, pkt: &Packet) -> bool {
+        let tag = node_tag();
+        if tag == 0 {
             return false;
         }
-        let key = pending_key(ep.endpoint_id, pkt);
         let value = PendingValue {
             dst_addr: pkt.dst,
             dst_port: pkt.dst_port,
@@ -330,16 +469,16 @@ mod datapath {
         };
         // LRU: a full table evicts the oldest pending connection, whose
         // verdict then fails closed.
-        let _ = PC_SVC_PENDING.insert(&key, &value, 0);
-        let m = skb_mark(ctx) & !mark::MASK;
-        ctx.set_mark(m | mark::SERVICE_PENDING | (u32::from(ep.endpoint_id) << mark::ENDPOINT_SHIFT));
+        let _ = PC_SVC_PENDING.insert(&pending_key(ep.endpoint_id, &pkt.src, pkt), &value, 0);
+        let m = skb_mark(skb) & !mark::MASK;
+        skb.set_mark(m | mark::SERVICE_PENDING | tag | (u32::from(ep.endpoint_id) << mark::ENDPOINT_SHIFT));
         true
     }
 
     #[inline(always)]
-    fn pending_key(endpoint_id: u16, pkt: &Packet) -> PendingKey {
+    fn pending_key(endpoint_id: u16, src: &[u8; 16], pkt: &Packet) -> PendingKey {
         PendingKey {
-            src_addr: pkt.src,
+            src_addr: *src,
             src_port: pkt.src_port,
             endpoint_id,
             family: pkt.family,
@@ -351,71 +490,75 @@ mod datapath {
     /// The client's egress verdict for a marked packet after DNAT: the
     /// destination is now the backend. Allowed: the connection is tracked
     /// under the address the client used, so its later packets and the
-    /// replies (un-DNATed, from the Service address) pass. Restores the mark.
+    /// replies (un-DNATed, from the Service address) pass. Clears our mark.
+    /// `hairpin_src`: the client's own address when the packet arrives at
+    /// the client itself (a pod reaching its own Service), where masquerade
+    /// replaced the source but kept the port.
     #[inline(always)]
-    fn pending_service_verdict(ctx: &TcContext, pkt: &Packet) -> i32 {
-        let m = skb_mark(ctx);
-        ctx.set_mark(m & !mark::MASK);
+    fn pending_service_verdict(skb: &SkBuff, pkt: &Packet, hairpin_src: Option<[u8; 16]>) -> i32 {
+        let m = skb_mark(skb);
+        skb.set_mark(m & !mark::MASK);
         let client = (m >> mark::ENDPOINT_SHIFT) as u16;
         let remote_identity = lookup_identity(pkt.family, &pkt.dst);
-        let Some(pending) = PC_SVC_PENDING.get_ptr(&pending_key(client, pkt)) else {
+        let mut key = pending_key(client, &pkt.src, pkt);
+        let mut found = PC_SVC_PENDING.get_ptr(&key);
+        if found.is_none()
+            && let Some(own) = hairpin_src
+        {
+            key.src_addr = own;
+            found = PC_SVC_PENDING.get_ptr(&key);
+        }
+        let Some(pending) = found else {
+            return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
+        };
+        // SAFETY: the map value outlives this program run.
+        let pending = unsafe { *pending };
+        if pending.flags & EP_POLICY_OVERFLOW != 0 {
+            return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
+        }
+        // Records from before policy sets have no set: the client's own id.
+        let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
+        let Some(allowed) =
+            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
+        else {
+            return service_drop(skb, client, remote_identity, reason::POLICY_DENIED, pkt);
+        };
+        // SAFETY: plain helper call without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let ct = CtKey {
+            local_addr: key.src_addr,
+            remote_addr: pending.dst_addr,
+            local_port: key.src_port,
+            remote_port: pending.dst_port,
+            endpoint_id: client,
+            family: pkt.family,
+            protocol: pkt.protocol,
+        };
+        ct_create(&ct, pkt, DIR_EGRESS, allowed, now, Some((pkt.dst, pkt.dst_port)));
+        let _ = PC_SVC_PENDING.remove(&key);
+        count(client, DIR_EGRESS, reason::POLICY_ALLOWED, skb.len());
+        count_rule(allowed.stats_slot, skb.len());
+        if pending.flags & EP_REPORT_ALLOWED != 0 {
             emit(
-                ctx,
+                skb,
                 client,
                 0,
                 DIR_EGRESS,
                 remote_identity,
-                VERDICT_DROPPED,
-                reason::NO_MAP_SPACE,
-                0,
+                VERDICT_FORWARDED,
+                reason::POLICY_ALLOWED,
+                allowed.rule_cookie,
                 Some(pkt),
             );
-            count(client, DIR_EGRESS, reason::NO_MAP_SPACE, ctx.len());
-            return TC_ACT_SHOT;
-        };
-        // SAFETY: the map value outlives this program run.
-        let pending = unsafe { *pending };
-        let verdict = if pending.flags & EP_POLICY_OVERFLOW != 0 {
-            Err(reason::NO_MAP_SPACE)
-        } else {
-            // Records from before policy sets have no set: the client's own id.
-            let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
-            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
-                .ok_or(reason::POLICY_DENIED)
-        };
-        match verdict {
-            Ok(allowed) => {
-                let cookie = allowed.rule_cookie;
-                // SAFETY: plain helper call without arguments.
-                let now = unsafe { bpf_ktime_get_coarse_ns() };
-                let mut key = ct_key(client, DIR_EGRESS, pkt);
-                key.remote_addr = pending.dst_addr;
-                key.remote_port = pending.dst_port;
-                ct_create(&key, pkt, DIR_EGRESS, allowed, now, Some((pkt.dst, pkt.dst_port)));
-                let _ = PC_SVC_PENDING.remove(&pending_key(client, pkt));
-                count(client, DIR_EGRESS, reason::POLICY_ALLOWED, ctx.len());
-                count_rule(allowed.stats_slot, ctx.len());
-                if pending.flags & EP_REPORT_ALLOWED != 0 {
-                    emit(
-                        ctx,
-                        client,
-                        0,
-                        DIR_EGRESS,
-                        remote_identity,
-                        VERDICT_FORWARDED,
-                        reason::POLICY_ALLOWED,
-                        cookie,
-                        Some(pkt),
-                    );
-                }
-                TC_PASS
-            }
-            Err(why) => {
-                emit(ctx, client, 0, DIR_EGRESS, remote_identity, VERDICT_DROPPED, why, 0, Some(pkt));
-                count(client, DIR_EGRESS, why, ctx.len());
-                TC_ACT_SHOT
-            }
         }
+        TC_PASS
+    }
+
+    #[inline(always)]
+    fn service_drop(skb: &SkBuff, client: u16, remote_identity: u32, why: u8, pkt: &Packet) -> i32 {
+        emit(skb, client, 0, DIR_EGRESS, remote_identity, VERDICT_DROPPED, why, 0, Some(pkt));
+        count(client, DIR_EGRESS, why, skb.len());
+        TC_ACT_SHOT
     }
 
     /// Is the packet's source one of the endpoint's addresses? IPv6
@@ -460,7 +603,9 @@ mod datapath {
 
     #[inline(always)]
     fn ct_lifetime(pkt: &Packet, flags: u8) -> u64 {
-        if pkt.protocol != IPPROTO_TCP {
+        if pkt.protocol != IPPROTO_TCP && flags & ct_flags::SERVICE != 0 {
+            ct_timeout::SERVICE_OTHER_NS
+        } else if pkt.protocol != IPPROTO_TCP {
             ct_timeout::OTHER_NS
         } else if flags & ct_flags::CLOSING != 0 {
             ct_timeout::TCP_CLOSING_NS
@@ -490,6 +635,16 @@ mod datapath {
         if entry.expires_ns <= now {
             return None;
         }
+        // A SYN from the side that opened the flow, once it was answered or
+        // closed, opens a new connection on the same tuple (a port reused
+        // after a RST): it is judged as new (netfilter may pick another
+        // Service backend for it). A retransmitted SYN is not.
+        if is_opening_syn(pkt)
+            && direction == entry.origin
+            && entry.flags & (ct_flags::CLOSING | ct_flags::SEEN_REPLY) != 0
+        {
+            return None;
+        }
         let mut flags = entry.flags;
         if direction != entry.origin {
             flags |= ct_flags::SEEN_REPLY;
@@ -505,6 +660,31 @@ mod datapath {
             entry.expires_ns = expires;
         }
         Some(entry.stats_slot)
+    }
+
+    /// A TCP SYN without ACK: the first packet of a connection.
+    #[inline(always)]
+    fn is_opening_syn(pkt: &Packet) -> bool {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        pkt.protocol == IPPROTO_TCP && pkt.has_l4 && pkt.tcp_flags & (SYN | ACK) == SYN
+    }
+
+    /// A pod reaching its own Service: the mark names this endpoint as the
+    /// client. Its own address of the packet's family, to find the record
+    /// under when masquerade replaced the source.
+    #[inline(always)]
+    fn hairpin_source(ep: &EndpointInfo, pkt: &Packet, m: u32) -> Option<[u8; 16]> {
+        if (m >> mark::ENDPOINT_SHIFT) as u16 != ep.endpoint_id {
+            return None;
+        }
+        let mut own = [0u8; 16];
+        if pkt.family == AF_INET {
+            own[..4].copy_from_slice(&ep.ipv4);
+        } else {
+            own = ep.ipv6;
+        }
+        Some(own)
     }
 
     /// Tracks a new flow; `backend`: the Service backend it was allowed for.
@@ -639,7 +819,7 @@ mod datapath {
 
     #[inline(always)]
     fn drop(
-        ctx: &TcContext,
+        ctx: &SkBuff,
         ep: &EndpointInfo,
         ifindex: u32,
         direction: u8,
@@ -655,7 +835,7 @@ mod datapath {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn emit(
-        ctx: &TcContext,
+        ctx: &SkBuff,
         endpoint_id: u16,
         ifindex: u32,
         direction: u8,
@@ -669,29 +849,32 @@ mod datapath {
             // Ring full: the verdict stands; the counters still see it.
             return;
         };
-        let mut ev = FlowEvent {
+        // Written in place: a FlowEvent on the stack costs 72 of the
+        // 512 bytes every hook that reports shares.
+        let ev = entry.as_mut_ptr();
+        // SAFETY: the reservation is ours and FlowEvent-sized until submitted.
+        unsafe {
+            core::ptr::write_bytes(ev, 0, 1);
             // SAFETY: plain helper call without arguments.
-            timestamp_ns: unsafe { bpf_ktime_get_ns() },
-            ifindex,
-            remote_identity,
-            rule_cookie,
-            packet_len: ctx.len(),
-            endpoint_id,
-            direction,
-            verdict,
-            reason: why,
-            ..FlowEvent::default()
-        };
-        if let Some(pkt) = pkt {
-            ev.family = pkt.family;
-            ev.protocol = pkt.protocol;
-            ev.tcp_flags = pkt.tcp_flags;
-            ev.src_port = pkt.src_port;
-            ev.dst_port = pkt.dst_port;
-            ev.src_addr = pkt.src;
-            ev.dst_addr = pkt.dst;
+            (*ev).timestamp_ns = bpf_ktime_get_ns();
+            (*ev).ifindex = ifindex;
+            (*ev).remote_identity = remote_identity;
+            (*ev).rule_cookie = rule_cookie;
+            (*ev).packet_len = ctx.len();
+            (*ev).endpoint_id = endpoint_id;
+            (*ev).direction = direction;
+            (*ev).verdict = verdict;
+            (*ev).reason = why;
+            if let Some(pkt) = pkt {
+                (*ev).family = pkt.family;
+                (*ev).protocol = pkt.protocol;
+                (*ev).tcp_flags = pkt.tcp_flags;
+                (*ev).src_port = pkt.src_port;
+                (*ev).dst_port = pkt.dst_port;
+                (*ev).src_addr = pkt.src;
+                (*ev).dst_addr = pkt.dst;
+            }
         }
-        entry.write(ev);
         entry.submit(0);
     }
 }

@@ -3,7 +3,7 @@
 //! (nearly always), and with `bpf_skb_load_bytes` where they are not, so
 //! non-linear skbs parse like linear ones.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::sk_buff::SkBuff;
 use portcullis_common::{
     AF_INET, AF_INET6, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -54,8 +54,9 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+fn load<T>(ctx: &SkBuff, off: usize) -> Option<T> {
+    // SAFETY: the kernel hands the program a valid __sk_buff.
+    let (start, end) = unsafe { ((*ctx.skb).data as usize, (*ctx.skb).data_end as usize) };
     // At least two bytes: LLVM turns `p + 1 <= end` into `p < end`, which
     // the verifier does not take as a bound. A last lone byte takes the
     // helper path.
@@ -68,22 +69,35 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
 }
 
+/// A frame that starts with its Ethernet header (veths, Ethernet devices).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub fn parse(ctx: &SkBuff) -> Parsed {
     let Some(proto) = load::<u16>(ctx, 12) else {
         return Parsed::Malformed;
     };
     match u16::from_be(proto) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
+        ETH_P_IP => parse_v4(ctx, ETH_HLEN),
+        ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN),
         ETH_P_ARP => Parsed::Arp,
         _ => Parsed::OtherL3,
     }
 }
 
+/// A packet that starts with its IP header: devices without a link-layer
+/// header (WireGuard, IPIP, tun) and socket-level hooks. The family comes
+/// from the skb's protocol, which the kernel set, not the sender.
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Parsed {
-    let Some(vihl) = load::<u8>(ctx, ETH_HLEN) else {
+pub fn parse_l3(ctx: &SkBuff) -> Parsed {
+    match u16::from_be(ctx.protocol() as u16) {
+        ETH_P_IP => parse_v4(ctx, 0),
+        ETH_P_IPV6 => parse_v6(ctx, 0),
+        _ => Parsed::OtherL3,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &SkBuff, l3: usize) -> Parsed {
+    let Some(vihl) = load::<u8>(ctx, l3) else {
         return Parsed::Malformed;
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -91,11 +105,11 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
         return Parsed::Malformed;
     }
     let (Some(id), Some(frag), Some([ttl, protocol]), Some(src4), Some(dst4)) = (
-        load::<u16>(ctx, ETH_HLEN + 4),
-        load::<u16>(ctx, ETH_HLEN + 6),
-        load::<[u8; 2]>(ctx, ETH_HLEN + 8),
-        load::<[u8; 4]>(ctx, ETH_HLEN + 12),
-        load::<[u8; 4]>(ctx, ETH_HLEN + 16),
+        load::<u16>(ctx, l3 + 4),
+        load::<u16>(ctx, l3 + 6),
+        load::<[u8; 2]>(ctx, l3 + 8),
+        load::<[u8; 4]>(ctx, l3 + 12),
+        load::<[u8; 4]>(ctx, l3 + 16),
     ) else {
         return Parsed::Malformed;
     };
@@ -118,19 +132,17 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     pkt.src[..4].copy_from_slice(&src4);
     pkt.dst[..4].copy_from_slice(&dst4);
     // ihl is at most 60, which keeps the offset bounded for the verifier.
-    parse_l4(ctx, ETH_HLEN + (ihl & 0x3c), pkt)
+    parse_l4(ctx, l3 + (ihl & 0x3c), pkt)
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Parsed {
-    let (Some([mut next, hop_limit]), Some(src), Some(dst)) = (
-        load::<[u8; 2]>(ctx, ETH_HLEN + 6),
-        load::<[u8; 16]>(ctx, ETH_HLEN + 8),
-        load::<[u8; 16]>(ctx, ETH_HLEN + 24),
-    ) else {
+fn parse_v6(ctx: &SkBuff, l3: usize) -> Parsed {
+    let (Some([mut next, hop_limit]), Some(src), Some(dst)) =
+        (load::<[u8; 2]>(ctx, l3 + 6), load::<[u8; 16]>(ctx, l3 + 8), load::<[u8; 16]>(ctx, l3 + 24))
+    else {
         return Parsed::Malformed;
     };
-    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut off = l3 + IPV6_HLEN;
     let mut has_l4 = true;
     let mut fragment = false;
     let mut frag_id = 0;
@@ -195,7 +207,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, off: usize, mut pkt: Packet) -> Parsed {
+fn parse_l4(ctx: &SkBuff, off: usize, mut pkt: Packet) -> Parsed {
     if !pkt.has_l4 {
         return Parsed::Ip(pkt);
     }
@@ -213,7 +225,9 @@ fn parse_l4(ctx: &TcContext, off: usize, mut pkt: Packet) -> Parsed {
                 pkt.tcp_flags = flags;
             }
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // ICMP only over IPv4 and ICMPv6 only over IPv6: protocol 58 in an
+        // IPv4 header is no neighbour discovery and quotes no flow.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_icmp_of_family(pkt.family, pkt.protocol) => {
             let Some(ty) = load::<u8>(ctx, off) else {
                 return Parsed::Malformed;
             };
@@ -239,6 +253,12 @@ fn parse_l4(ctx: &TcContext, off: usize, mut pkt: Packet) -> Parsed {
     Parsed::Ip(pkt)
 }
 
+/// Whether `protocol` is the ICMP of the packet's own family.
+#[inline(always)]
+pub fn is_icmp_of_family(family: u8, protocol: u8) -> bool {
+    (family == AF_INET && protocol == IPPROTO_ICMP) || (family == AF_INET6 && protocol == IPPROTO_ICMPV6)
+}
+
 /// Errors that quote the packet they report on: destination unreachable
 /// (incl. fragmentation needed), time exceeded, parameter problem; ICMPv6
 /// also packet too big.
@@ -256,7 +276,7 @@ fn is_error(protocol: u8, ty: u8) -> bool {
 /// sent; going out, on one it received. `None` when there is no quote or it
 /// cannot be read.
 #[inline(always)]
-pub fn quoted_key(ctx: &TcContext, pkt: &Packet, endpoint_id: u16, ingress: bool) -> Option<CtKey> {
+pub fn quoted_key(ctx: &SkBuff, pkt: &Packet, endpoint_id: u16, ingress: bool) -> Option<CtKey> {
     let off = pkt.quoted_off as usize;
     if off == 0 || off > 512 {
         return None;
@@ -284,7 +304,9 @@ pub fn quoted_key(ctx: &TcContext, pkt: &Packet, endpoint_id: u16, ingress: bool
             (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]))
         }
         // An error about an echo request: the identifier is its "port".
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if is_echo(protocol, head[0]) => {
+        IPPROTO_ICMP | IPPROTO_ICMPV6
+            if is_icmp_of_family(pkt.family, protocol) && is_echo(protocol, head[0]) =>
+        {
             let id = u16::from_be_bytes([head[4], head[5]]);
             (id, id)
         }

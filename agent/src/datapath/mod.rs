@@ -5,8 +5,10 @@
 mod attach;
 mod conntrack;
 mod counters;
+mod host;
 mod inspect;
 pub mod keys;
+mod netdevs;
 mod pins;
 pub mod raw_map;
 mod tc_events;
@@ -28,7 +30,9 @@ use portcullis_common::{
 pub use attach::{AttachError, IfIndexes, detach_all_filters, ifindex, ifname, prepare_interface};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
+pub use host::HostHookError;
 pub use inspect::{KernelEndpoint, KernelVerdict};
+pub use netdevs::{NetdevFailures, netdev_program, watch_new_links};
 pub use tc_events::watch_hook_removals;
 pub use writer::{ApplyReport, Placement, WriteError};
 
@@ -221,6 +225,8 @@ pub struct Datapath {
     maps: Maps,
     flows: Option<RingBuf<MapData>>,
     loaded: writer::Loaded,
+    /// Node devices carrying the Service hook (`netdevs.rs`): index, name.
+    node_devices: std::collections::BTreeMap<u32, String>,
 }
 
 impl Datapath {
@@ -252,9 +258,16 @@ impl Datapath {
         // Before the links get this agent's programs (in `recover`): the
         // new maps hold what the old ones did when the programs switch.
         pins::carry_over(&config.pin_dir, carried);
-        for name in [program_names::FROM_CONTAINER, program_names::TO_CONTAINER, program_names::TO_NETDEV] {
+        for name in [
+            program_names::FROM_CONTAINER,
+            program_names::TO_CONTAINER,
+            program_names::TO_NETDEV,
+            program_names::TO_NETDEV_L3,
+        ] {
             classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
+        host::load(&mut ebpf)?;
+        host::ensure_node_tag(&mut ebpf)?;
         let maps = Maps {
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
             ipcache: take_map(&mut ebpf, map_names::IPCACHE)?,
@@ -276,6 +289,7 @@ impl Datapath {
             maps,
             flows,
             loaded: Default::default(),
+            node_devices: Default::default(),
         };
         dp.recover();
         Ok(dp)

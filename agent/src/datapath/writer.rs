@@ -950,6 +950,12 @@ impl Datapath {
         for e in self.loaded.endpoints.values_mut().filter(|e| ifindex == 0 || e.ifindex == ifindex) {
             n += usize::from(std::mem::replace(&mut e.attached, false));
         }
+        // A node device's Service hook: attached again by the next sync.
+        if ifindex == 0 {
+            n += std::mem::take(&mut self.node_devices).len();
+        } else if self.node_device_hook_removed(ifindex) {
+            n += 1;
+        }
         n
     }
 

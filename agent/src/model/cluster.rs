@@ -1,6 +1,9 @@
 //! A snapshot of every object policy reads, keyed for deterministic order.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use super::{Labels, Namespace, NetworkPolicy, Pod, PodKey, Service};
 
@@ -40,4 +43,29 @@ impl Cluster {
     pub fn add_policy(&mut self, policy: NetworkPolicy) {
         self.policies.insert((policy.namespace.clone(), policy.name.clone()), policy);
     }
+
+    /// Each pod address and the pod holding it (`address_holders`).
+    pub fn address_holders(&self) -> HashMap<IpAddr, &Pod> {
+        address_holders(self.pods.values())
+    }
+}
+
+/// Each address of `pods` and the pod holding it: of the pods that own it
+/// (`Pod::owns_addresses`), the one with the greatest
+/// `Pod::address_precedence`. Addresses no pod owns (a node's, which pods
+/// on the host network share) are not here.
+pub fn address_holders<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<IpAddr, &'a Pod> {
+    let mut out: HashMap<IpAddr, &Pod> = HashMap::new();
+    for pod in pods.into_iter().filter(|p| p.owns_addresses()) {
+        for ip in &pod.ips {
+            out.entry(*ip)
+                .and_modify(|held| {
+                    if pod.address_precedence() > held.address_precedence() {
+                        *held = pod;
+                    }
+                })
+                .or_insert(pod);
+        }
+    }
+    out
 }

@@ -136,6 +136,9 @@ pub fn pod_from_api(pod: &core::Pod) -> Result<Pod, ModelError> {
         host_network: spec.host_network.unwrap_or(false),
         finished,
         ports,
+        // Objects from manifest files usually have neither.
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
     })
 }
 
@@ -535,5 +538,20 @@ mod tests {
         assert_eq!(p.named_port("serve-80-udp", Protocol::Udp), Some(80));
         assert_eq!(p.named_port("serve-80-udp", Protocol::Tcp), None);
         assert_eq!(p.node.as_deref(), Some("n1"));
+        assert_eq!((p.created, p.deleting), (None, false), "a manifest's pod has neither");
+    }
+
+    #[test]
+    fn pod_creation_and_deletion_timestamps() {
+        let pod: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "x", "creationTimestamp": "2024-05-01T10:00:02Z",
+                "deletionTimestamp": "2024-05-01T11:00:00Z"},
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"},
+        }))
+        .unwrap();
+        let p = pod_from_api(&pod).unwrap();
+        assert_eq!(p.created, Some(1_714_557_602));
+        assert!(p.deleting);
     }
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, ObjectKey};
+pub use cluster::{Cluster, ObjectKey, address_holders};
 pub use convert::{
     ModelError, namespace_from_api, network_policy_fail_closed, network_policy_from_api, pod_from_api,
     service_from_api,
@@ -96,12 +96,18 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub node: Option<String>,
     /// Pods on the host network share the node's addresses; policy does not
-    /// apply to them (as upstream).
+    /// apply to them (as upstream), and no pod selector picks them as a
+    /// peer: their traffic is their node's.
     pub host_network: bool,
     /// Succeeded or Failed: its addresses are given back (and may be reused
     /// by another pod), so it has none here.
     pub finished: bool,
     pub ports: Vec<ContainerPort>,
+    /// `metadata.creationTimestamp`, in seconds since the epoch; `None` when
+    /// the object has none (manifest files): older than any that has one.
+    pub created: Option<i64>,
+    /// `metadata.deletionTimestamp` is set: the pod is terminating.
+    pub deleting: bool,
 }
 
 impl Pod {
@@ -112,6 +118,22 @@ impl Pod {
 
     pub fn key(&self) -> PodKey {
         PodKey { namespace: self.namespace.clone(), name: self.name.clone() }
+    }
+
+    /// Whether its addresses are its own, so that they carry its identity:
+    /// a pod on the host network has its node's, and a finished pod gave
+    /// its back.
+    pub fn owns_addresses(&self) -> bool {
+        !self.host_network && !self.finished && !self.ips.is_empty()
+    }
+
+    /// Among pods that own one address (`owns_addresses`), the greatest
+    /// holds it: one that is not being deleted over one that is, then the
+    /// newest by creation, then the first in `namespace/name` order. The
+    /// order of updates never matters, so a terminating pod's late status
+    /// update does not take a reused address back from its new pod.
+    pub fn address_precedence(&self) -> impl Ord + '_ {
+        (!self.deleting, self.created, std::cmp::Reverse((&self.namespace, &self.name)))
     }
 }
 

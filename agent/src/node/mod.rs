@@ -4,6 +4,8 @@
 
 mod netlink;
 
+pub use netlink::{Link, announced_links, links};
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Every address configured on this network namespace's interfaces (but

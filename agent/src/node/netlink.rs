@@ -38,6 +38,68 @@ struct IfAddrMsg {
     ifindex: u32,
 }
 
+/// `struct ifinfomsg`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct IfInfoMsg {
+    family: u8,
+    _pad: u8,
+    kind: u16,
+    index: i32,
+    flags: u32,
+    change: u32,
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+
+/// A network interface of this namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    /// Its link-layer type (`ARPHRD_*`).
+    pub link_type: u16,
+    /// Its driver kind (`veth`, `bridge`, `wireguard`, ...), when it has one.
+    pub kind: Option<String>,
+}
+
+/// Every interface of this network namespace (one `RTM_GETLINK` dump).
+pub fn links() -> io::Result<Vec<Link>> {
+    let found = dump::<IfInfoMsg>(RTM_GETLINK, RTM_NEWLINK, libc::AF_UNSPEC as u8)?;
+    Ok(found.iter().filter_map(|(msg, attrs)| link(msg, attrs.iter().map(|(t, v)| (*t, &v[..])))).collect())
+}
+
+/// The interfaces announced as new (or changed) in a datagram of the
+/// rtnetlink link group.
+pub fn announced_links(data: &[u8]) -> Vec<Link> {
+    rtnetlink::messages(data)
+        .map_while(Result::ok)
+        .filter(|m| m.kind == RTM_NEWLINK)
+        .filter_map(|m| m.body::<IfInfoMsg>().and_then(|(msg, attrs)| link(&msg, attrs)))
+        .collect()
+}
+
+fn link<'a>(msg: &IfInfoMsg, attrs: impl Iterator<Item = (u16, &'a [u8])>) -> Option<Link> {
+    let mut name = None;
+    let mut kind = None;
+    for (t, v) in attrs {
+        let text =
+            |v: &[u8]| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+        match t {
+            IFLA_IFNAME => name = Some(text(v)),
+            IFLA_LINKINFO => {
+                kind = rtnetlink::nested(v).find(|(t, _)| *t == IFLA_INFO_KIND).map(|(_, v)| text(v));
+            }
+            _ => {}
+        }
+    }
+    Some(Link { ifindex: u32::try_from(msg.index).ok()?, name: name?, link_type: msg.kind, kind })
+}
+
 const RTM_GETADDR: u16 = 22;
 const RTM_NEWADDR: u16 = 20;
 const IFA_ADDRESS: u16 = 1;
@@ -139,6 +201,12 @@ trait Body: Copy + Default {
 impl Body for NdMsg {
     fn with_family(family: u8) -> Self {
         NdMsg { family, ..NdMsg::default() }
+    }
+}
+
+impl Body for IfInfoMsg {
+    fn with_family(family: u8) -> Self {
+        IfInfoMsg { family, ..IfInfoMsg::default() }
     }
 }
 

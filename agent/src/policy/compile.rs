@@ -121,6 +121,9 @@ pub struct Compiler<'a> {
     /// with different labels but the same selecting policies (and, for
     /// ingress, the same named ports) get the same entries, compiled once.
     compiled: RefCell<HashMap<DirectionInputs, Arc<DirectionPolicy>>>,
+    /// Which pod holds each address (`Cluster::address_holders`), read
+    /// when an egress named port first resolves per address.
+    holders: std::cell::OnceCell<HashMap<IpAddr, &'a Pod>>,
 }
 
 /// What a direction's entries depend on, beyond the cluster: the policies
@@ -142,7 +145,28 @@ impl<'a> Compiler<'a> {
         pods_by_identity: &'a PodsByIdentity,
         plans: &'a PlanCache,
     ) -> Self {
-        Compiler { cluster, identities, pods_by_identity, plans, compiled: RefCell::default() }
+        Compiler {
+            cluster,
+            identities,
+            pods_by_identity,
+            plans,
+            compiled: RefCell::default(),
+            holders: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The addresses `pod` holds: an egress named port resolved on it
+    /// applies there only (an address it shares with a newer pod is that
+    /// pod's; a pod on the host network holds none).
+    fn held<'p>(&self, pod: &'p Pod) -> impl Iterator<Item = IpAddr> + 'p {
+        let holders = self.holders.get_or_init(|| self.cluster.address_holders());
+        let held: Vec<IpAddr> = pod
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| holders.get(ip).is_some_and(|h| std::ptr::eq(*h, pod)))
+            .collect();
+        held.into_iter()
     }
 
     /// Both directions of `pod`'s policy. Pods whose directions depend on
@@ -304,9 +328,9 @@ impl<'a> Compiler<'a> {
                     self.resolve_for_identity(id, name, spec.protocol, &mut named);
                 }
                 for (cidr, except) in &blocks {
-                    for pod in self.cluster.pods.values().filter(|p| !p.host_network) {
+                    for pod in self.cluster.pods.values().filter(|p| p.owns_addresses()) {
                         let Some(port) = pod.named_port(name, spec.protocol) else { continue };
-                        for &ip in &pod.ips {
+                        for ip in self.held(pod) {
                             if cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)) {
                                 named.push(NamedTarget::Address(ip, spec.protocol, port));
                             }
@@ -319,7 +343,9 @@ impl<'a> Compiler<'a> {
     }
 
     /// Resolves a named port on every pod of an identity: one entry for the
-    /// identity when they agree, one per address when they do not.
+    /// identity when they agree, one per address when they do not (the
+    /// addresses each holds: one it shares with a pod that holds it is that
+    /// pod's).
     fn resolve_for_identity(&self, id: u32, name: &str, protocol: Protocol, out: &mut Vec<NamedTarget>) {
         let pods: Vec<&Pod> = self
             .pods_by_identity
@@ -336,7 +362,7 @@ impl<'a> Compiler<'a> {
             _ => {
                 for (pod, port) in pods.iter().zip(ports) {
                     if let Some(port) = port {
-                        out.extend(pod.ips.iter().map(|&ip| NamedTarget::Address(ip, protocol, port)));
+                        out.extend(self.held(pod).map(|ip| NamedTarget::Address(ip, protocol, port)));
                     }
                 }
             }

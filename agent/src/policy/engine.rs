@@ -26,7 +26,7 @@ use super::{
 use crate::compiled::DirectionPolicy;
 use crate::model::{
     Cluster, ContainerPort, Direction, Labels, Namespace, NetworkPolicy, ObjectKey, Peer, Pod, PodKey,
-    PortRef, Service,
+    PortRef, Service, address_holders,
 };
 
 #[derive(Clone, Debug)]
@@ -85,8 +85,11 @@ pub struct Engine {
     pods_by_identity: PodsByIdentity,
     /// Policy plans, kept until what they depend on changes.
     plans: PlanCache,
-    /// Pods claiming an address, the newest last: the newest holds it (a
-    /// reused address follows its new pod), and when it goes the address
+    /// Pods claiming an address (those that own theirs: never one on the
+    /// host network, whose address is its node's), in
+    /// `Pod::address_precedence` order: the last holds it, whatever the
+    /// order of updates (a reused address stays with its new pod when the
+    /// terminating one's status changes), and when it goes the address
     /// falls back to the one before.
     ip_owner: HashMap<IpAddr, Vec<PodKey>>,
     endpoints: BTreeMap<PodKey, EndpointPolicy>,
@@ -147,10 +150,10 @@ impl SharedPolicies {
     }
 }
 
-/// A pod this node enforces: placed here, with an address, not on the host
-/// network.
+/// A pod this node enforces: placed here, with addresses of its own (not on
+/// the host network, not finished).
 fn is_local(node: &str, pod: &Pod) -> bool {
-    pod.node.as_deref() == Some(node) && !pod.host_network && !pod.ips.is_empty()
+    pod.node.as_deref() == Some(node) && pod.owns_addresses()
 }
 
 impl Engine {
@@ -396,7 +399,9 @@ impl Engine {
     /// how it was, the cluster holds how it is).
     fn refresh_pod(&mut self, key: &PodKey, old: Option<Pod>, pending: &mut Pending) {
         let new = self.cluster.pods.get(key);
-        let new_labels = new.filter(|p| !p.ips.is_empty()).map(|p| IdentityLabels::of(&self.cluster, p));
+        // Only addresses a pod owns carry its labels: a pod on the host
+        // network has its node's, whose identity is the node's or world.
+        let new_labels = new.filter(|p| p.owns_addresses()).map(|p| IdentityLabels::of(&self.cluster, p));
         let old_id = self.pod_identity.get(key).copied();
         let old_labels = old_id.and_then(|id| self.identities.labels(id).cloned());
 
@@ -432,31 +437,43 @@ impl Engine {
         let old_ips: Vec<IpAddr> = old.as_ref().map(|p| p.ips.clone()).unwrap_or_default();
         let new_ips: Vec<IpAddr> = new.map(|p| p.ips.clone()).unwrap_or_default();
         self.changes.addresses.extend(old_ips.iter().chain(&new_ips).copied());
-        let holds = |engine: &Self, ip: &IpAddr| engine.ip_owner.get(ip).and_then(|c| c.last()) == Some(key);
-        for ip in &old_ips {
-            if new_ips.contains(ip) && new_id.is_some() {
-                continue;
-            }
-            let was_holder = holds(self, ip);
-            let Some(claims) = self.ip_owner.get_mut(ip) else { continue };
+        // It claims its addresses when it owns them (it has an identity then).
+        let claimed: &[IpAddr] = if new_id.is_some() { &new_ips } else { &[] };
+        let mut touched: Vec<IpAddr> = old_ips.iter().chain(claimed).copied().collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for ip in touched {
+            // The holder and its identity, this pod's as it was before.
+            let identity = |engine: &Self, k: &PodKey, before: bool| {
+                if before && k == key { old_id } else { engine.pod_identity.get(k).copied() }
+            };
+            let before = self.ip_owner.get(&ip).and_then(|c| c.last()).cloned();
+            let before_id = before.as_ref().and_then(|k| identity(self, k, true));
+            let mut claims = self.ip_owner.remove(&ip).unwrap_or_default();
             claims.retain(|k| k != key);
-            let next = claims.last().cloned();
-            if claims.is_empty() {
-                self.ip_owner.remove(ip);
+            if claimed.contains(&ip) {
+                claims.push(key.clone());
+                let pods = &self.cluster.pods;
+                claims.sort_by_key(|k| pods.get(k).map(Pod::address_precedence));
             }
-            if was_holder {
-                pending.ipcache.insert(*ip, next.and_then(|k| self.pod_identity.get(&k).copied()));
+            let after = claims.last().cloned();
+            if !claims.is_empty() {
+                self.ip_owner.insert(ip, claims);
             }
-        }
-        if let Some(id) = new_id {
-            for ip in &new_ips {
-                if !holds(self, ip) {
-                    let claims = self.ip_owner.entry(*ip).or_default();
-                    claims.retain(|k| k != key);
-                    claims.push(key.clone());
-                    pending.ipcache.insert(*ip, Some(id));
-                } else if old_id != new_id {
-                    pending.ipcache.insert(*ip, Some(id));
+            let after_id = after.as_ref().and_then(|k| identity(self, k, false));
+            if (&before, before_id) != (&after, after_id) {
+                pending.ipcache.insert(ip, after_id);
+            }
+            if before != after {
+                // Egress named ports resolve on the pods holding addresses:
+                // both identities may resolve differently now.
+                let labels_of = |id: Option<u32>| id.and_then(|id| self.identities.labels(id)).cloned();
+                if let Some(k) = &before {
+                    let l = if k == key { old_labels.clone() } else { labels_of(before_id) };
+                    pending.named_churn.extend(l);
+                }
+                if after.is_some() {
+                    pending.named_churn.extend(labels_of(after_id));
                 }
             }
         }
@@ -533,7 +550,9 @@ impl Engine {
         // recorded numbers (None: not recorded) of each label set's.
         let mut on_number: HashMap<u32, BTreeSet<IdentityLabels>> = HashMap::new();
         let mut numbers_of: HashMap<IdentityLabels, BTreeSet<Option<u32>>> = HashMap::new();
-        for pod in pods.values().filter(|p| !p.ips.is_empty()) {
+        // Only the addresses a pod holds carry its identity.
+        let holders = address_holders(pods.values().copied());
+        for pod in pods.values().filter(|p| p.owns_addresses()) {
             let labels = IdentityLabels {
                 namespace: pod.namespace.clone(),
                 namespace_labels: namespaces
@@ -543,7 +562,7 @@ impl Engine {
                     .clone(),
                 pod_labels: pod.labels.clone(),
             };
-            for ip in &pod.ips {
+            for ip in pod.ips.iter().filter(|ip| holders.get(*ip).is_some_and(|h| std::ptr::eq(*h, *pod))) {
                 let recorded = self.recovered.get(ip).copied();
                 if let Some(n) = recorded {
                     on_number.entry(n).or_default().insert(labels.clone());
@@ -594,6 +613,8 @@ mod tests {
             node: Some(node.into()),
             host_network: false,
             finished: false,
+            created: None,
+            deleting: false,
             ports: vec![],
         }
     }
@@ -759,6 +780,188 @@ mod tests {
         let old: BTreeSet<u32> = held.values().copied().collect();
         for (ip, id) in after.ipcache() {
             assert!(!old.contains(&id), "{ip} got number {id}, which meant another label set");
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> PodKey {
+        PodKey { namespace: ns.into(), name: name.into() }
+    }
+
+    fn namespace(name: &str) -> Change {
+        Change::UpsertNamespace(Namespace { name: name.into(), labels: Labels::new() })
+    }
+
+    /// A pod on the host network has its node's address. It must not carry
+    /// the pod's labels (the agent's, kube-proxy's, etcd's), or a pod
+    /// selector would admit all the node sends (kubelet, NodePort traffic
+    /// SNATed to it): the address stays the node's, absent from the
+    /// engine's ipcache as any node's is (the host identity on its own
+    /// node, world on the others).
+    #[test]
+    fn a_pod_on_the_host_network_gives_its_node_address_no_identity() {
+        use crate::{
+            model::Protocol,
+            policy::{
+                Simulation,
+                oracle::{self, Party},
+            },
+        };
+        let (here, there) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([192, 0, 2, 2]));
+        let host_pod = |ns: &str, name: &str, app: &str, node: &str, ip: IpAddr| Pod {
+            host_network: true,
+            ips: vec![ip],
+            ..pod(ns, name, app, 0, node)
+        };
+        // Every pod of every namespace may reach web.
+        let everyone = NetworkPolicy {
+            ingress: vec![Rule {
+                peers: vec![Peer::Pods { namespaces: Some(LabelSelector::everything()), pods: None }],
+                ports: vec![],
+            }],
+            ..allow_from("x", "p", "web", "fe")
+        };
+        let mut proxy = host_pod("kube-system", "kube-proxy-n2", "kube-proxy", "n2", there);
+        let agent = host_pod("kube-system", "portcullis-n1", "portcullis", "n1", here);
+        let mut e = Engine::new("n1");
+        e.apply([
+            namespace("x"),
+            namespace("kube-system"),
+            Change::UpsertPod(pod("x", "web", "web", 1, "n1")),
+            Change::UpsertPod(pod("x", "fe", "fe", 2, "n2")),
+            Change::UpsertPod(agent.clone()),
+            Change::UpsertPod(proxy.clone()),
+            Change::UpsertPolicy(everyone),
+        ]);
+        // Updated last, as the bug had it: still not the address's owner.
+        proxy.labels.insert("v".into(), "2".into());
+        e.apply([Change::UpsertPod(proxy.clone())]);
+        for (pod, ip) in [(&agent, here), (&proxy, there)] {
+            assert_eq!(e.ip_holder(&ip), None, "{ip}");
+            assert!(e.ipcache().all(|(a, _)| a != ip), "{ip} is in the ipcache");
+            assert_eq!(e.identity_of(&pod.key()), None, "{}", pod.key());
+        }
+        assert!(e.identities().iter().all(|(_, l)| l.namespace != "kube-system"));
+        assert!(!e.endpoints().contains_key(&agent.key()), "no endpoint on the host network");
+
+        // On n1, with its own address as the host: web admits fe, and this
+        // node (the agent's address); not n2's address, which the policy's
+        // pod peers do not name. The oracle says the same.
+        let sim = Simulation::from_engine(&e, &[here]).expect("valid keys");
+        let (web, fe) = (&e.cluster().pods[&key("x", "web")], &e.cluster().pods[&key("x", "fe")]);
+        let to_web = Party::Pod(web, web.ips[0]);
+        for (client, allowed) in [
+            (Party::Pod(fe, fe.ips[0]), true),
+            (Party::Pod(&agent, here), true),
+            (Party::Pod(&proxy, there), false),
+        ] {
+            let verdict = oracle::evaluate(e.cluster(), client, to_web, Protocol::Tcp, 80);
+            assert_eq!(verdict.allowed, allowed, "oracle: {} -> web", client.ip());
+            assert_eq!(
+                sim.allows(client, to_web, Protocol::Tcp, 80),
+                allowed,
+                "datapath: {} -> web",
+                client.ip()
+            );
+        }
+    }
+
+    /// The pod holding an address, as the engine's ipcache has it.
+    fn holder(e: &Engine, ip: IpAddr) -> Option<String> {
+        let (id, holder) = e.ip_holder(&ip)?;
+        assert_eq!(e.identity_of(holder), Some(id));
+        assert_eq!(e.ipcache().find(|(a, _)| *a == ip).map(|(_, i)| i), Some(id));
+        Some(holder.name.clone())
+    }
+
+    /// A reused address goes to the newest pod that is not being deleted,
+    /// whatever order the updates come in: the terminating pod's status
+    /// update, after the new pod took its address, does not take it back.
+    #[test]
+    fn a_reused_address_stays_with_the_newest_pod_whatever_the_update_order() {
+        let ip = IpAddr::from([10, 0, 0, 7]);
+        let mut old = Pod { created: Some(100), ..pod("x", "old", "old", 7, "n1") };
+        let new = Pod { created: Some(200), ..pod("x", "new", "new", 7, "n1") };
+        let mut e = Engine::new("n1");
+        e.apply([namespace("x"), Change::UpsertPod(old.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("old"));
+        let diff = e.apply([Change::UpsertPod(new.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+        assert_eq!(diff.ipcache[&ip], e.identity_of(&new.key()));
+
+        // The old pod's updates come after: it is terminating, then its
+        // status changes again. The address stays the new pod's.
+        old.deleting = true;
+        let diff = e.apply([Change::UpsertPod(old.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+        assert!(diff.ipcache.is_empty(), "{diff:?}");
+        old.labels.insert("seen".into(), "later".into());
+        e.apply([Change::UpsertPod(old.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+
+        // Even while not marked deleting (an update seen out of order), an
+        // older pod does not take it back.
+        old.deleting = false;
+        e.apply([Change::UpsertPod(old.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+
+        // A newer pod being deleted loses to one that is not.
+        let terminating = Pod { deleting: true, ..new.clone() };
+        e.apply([Change::UpsertPod(terminating.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("old"));
+        e.apply([Change::UpsertPod(new.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+
+        // The same creation time: the first in namespace/name order.
+        let twin = Pod { created: Some(200), ..pod("x", "a-twin", "twin", 7, "n1") };
+        e.apply([Change::UpsertPod(twin.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("a-twin"));
+        e.apply([Change::UpsertPod(new.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("a-twin"));
+        e.apply([Change::DeletePod(twin.key())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+
+        // A finished pod never holds one; when the new pod goes, the old
+        // one (still running) has its address again.
+        let done = Pod { finished: true, created: Some(300), ..pod("x", "done", "done", 7, "n1") };
+        e.apply([Change::UpsertPod(done.clone())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("new"));
+        e.apply([Change::DeletePod(new.key())]);
+        assert_eq!(holder(&e, ip).as_deref(), Some("old"));
+        old.finished = true;
+        let diff = e.apply([Change::UpsertPod(old.clone())]);
+        assert_eq!(holder(&e, ip), None);
+        assert_eq!(diff.ipcache[&ip], None);
+    }
+
+    /// Whatever order a set of pods claiming one address arrives in (and
+    /// however often each is updated), the engine ends where a fresh one
+    /// fed the final pods at once does.
+    #[test]
+    fn the_holder_of_an_address_does_not_depend_on_the_order_of_updates() {
+        let ip = IpAddr::from([10, 0, 0, 7]);
+        let pods = [
+            Pod { created: Some(100), deleting: true, ..pod("x", "a", "a", 7, "n1") },
+            Pod { created: Some(300), ..pod("x", "b", "b", 7, "n1") },
+            Pod { created: Some(200), ..pod("x", "c", "c", 7, "n1") },
+            Pod { created: Some(400), finished: true, ..pod("x", "d", "d", 7, "n1") },
+            Pod { created: None, ..pod("x", "e", "e", 7, "n1") },
+        ];
+        let mut want = Engine::new("n1");
+        want.apply(std::iter::once(namespace("x")).chain(pods.iter().cloned().map(Change::UpsertPod)));
+        assert_eq!(holder(&want, ip).as_deref(), Some("b"));
+        let mut order: Vec<usize> = (0..pods.len()).collect();
+        // Every rotation and its reverse, each pod updated twice.
+        for turn in 0..2 * pods.len() {
+            order.rotate_left(1);
+            if turn == pods.len() {
+                order.reverse();
+            }
+            let mut e = Engine::new("n1");
+            e.apply([namespace("x")]);
+            for &i in order.iter().chain(&order) {
+                e.apply([Change::UpsertPod(pods[i].clone())]);
+            }
+            assert_eq!(holder(&e, ip), holder(&want, ip), "order {order:?}");
         }
     }
 }

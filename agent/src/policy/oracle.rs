@@ -12,7 +12,9 @@ use crate::model::{Cluster, Direction, NetworkPolicy, Peer, Pod, PortRef, Protoc
 /// One side of a connection.
 #[derive(Clone, Copy, Debug)]
 pub enum Party<'a> {
-    /// A pod, at one of its addresses.
+    /// A pod, at one of its addresses. A pod on the host network is its
+    /// node's address: policy does not apply to it, no pod selector picks
+    /// it, and to a pod on its own node it is that node.
     Pod(&'a Pod, IpAddr),
     /// The node the server pod runs on: always admitted.
     Node(IpAddr),
@@ -20,19 +22,56 @@ pub enum Party<'a> {
     External(IpAddr),
 }
 
-impl Party<'_> {
+impl<'a> Party<'a> {
     pub fn ip(&self) -> IpAddr {
         match *self {
             Party::Pod(_, ip) | Party::Node(ip) | Party::External(ip) => ip,
         }
     }
 
-    fn pod(&self) -> Option<&Pod> {
-        match self {
-            Party::Pod(p, _) => Some(p),
+    /// The pod whose policy judges this side: none for a pod on the host
+    /// network.
+    fn endpoint(&self) -> Option<&'a Pod> {
+        match *self {
+            Party::Pod(p, _) if !p.host_network => Some(p),
             _ => None,
         }
     }
+
+    /// The pod a peer is, seen from the other side: the one holding its
+    /// address (`pod_at`). Peers are known by their address, so a pod on
+    /// the host network is nobody's, and a pod that lost its address to
+    /// another is that other.
+    fn remote(&self, cluster: &'a Cluster) -> Option<&'a Pod> {
+        match *self {
+            Party::Pod(_, ip) => pod_at(cluster, ip),
+            _ => None,
+        }
+    }
+}
+
+/// The pod holding `ip`. Pods on the host network never hold one (theirs
+/// is their node's), nor do finished pods. Of several that claim it, one
+/// not being deleted wins over one being deleted, then the newest
+/// (`created`; unknown is oldest), then the first in `namespace/name`
+/// order. Which was updated last does not matter.
+pub fn pod_at(cluster: &Cluster, ip: IpAddr) -> Option<&Pod> {
+    let mut best: Option<&Pod> = None;
+    for pod in cluster.pods.values() {
+        if pod.host_network || pod.finished || !pod.ips.contains(&ip) {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some(b) if b.deleting != pod.deleting => b.deleting,
+            // Strictly newer: on a tie the first in name order stays.
+            Some(b) => pod.created > b.created,
+        };
+        if better {
+            best = Some(pod);
+        }
+    }
+    best
 }
 
 /// A rule that allowed the connection.
@@ -75,13 +114,19 @@ pub fn evaluate(
     protocol: Protocol,
     port: u16,
 ) -> Verdict {
-    let egress = match client.pod() {
+    let egress = match client.endpoint() {
         Some(pod) => side(cluster, pod, Direction::Egress, &client, &server, protocol, port),
         None => SideVerdict { allowed: true, ..Default::default() },
     };
-    let ingress = match server.pod() {
+    // A pod on the host network of the server's node is that node.
+    let node_of = |server: &Pod| match client {
+        Party::Node(_) => true,
+        Party::Pod(c, _) => c.host_network && c.node.is_some() && c.node == server.node,
+        Party::External(_) => false,
+    };
+    let ingress = match server.endpoint() {
         // The node may always reach its pods.
-        Some(_) if matches!(client, Party::Node(_)) => SideVerdict { allowed: true, ..Default::default() },
+        Some(pod) if node_of(pod) => SideVerdict { allowed: true, ..Default::default() },
         Some(pod) => side(cluster, pod, Direction::Ingress, &client, &server, protocol, port),
         None => SideVerdict { allowed: true, ..Default::default() },
     };
@@ -99,6 +144,10 @@ fn side(
 ) -> SideVerdict {
     let mut out = SideVerdict::default();
     let remote = if direction == Direction::Ingress { client } else { server };
+    let remote_pod = remote.remote(cluster);
+    // Named ports belong to the server pod: this one for ingress, the pod
+    // at the destination address for egress.
+    let server_pod = if direction == Direction::Ingress { Some(pod) } else { remote_pod };
     for policy in cluster.policies.values() {
         if policy.namespace != pod.namespace
             || !policy.affects(direction)
@@ -108,17 +157,16 @@ fn side(
         }
         out.selected_by.push(format!("{}/{}", policy.namespace, policy.name));
         for (index, rule) in policy.rules(direction).iter().enumerate() {
-            let peer_ok =
-                rule.peers.is_empty() || rule.peers.iter().any(|p| peer_matches(cluster, policy, p, remote));
+            let peer_ok = rule.peers.is_empty()
+                || rule.peers.iter().any(|p| peer_matches(cluster, policy, p, remote, remote_pod));
             let port_ok = rule.ports.is_empty()
                 || rule.ports.iter().any(|spec| {
                     spec.protocol == protocol
                         && match &spec.port {
                             None => true,
                             Some(PortRef::Numbers(range)) => range.contains(port),
-                            // Named ports belong to the server pod.
                             Some(PortRef::Named(name)) => {
-                                server.pod().and_then(|s| s.named_port(name, protocol)) == Some(port)
+                                server_pod.and_then(|s| s.named_port(name, protocol)) == Some(port)
                             }
                         }
                 });
@@ -136,19 +184,120 @@ fn side(
     out
 }
 
-fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, remote: &Party<'_>) -> bool {
+fn peer_matches(
+    cluster: &Cluster,
+    policy: &NetworkPolicy,
+    peer: &Peer,
+    remote: &Party<'_>,
+    remote_pod: Option<&Pod>,
+) -> bool {
     match peer {
         Peer::IpBlock { cidr, except } => {
             let ip = remote.ip();
             cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
         }
         Peer::Pods { namespaces, pods } => {
-            let Some(remote) = remote.pod() else { return false };
+            let Some(remote) = remote_pod else { return false };
             let ns_ok = match namespaces {
                 None => remote.namespace == policy.namespace,
                 Some(sel) => sel.matches(cluster.namespace_labels(&remote.namespace)),
             };
             ns_ok && pods.as_ref().is_none_or(|s| s.matches(&remote.labels))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Labels;
+
+    /// The oracle's plain rule and the one the engine and the compiler
+    /// share (`Pod::address_precedence`) pick the same holder, for every
+    /// mix of three pods claiming one address.
+    #[test]
+    fn the_oracles_holder_is_the_compilers() {
+        let ip = IpAddr::from([10, 0, 0, 7]);
+        // (created, deleting, finished, host_network) of each pod.
+        let states: Vec<(Option<i64>, bool, bool, bool)> = [None, Some(1), Some(2)]
+            .into_iter()
+            .flat_map(|c| [false, true].into_iter().map(move |d| (c, d)))
+            .flat_map(|(c, d)| [(c, d, false, false), (c, d, true, false), (c, d, false, true)])
+            .collect();
+        let mut cases = 0;
+        for a in &states {
+            for b in &states {
+                for c in &states {
+                    let mut cluster = Cluster::default();
+                    for (name, &(created, deleting, finished, host_network)) in [("a", a), ("b", b), ("c", c)]
+                    {
+                        cluster.add_pod(Pod {
+                            namespace: "x".into(),
+                            name: name.into(),
+                            labels: Labels::new(),
+                            ips: vec![ip],
+                            node: Some("n".into()),
+                            host_network,
+                            finished,
+                            ports: vec![],
+                            created,
+                            deleting,
+                        });
+                    }
+                    let want = pod_at(&cluster, ip).map(Pod::key);
+                    let got = cluster.address_holders().get(&ip).map(|p| p.key());
+                    assert_eq!(got, want, "{a:?} {b:?} {c:?}");
+                    cases += usize::from(want.is_some());
+                }
+            }
+        }
+        assert!(cases > 1000, "{cases}");
+    }
+
+    /// Peers are known by their address: a pod on the host network is its
+    /// node's, which no pod selector picks; to a pod of its own node it is
+    /// that node.
+    #[test]
+    fn a_pod_on_the_host_network_is_its_node() {
+        let pod = |name: &str, node: &str, ip: [u8; 4], host_network: bool| Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Labels::new(),
+            ips: vec![IpAddr::from(ip)],
+            node: Some(node.into()),
+            host_network,
+            finished: false,
+            ports: vec![],
+            created: None,
+            deleting: false,
+        };
+        let mut cluster = Cluster::default();
+        let web = pod("web", "n1", [10, 0, 0, 1], false);
+        let (here, there) =
+            (pod("agent", "n1", [192, 0, 2, 1], true), pod("proxy", "n2", [192, 0, 2, 2], true));
+        for p in [&web, &here, &there] {
+            cluster.add_pod(p.clone());
+        }
+        // Only pods of x (every one of them) may reach web.
+        cluster.add_policy(NetworkPolicy {
+            namespace: "x".into(),
+            name: "p".into(),
+            pod_selector: crate::model::LabelSelector::everything(),
+            affects_ingress: true,
+            affects_egress: false,
+            ingress: vec![crate::model::Rule {
+                peers: vec![Peer::Pods { namespaces: None, pods: None }],
+                ports: vec![],
+            }],
+            egress: vec![],
+        });
+        let to_web = Party::Pod(&web, web.ips[0]);
+        let from = |p: &Pod| evaluate(&cluster, Party::Pod(p, p.ips[0]), to_web, Protocol::Tcp, 80);
+        assert!(from(&here).allowed, "its own node");
+        let verdict = from(&there);
+        assert!(!verdict.allowed && verdict.ingress.allowed_by.is_empty(), "{verdict:?}");
+        // Not isolated themselves: policy does not apply to them.
+        let back = evaluate(&cluster, to_web, Party::Pod(&there, there.ips[0]), Protocol::Tcp, 80);
+        assert!(back.allowed && back.ingress.selected_by.is_empty(), "{back:?}");
     }
 }

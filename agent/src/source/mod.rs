@@ -341,6 +341,8 @@ mod tests {
             node: Some("node".into()),
             host_network: false,
             finished: false,
+            created: None,
+            deleting: false,
             ports: vec![],
         }
     }
@@ -423,6 +425,42 @@ mod tests {
         let (state, errors) = builder.build(&mut engine, 5, &[], &hints, true);
         assert!(placed(&state).iter().all(|(name, _, _)| name != "x/a"), "{:?}", placed(&state));
         assert!(errors.iter().any(|e| e.contains("x/a")), "{errors:?}");
+    }
+
+    /// Pods on the host network have their node's address; the compiled
+    /// state gives it no identity from their labels: the node's own
+    /// address stays the host, another node's stays out of the ipcache
+    /// (world), however the pods are updated.
+    #[test]
+    fn node_addresses_stay_the_nodes_with_pods_on_the_host_network() {
+        let (here, there) = (IpAddr::from([198, 51, 100, 250]), IpAddr::from([198, 51, 100, 251]));
+        let host_pod = |name: &str, node: &str, ip: IpAddr| Pod {
+            host_network: true,
+            ips: vec![ip],
+            node: Some(node.into()),
+            labels: [("app".to_string(), name.to_string())].into_iter().collect(),
+            ..pod(name, 0)
+        };
+        let mut engine = engine(&[host_pod("agent", "node", here), host_pod("etcd", "remote", there)]);
+        let mut builder = StateBuilder::default();
+        let hints = Hints::default();
+        for revision in 1..3 {
+            // Updated again: the last update must not make them owners.
+            engine.apply([
+                Change::UpsertPod(host_pod("kube-proxy", "node", here)),
+                Change::UpsertPod(host_pod("kube-proxy-remote", "remote", there)),
+            ]);
+            for (state, _) in [
+                builder.build(&mut engine, revision, &[here], &hints, true),
+                StateBuilder::default().build(&mut engine, revision, &[here], &hints, true),
+            ] {
+                let node =
+                    IpcacheEntry { cidr: here.into(), identity: identity::HOST, name: Some("node".into()) };
+                assert_eq!(state.ipcache, vec![node]);
+                assert!(state.identities.is_empty(), "{:?}", state.identities);
+                assert!(state.endpoints.is_empty());
+            }
+        }
     }
 
     /// The ipcache and identities a builder keeps up to date pass by pass

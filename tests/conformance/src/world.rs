@@ -69,6 +69,8 @@ impl WorldPod {
             node: Some(self.node.clone()),
             host_network: false,
             finished: false,
+            created: None,
+            deleting: false,
             ports: self
                 .ports
                 .iter()
