@@ -573,7 +573,14 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     // Service verdicts after DNAT: on the node's devices (backends on other
     // nodes) and its root cgroup (backends on its own addresses). Without
     // the latter a Service to a node address would bypass egress policy.
-    dp.attach_host(&host_cgroup).with_context(|| format!("--host-cgroup {}", host_cgroup.display()))?;
+    if let Err(e) = dp.attach_host(&host_cgroup) {
+        tracing::error!(
+            cgroup = %host_cgroup.display(),
+            error = %format!("{e:#}"),
+            "no Service verdicts for backends on this node's own addresses: a Service to a node address is not judged \
+             (mount the host's cgroup2 root and pass --host-cgroup)"
+        );
+    }
     dp.follow_node_devices();
     let (links_tx, mut links_rx) = tokio::sync::mpsc::unbounded_channel::<portcullis_agent::node::Link>();
     if let Err(e) = portcullis_agent::datapath::watch_new_links(move |link| {
