@@ -581,7 +581,7 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
              (mount the host's cgroup2 root and pass --host-cgroup)"
         );
     }
-    dp.follow_node_devices();
+    dp.follow_node_devices(&Default::default());
     let (links_tx, mut links_rx) = tokio::sync::mpsc::unbounded_channel::<portcullis_agent::node::Link>();
     if let Err(e) = portcullis_agent::datapath::watch_new_links(move |link| {
         let _ = links_tx.send(link);
@@ -762,14 +762,16 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
                     api::Request::Status(reply) => {
                         let mut status = source.status(good.as_ref().map(|s| s.revision));
                         telemetry.flows_seen = flow_store.seen();
-                        let node_ips = node::local_addresses();
+                        // The addresses the loop keeps (read once a second), not a
+                        // netlink dump per request: scrapes come from outside.
+                        let node_ips = node_ips.get_or_insert_with(node::local_addresses).clone();
                         let view = inspect_view(&good, &source, &last_errors, &last_failed, &dp, &node_ips, &node_name);
                         status.health = Some(inspect::health(&view, &mut telemetry, &node_name, source.api_server()));
                         let _ = reply.send(status);
                     }
                     api::Request::Inspect(query, reply) => {
                         telemetry.flows_seen = flow_store.seen();
-                        let node_ips = node::local_addresses();
+                        let node_ips = node_ips.get_or_insert_with(node::local_addresses).clone();
                         let view = inspect_view(&good, &source, &last_errors, &last_failed, &dp, &node_ips, &node_name);
                         let json = |v: Result<serde_json::Value, serde_json::Error>| {
                             v.map(api::Answer::Json).map_err(|e| inspect::Failure { status: 500, message: e.to_string() })
@@ -860,7 +862,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
         let each_second = on_tick && ticks.is_multiple_of(10);
         progress_tx.send_modify(|p| p.heartbeat = std::time::Instant::now());
         if each_second || hooks_gone || std::mem::take(&mut links_changed) {
-            dp.follow_node_devices();
+            let placed = good.iter().flat_map(|s| s.endpoints.iter().map(|e| e.interface.as_str())).collect();
+            dp.follow_node_devices(&placed);
         }
         // The main plugin may have rewritten its conflist (kindnet and
         // flannel do when they restart): chain again at once, or new pods

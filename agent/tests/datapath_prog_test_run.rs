@@ -1401,3 +1401,26 @@ fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
         events();
     });
 }
+
+/// `to_host` attaches to a cgroup's ingress, as a pinned link that a second
+/// agent replaces, and the pins hold it.
+#[test]
+fn the_host_hook_attaches_to_a_cgroup_and_a_new_agent_replaces_it() {
+    // A cgroup of our own under the machine's cgroup v2 root.
+    let root = portcullis_agent::datapath::cgroup_v2_root(std::path::Path::new("/sys/fs/cgroup"))
+        .expect("cgroup v2");
+    let cgroup = root.join(format!("portcullis-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).expect("cgroup");
+    let pins = PinDir::new();
+    let config = DatapathConfig { pin_dir: pins.path.clone(), ..Default::default() };
+    for _ in 0..2 {
+        let mut dp = Datapath::load(&config).expect("load");
+        if let Err(e) = dp.attach_host(&cgroup) {
+            let _ = std::fs::remove_dir(&cgroup);
+            panic!("attach: {:?}", anyhow::Error::from(e));
+        }
+    }
+    assert!(pins.path.join("links/host-cgroup").exists(), "the link is pinned");
+    drop(pins);
+    let _ = std::fs::remove_dir(&cgroup);
+}

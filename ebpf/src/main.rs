@@ -290,7 +290,9 @@ mod datapath {
             return drop(ctx, &ep, ifindex, direction, identity::WORLD, reason::MALFORMED, Some(&pkt));
         }
         if is_neighbour_discovery(&pkt) {
-            if direction == DIR_EGRESS {
+            // Only an isolated pod's ND is exempt from anything: an open
+            // pod may send ND-shaped packets anywhere, as any packet.
+            if direction == DIR_EGRESS && isolated {
                 mark_link_only(ctx, ep.endpoint_id);
             }
             return TC_PASS;

@@ -53,6 +53,27 @@ pub(super) fn ensure_node_tag(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     config.set(config::NODE_TAG, tag, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
 }
 
+/// Where cgroup v2 is at or below `path`: `path` itself (unified
+/// hierarchy), or `path/unified` (the hybrid layout of systemd's older
+/// defaults, and of this project's CI machines).
+pub fn cgroup_v2_root(path: &Path) -> Result<PathBuf, HostHookError> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let is_v2 = |p: &Path| {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return false };
+        // SAFETY: zeroed statfs is a valid out-buffer.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+    };
+    [path.to_owned(), path.join("unified")].into_iter().find(|p| is_v2(p)).ok_or_else(|| {
+        HostHookError::Cgroup {
+            path: path.to_owned(),
+            source: std::io::Error::other("no cgroup v2 hierarchy there, nor under unified/"),
+        }
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostHookError {
     #[error("opening cgroup {path}")]
@@ -87,6 +108,7 @@ impl Datapath {
     /// root: cgroup v2's mount point as the host sees it), replacing the
     /// link an earlier agent pinned. Idempotent.
     pub fn attach_host(&mut self, cgroup: &Path) -> Result<(), HostHookError> {
+        let cgroup = &cgroup_v2_root(cgroup)?;
         let file = std::fs::File::open(cgroup)
             .map_err(|source| HostHookError::Cgroup { path: cgroup.to_owned(), source })?;
         let attach = |source: Box<dyn std::error::Error + Send + Sync>| HostHookError::Attach {
@@ -97,13 +119,14 @@ impl Datapath {
         std::fs::create_dir_all(&links)
             .map_err(|source| DatapathError::PinDir { path: links.clone(), source })?;
         let pin = self.host_link_pin();
-        let fresh = links.join("host-cgroup.new");
+        let fresh = links.join("host-cgroup-new");
         let _ = std::fs::remove_file(&fresh);
         let prog = cgroup_skb(&mut self.ebpf)?;
-        // Several programs may share the cgroup (systemd's, another
-        // agent's on the same kernel in test beds): each runs.
+        // A BPF link (this kernel makes one) always shares the cgroup with
+        // other programs (systemd's, another agent's on the same kernel in
+        // test beds): each runs. The link takes no attach flags.
         let id = prog
-            .attach(&file, CgroupSkbAttachType::Ingress, CgroupAttachMode::AllowMultiple)
+            .attach(&file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(|e| attach(e.into()))?;
         let link = FdLink::try_from(prog.take_link(id).map_err(|e| attach(e.into()))?)
             .map_err(|e| attach(e.into()))?;

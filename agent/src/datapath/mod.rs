@@ -30,7 +30,7 @@ use portcullis_common::{
 pub use attach::{AttachError, IfIndexes, detach_all_filters, ifindex, ifname, prepare_interface};
 pub use conntrack::{CtEntry, Sweep, monotonic_ns};
 pub use counters::{DirectionCounters, EndpointCounters};
-pub use host::HostHookError;
+pub use host::{HostHookError, cgroup_v2_root};
 pub use inspect::{KernelEndpoint, KernelVerdict};
 pub use netdevs::{NetdevFailures, netdev_program, watch_new_links};
 pub use tc_events::watch_hook_removals;

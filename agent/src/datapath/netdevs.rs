@@ -10,7 +10,12 @@
 //! agent reads the node's links once a second and whenever the kernel
 //! announces a new one.
 
-use std::{collections::BTreeMap, io, os::fd::AsFd as _, os::fd::AsRawFd as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    os::fd::AsFd as _,
+    os::fd::AsRawFd as _,
+};
 
 use portcullis_common::program_names;
 
@@ -47,11 +52,20 @@ impl Datapath {
     /// Gives every link of `links` that is no endpoint's interface the
     /// Service hook (once; again after someone removed it), and forgets
     /// links that are gone or became endpoints.
-    pub fn sync_node_devices(&mut self, links: &[Link]) -> NetdevFailures {
-        let endpoints: std::collections::BTreeSet<u32> =
-            self.loaded.endpoints.values().map(|e| e.ifindex).collect();
-        let current: BTreeMap<u32, &Link> =
-            links.iter().filter(|l| !endpoints.contains(&l.ifindex)).map(|l| (l.ifindex, l)).collect();
+    /// `endpoint_interfaces`: the interfaces the current state places
+    /// endpoints on (one recreated under its name has a new index the
+    /// loaded endpoints do not know yet).
+    pub fn sync_node_devices(
+        &mut self,
+        links: &[Link],
+        endpoint_interfaces: &BTreeSet<&str>,
+    ) -> NetdevFailures {
+        let endpoints: BTreeSet<u32> = self.loaded.endpoints.values().map(|e| e.ifindex).collect();
+        let current: BTreeMap<u32, &Link> = links
+            .iter()
+            .filter(|l| !endpoints.contains(&l.ifindex) && !endpoint_interfaces.contains(l.name.as_str()))
+            .map(|l| (l.ifindex, l))
+            .collect();
         // Gone, renamed (the index handed to another interface), or an
         // endpoint's now (its own filters replaced ours).
         self.node_devices.retain(|idx, name| current.get(idx).is_some_and(|l| &l.name == name));
@@ -98,7 +112,7 @@ impl Datapath {
 
     /// Reads the node's links and syncs their Service hooks; failures are
     /// logged (such a device is tried again on the next call).
-    pub fn follow_node_devices(&mut self) {
+    pub fn follow_node_devices(&mut self, endpoint_interfaces: &BTreeSet<&str>) {
         let links = match crate::node::links() {
             Ok(l) => l,
             Err(e) => {
@@ -106,7 +120,7 @@ impl Datapath {
                 return;
             }
         };
-        for (name, e) in self.sync_node_devices(&links) {
+        for (name, e) in self.sync_node_devices(&links, endpoint_interfaces) {
             tracing::error!(
                 interface = %name,
                 error = %e,
