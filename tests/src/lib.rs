@@ -25,6 +25,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub mod agent;
 pub mod packets;
+pub mod raw;
 
 /// The node's own addresses (on the node namespace's loopback).
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 244, 255, 254);
@@ -357,6 +358,14 @@ impl Bed {
 
     /// Starts TCP and UDP servers on `port` (both families) in a pod that
     /// answer with its name.
+    /// A server in the node's own namespace, answering `reply` (a
+    /// hostNetwork pod, or the API server on a control-plane node).
+    pub fn serve_node(&mut self, port: u16, reply: &str) -> Result<()> {
+        let server = Server::start(&self.node, reply.to_string(), port)?;
+        self.servers.push(server);
+        Ok(())
+    }
+
     pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
         let server = Server::start(&self.pod(pod).netns, pod.to_string(), port)?;
         self.servers.push(server);
