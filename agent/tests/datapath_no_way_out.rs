@@ -169,7 +169,7 @@ fn raw_packets_dressed_as_exempt_traffic_do_not_leave_an_isolated_pod() {
         let marker = format!("nd6-from-{sender}");
         let rx = raw::Receiver::open(&bed.pod("sink").netns, true, libc::IPPROTO_ICMPV6).expect("receiver");
         let mut payload = vec![135, 0, 0, 0, 0, 0, 0, 0];
-        payload.extend_from_slice(&Ipv6Addr::from(bed.pod("sink").ipv6).octets());
+        payload.extend_from_slice(&bed.pod("sink").ipv6.octets());
         payload.extend_from_slice(marker.as_bytes());
         raw::send(&bed.pod(sender).netns, sink6, libc::IPPROTO_ICMPV6, 255, payload).expect("send");
         assert_eq!(rx.saw(marker.as_bytes(), ARRIVES).expect("receive"), arrives, "{marker}");
@@ -212,5 +212,76 @@ fn raw_packets_dressed_as_exempt_traffic_do_not_leave_an_isolated_pod() {
     let rx = raw::Receiver::open(&bed.pod("sink").netns, false, libc::IPPROTO_ICMP).expect("receiver");
     raw::send(&bed.pod("web").netns, sink4, libc::IPPROTO_ICMP, 64, quote("quote-from-web")).expect("send");
     assert!(rx.saw(b"quote-from-web", ARRIVES).expect("receive"), "an open pod's ICMP error arrives");
+    agent.stop();
+}
+
+/// Sends `ping` on `socket` to `to` and returns the answer, if any.
+fn ask(socket: &UdpSocket, to: (IpAddr, u16)) -> Option<String> {
+    socket.send_to(b"ping", to).expect("send");
+    let mut buf = [0u8; 64];
+    socket.recv_from(&mut buf).ok().map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// When netfilter gives a tracked Service flow another backend (its NAT
+/// entry expired while ours lives on, or was flushed), the new backend is
+/// judged: the isolated client's packets to a forbidden one are dropped,
+/// an open pod's reach it.
+#[test]
+fn a_service_flow_given_another_backend_is_judged_on_it() {
+    let mut bed = Bed::new().expect("bed");
+    for pod in ["client", "web", "open", "sink"] {
+        bed.add_pod(pod).expect("pod");
+    }
+    bed.serve("web", 8080).expect("serve");
+    bed.serve("sink", 8080).expect("serve");
+    // The node forgets UDP NAT decisions after a second.
+    for key in ["nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"] {
+        bed.node.sysctl(&format!("net.netfilter.{key}"), "1").expect("sysctl");
+    }
+    let client =
+        PodPolicy { egress: isolated(vec![allow(WEB, Protocol::Udp, 8080)]), ..open("client", CLIENT) };
+    let mut state =
+        bed_state::state(&bed, 1, vec![client, open("web", WEB), open("open", SINK + 1), open("sink", SINK)]);
+    let (web, sink) = (IpAddr::from(bed.pod("web").ipv4), IpAddr::from(bed.pod("sink").ipv4));
+    service(&mut bed, &mut state, "10.96.0.40", web);
+    let (mut agent, _file, _pins) = agent(&bed, &state);
+
+    let svc = (ip("10.96.0.40"), 80);
+    let socket = |pod: &str| {
+        bed.pod(pod)
+            .netns
+            .run(|| {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 40500)).expect("bind");
+                s.set_read_timeout(Some(DENIED)).expect("timeout");
+                s
+            })
+            .expect("socket")
+    };
+    let (client, open_pod) = (socket("client"), socket("open"));
+    assert_eq!(ask(&client, svc).as_deref(), Some("web"), "the allowed backend");
+    assert_eq!(ask(&open_pod, svc).as_deref(), Some("web"));
+    // kube-proxy now sends the Service to sink (new NAT decisions only).
+    let to = format!("{sink}:8080");
+    let rule = [
+        "-t",
+        "nat",
+        "-I",
+        "PREROUTING",
+        "1",
+        "-d",
+        "10.96.0.40",
+        "-p",
+        "udp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+    ];
+    let out =
+        bed.node.command("iptables").args(rule).args(["--to-destination", &to]).output().expect("iptables");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ask(&open_pod, svc).as_deref(), Some("sink"), "netfilter picked the new backend");
+    assert_eq!(ask(&client, svc), None, "the client's egress does not allow sink");
     agent.stop();
 }

@@ -944,9 +944,17 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         // ...and after DNAT judged on the backend, the mark restored.
         let (v, m) = dp.test_run_marked(Hook::ToContainer, &dnat(43000, fe).bytes(), m).expect("run");
         assert_eq!((v, m), (TC_PASS, 0x4000), "frontend:8080 is allowed");
-        // Later packets and the replies (from the Service address) pass.
+        // Later packets are checked after DNAT against the backend they
+        // were judged on: that one passes, another one netfilter may pick
+        // for the same tuple (its entry expired or was flushed) is judged.
         let (v, m) = dp.test_run_marked(Hook::FromContainer, &to_svc(43000).bytes(), 0).expect("run");
-        assert_eq!((v, m), (TC_PASS, 0), "tracked: no mark");
+        assert_eq!((v, m), (TC_PASS, pending), "tracked, still marked");
+        let (v, m2) = dp.test_run_marked(Hook::ToContainer, &dnat(43000, fe).bytes(), m).expect("run");
+        assert_eq!((v, m2), (TC_PASS, 0), "the same backend");
+        let (v, _) = dp.test_run_marked(Hook::ToNetdev, &dnat(43000, admin).bytes(), m).expect("run");
+        assert_eq!(v, TC_ACT_SHOT, "another backend for the tracked tuple is judged: admin is not allowed");
+        assert_eq!(events().len(), 1, "reported");
+        // The replies (from the Service address) pass.
         let reply = Frame { src_port: 80, ..Frame::tcp(svc, me, 43000) };
         assert_eq!(ingress(dp, reply), TC_PASS, "reply from the Service address");
         assert!(events().is_empty());
@@ -1383,6 +1391,22 @@ fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
         );
         let reply = Frame { src_port: 80, tcp_flags: 0x12, ..Frame::tcp(svc, me, 45000) };
         assert_eq!(ingress(dp, reply), TC_PASS, "the reply from the Service address");
+
+        // Masquerade toward a backend off the node (kube-proxy's
+        // masquerade-all, a CNI's SNAT): the node's device still finds the
+        // record under the client's own address, judges, and tracks it.
+        let (_, m) = out(&Frame { src_port: 45100, ..Frame::tcp(me, svc, 80) });
+        let snat = Frame { src_port: 45100, ..Frame::tcp(ip("10.0.0.254"), fe, 8080) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &snat.bytes(), m).expect("run"), (TC_PASS, 0));
+        let reply = Frame { src_port: 80, tcp_flags: 0x12, ..Frame::tcp(svc, me, 45100) };
+        assert_eq!(ingress(dp, reply), TC_PASS, "the reply of the masqueraded connection");
+        let (_, m) = out(&Frame { src_port: 45101, ..Frame::tcp(me, svc, 80) });
+        let snat = Frame { src_port: 45101, ..Frame::tcp(ip("10.0.0.254"), ip("10.0.0.3"), 8080) };
+        assert_eq!(
+            dp.test_run_marked(Hook::ToNetdev, &snat.bytes(), m).expect("run").0,
+            TC_ACT_SHOT,
+            "admin"
+        );
 
         // A port reused after the connection closed: the new SYN is judged
         // again after DNAT (netfilter may pick another backend), not passed

@@ -19,8 +19,8 @@ mod datapath {
         programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
     };
     use portcullis_common::{
-        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
-        CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, ClientAddrs, Counter,
+        CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
         IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
         TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, config, ct_flags, ct_timeout, identity,
@@ -67,6 +67,10 @@ mod datapath {
     /// agent gave it in the rule's policy values: what each rule let through.
     #[map]
     static PC_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(map_sizes::RULE_STATS, 0);
+
+    /// Service clients' own addresses, by endpoint id (see `ClientAddrs`).
+    #[map]
+    static PC_SVC_CLIENTS: Array<ClientAddrs> = Array::pinned(map_sizes::SVC_CLIENTS, 0);
 
     /// Node-wide settings the agent writes once (`config::*` slots).
     #[map]
@@ -135,7 +139,7 @@ mod datapath {
                 );
                 TC_ACT_SHOT
             }
-            Parsed::Ip(pkt) => pending_service_verdict(skb, &pkt, None),
+            Parsed::Ip(pkt) => pending_service_verdict(skb, &pkt),
             _ => pending_unparsed(skb),
         }
     }
@@ -153,7 +157,7 @@ mod datapath {
             return ALLOW;
         }
         let verdict = match parse_l3(&ctx.skb) {
-            Parsed::Ip(pkt) => pending_service_verdict(&ctx.skb, &pkt, None),
+            Parsed::Ip(pkt) => pending_service_verdict(&ctx.skb, &pkt),
             _ => pending_unparsed(&ctx.skb),
         };
         if verdict == TC_ACT_SHOT { DROP } else { ALLOW }
@@ -195,7 +199,10 @@ mod datapath {
     #[inline(always)]
     fn is_our_pending_mark(skb: &SkBuff) -> bool {
         let tag = node_tag();
-        tag != 0 && skb_mark(skb) & mark::MAGIC_MASK == mark::SERVICE_PENDING | tag
+        let m = skb_mark(skb);
+        // Endpoint ids start at 1: WireGuard's 0xca6c (magic nibble and,
+        // on one node in 255, the tag too) names none.
+        tag != 0 && m & mark::MAGIC_MASK == mark::SERVICE_PENDING | tag && m >> mark::ENDPOINT_SHIFT != 0
     }
 
     /// A marked packet we cannot read after DNAT: the client's verdict
@@ -321,7 +328,7 @@ mod datapath {
         // client's egress verdict, then ours.
         if direction == DIR_INGRESS
             && is_our_pending_mark(ctx)
-            && pending_service_verdict(ctx, &pkt, hairpin_source(&ep, &pkt, skb_mark(ctx))) == TC_ACT_SHOT
+            && pending_service_verdict(ctx, &pkt) == TC_ACT_SHOT
         {
             return TC_ACT_SHOT;
         }
@@ -346,8 +353,25 @@ mod datapath {
             return TC_PASS;
         }
         let key = ct_key(ep.endpoint_id, direction, &pkt);
-        if !overflow && let Some(slot) = ct_hit(&key, &pkt, direction, now) {
+        if !overflow && let Some((slot, flags)) = ct_hit(&key, &pkt, direction, now) {
             remember_first_fragment(&pkt);
+            // Every packet of an isolated client's Service flow is checked
+            // after DNAT against the backend it was judged on: netfilter may
+            // give the tuple another one (its entry expired or was flushed).
+            if direction == DIR_EGRESS && isolated && flags & ct_flags::SERVICE != 0 {
+                if !mark_service(ctx, &ep, &pkt) {
+                    return drop(
+                        ctx,
+                        &ep,
+                        ifindex,
+                        direction,
+                        identity::WORLD,
+                        reason::NO_MAP_SPACE,
+                        Some(&pkt),
+                    );
+                }
+                return TC_PASS;
+            }
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             count_rule(slot, ctx.len());
             return TC_PASS;
@@ -472,6 +496,16 @@ mod datapath {
         // LRU: a full table evicts the oldest pending connection, whose
         // verdict then fails closed.
         let _ = PC_SVC_PENDING.insert(&pending_key(ep.endpoint_id, &pkt.src, pkt), &value, 0);
+        if let Some(own) = PC_SVC_CLIENTS.get_ptr_mut(u32::from(ep.endpoint_id)) {
+            // SAFETY: the map value outlives this program run; only this
+            // endpoint's packets write its slot, all with the same value.
+            unsafe {
+                if (*own).ipv4 != ep.ipv4 || (*own).ipv6 != ep.ipv6 {
+                    (*own).ipv4 = ep.ipv4;
+                    (*own).ipv6 = ep.ipv6;
+                }
+            }
+        }
         let m = skb_mark(skb) & !mark::MASK;
         skb.set_mark(m | mark::SERVICE_PENDING | tag | (u32::from(ep.endpoint_id) << mark::ENDPOINT_SHIFT));
         true
@@ -493,11 +527,11 @@ mod datapath {
     /// destination is now the backend. Allowed: the connection is tracked
     /// under the address the client used, so its later packets and the
     /// replies (un-DNATed, from the Service address) pass. Clears our mark.
-    /// `hairpin_src`: the client's own address when the packet arrives at
-    /// the client itself (a pod reaching its own Service), where masquerade
-    /// replaced the source but kept the port.
+    /// Where SNAT replaced the source (masquerade toward a backend off the
+    /// node, a pod reaching its own Service) but kept the port, as it does
+    /// when it can, the record is found under the client's own address.
     #[inline(always)]
-    fn pending_service_verdict(skb: &SkBuff, pkt: &Packet, hairpin_src: Option<[u8; 16]>) -> i32 {
+    fn pending_service_verdict(skb: &SkBuff, pkt: &Packet) -> i32 {
         let m = skb_mark(skb);
         skb.set_mark(m & !mark::MASK);
         let client = (m >> mark::ENDPOINT_SHIFT) as u16;
@@ -505,9 +539,17 @@ mod datapath {
         let mut key = pending_key(client, &pkt.src, pkt);
         let mut found = PC_SVC_PENDING.get_ptr(&key);
         if found.is_none()
-            && let Some(own) = hairpin_src
+            && let Some(own) = PC_SVC_CLIENTS.get_ptr(u32::from(client))
         {
-            key.src_addr = own;
+            // SAFETY: the map value outlives this program run.
+            unsafe {
+                if pkt.family == AF_INET {
+                    key.src_addr = [0; 16];
+                    key.src_addr[..4].copy_from_slice(&(*own).ipv4);
+                } else {
+                    key.src_addr = (*own).ipv6;
+                }
+            }
             found = PC_SVC_PENDING.get_ptr(&key);
         }
         let Some(pending) = found else {
@@ -518,15 +560,6 @@ mod datapath {
         if pending.flags & EP_POLICY_OVERFLOW != 0 {
             return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
         }
-        // Records from before policy sets have no set: the client's own id.
-        let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
-        let Some(allowed) =
-            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
-        else {
-            return service_drop(skb, client, remote_identity, reason::POLICY_DENIED, pkt);
-        };
-        // SAFETY: plain helper call without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let ct = CtKey {
             local_addr: key.src_addr,
             remote_addr: pending.dst_addr,
@@ -536,8 +569,32 @@ mod datapath {
             family: pkt.family,
             protocol: pkt.protocol,
         };
+        // SAFETY: plain helper call without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        // A tracked connection going to the backend it was judged on passes
+        // (its record is refreshed by each packet; never removed, so the
+        // next packet never misses it).
+        if let Some(e) = PC_CT.get_ptr(&ct) {
+            // SAFETY: the map value outlives this program run.
+            let e = unsafe { &*e };
+            if e.flags & ct_flags::SERVICE != 0
+                && e.expires_ns > now
+                && e.nat_port == pkt.dst_port
+                && e.nat_addr == pkt.dst
+            {
+                count(client, DIR_EGRESS, reason::POLICY_ALLOWED, skb.len());
+                count_rule(e.stats_slot, skb.len());
+                return TC_PASS;
+            }
+        }
+        // Records from before policy sets have no set: the client's own id.
+        let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
+        let Some(allowed) =
+            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
+        else {
+            return service_drop(skb, client, remote_identity, reason::POLICY_DENIED, pkt);
+        };
         ct_create(&ct, pkt, DIR_EGRESS, allowed, now, Some((pkt.dst, pkt.dst_port)));
-        let _ = PC_SVC_PENDING.remove(&key);
         count(client, DIR_EGRESS, reason::POLICY_ALLOWED, skb.len());
         count_rule(allowed.stats_slot, skb.len());
         if pending.flags & EP_REPORT_ALLOWED != 0 {
@@ -629,7 +686,7 @@ mod datapath {
     /// the entry's state and expiry on. An expired entry passes nothing.
     #[inline(always)]
     /// Returns its counter slot.
-    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> Option<u32> {
+    fn ct_hit(key: &CtKey, pkt: &Packet, direction: u8, now: u64) -> Option<(u32, u8)> {
         let entry = PC_CT.get_ptr_mut(key)?;
         // SAFETY: the map value stays valid for this program run; racing
         // writers only move the expiry, and either value is fine.
@@ -661,7 +718,7 @@ mod datapath {
         } else if expires > entry.expires_ns + ct_timeout::REFRESH_SLACK_NS {
             entry.expires_ns = expires;
         }
-        Some(entry.stats_slot)
+        Some((entry.stats_slot, flags))
     }
 
     /// A TCP SYN without ACK: the first packet of a connection.
@@ -670,23 +727,6 @@ mod datapath {
         const SYN: u8 = 0x02;
         const ACK: u8 = 0x10;
         pkt.protocol == IPPROTO_TCP && pkt.has_l4 && pkt.tcp_flags & (SYN | ACK) == SYN
-    }
-
-    /// A pod reaching its own Service: the mark names this endpoint as the
-    /// client. Its own address of the packet's family, to find the record
-    /// under when masquerade replaced the source.
-    #[inline(always)]
-    fn hairpin_source(ep: &EndpointInfo, pkt: &Packet, m: u32) -> Option<[u8; 16]> {
-        if (m >> mark::ENDPOINT_SHIFT) as u16 != ep.endpoint_id {
-            return None;
-        }
-        let mut own = [0u8; 16];
-        if pkt.family == AF_INET {
-            own[..4].copy_from_slice(&ep.ipv4);
-        } else {
-            own = ep.ipv6;
-        }
-        Some(own)
     }
 
     /// Tracks a new flow; `backend`: the Service backend it was allowed for.
