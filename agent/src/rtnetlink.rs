@@ -45,6 +45,28 @@ pub(crate) fn set_option<T: Copy>(
 
 /// Makes the receive buffer `bytes` long: past `rmem_max` where the agent
 /// may (`CAP_NET_ADMIN`), up to it otherwise.
+/// A socket bound to rtnetlink multicast `groups` (`RTMGRP_*` bits): the
+/// kernel's announcements of what changed.
+pub(crate) fn subscribe(groups: u32) -> io::Result<OwnedFd> {
+    let socket = socket()?;
+    // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = groups;
+    // SAFETY: addr is a sockaddr_nl of the size given.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
 pub(crate) fn set_receive_buffer(socket: &OwnedFd, bytes: libc::c_int) -> io::Result<()> {
     set_option(socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
         .or_else(|_| set_option(socket, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))

@@ -359,18 +359,7 @@ mod datapath {
             // after DNAT against the backend it was judged on: netfilter may
             // give the tuple another one (its entry expired or was flushed).
             if direction == DIR_EGRESS && isolated && flags & ct_flags::SERVICE != 0 {
-                if !mark_service(ctx, &ep, &pkt) {
-                    return drop(
-                        ctx,
-                        &ep,
-                        ifindex,
-                        direction,
-                        identity::WORLD,
-                        reason::NO_MAP_SPACE,
-                        Some(&pkt),
-                    );
-                }
-                return TC_PASS;
+                return to_service(ctx, &ep, ifindex, identity::WORLD, &pkt);
             }
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             count_rule(slot, ctx.len());
@@ -388,20 +377,9 @@ mod datapath {
                 // Egress to a Service: the verdict waits for the backend
                 // kube-proxy picks (DNAT comes after this hook).
                 if !overflow && direction == DIR_EGRESS && pkt.has_l4 && is_service(&pkt) {
-                    if !mark_service(ctx, &ep, &pkt) {
-                        return drop(
-                            ctx,
-                            &ep,
-                            ifindex,
-                            direction,
-                            remote_identity,
-                            reason::NO_MAP_SPACE,
-                            Some(&pkt),
-                        );
-                    }
                     // Its later fragments follow it to the Service.
                     remember_first_fragment(&pkt);
-                    return TC_PASS;
+                    return to_service(ctx, &ep, ifindex, remote_identity, &pkt);
                 }
                 let lookup = if overflow {
                     None
@@ -472,6 +450,17 @@ mod datapath {
         let service =
             ServiceKey { family: pkt.family, protocol: pkt.protocol, port: pkt.dst_port, addr: pkt.dst };
         unsafe { PC_SERVICES.get(&service) }.is_some()
+    }
+
+    /// A packet to a Service goes on marked, its verdict due after DNAT; or
+    /// is dropped when it cannot be marked (the verdict would fail closed).
+    #[inline(always)]
+    fn to_service(ctx: &SkBuff, ep: &EndpointInfo, ifindex: u32, remote_identity: u32, pkt: &Packet) -> i32 {
+        if mark_service(ctx, ep, pkt) {
+            TC_PASS
+        } else {
+            drop(ctx, ep, ifindex, DIR_EGRESS, remote_identity, reason::NO_MAP_SPACE, Some(pkt))
+        }
     }
 
     /// Records a packet to a Service address and marks it, so the hook that

@@ -164,22 +164,7 @@ impl Datapath {
 /// Service hook. Pods' veths are left to the once-a-second read: they
 /// become endpoints, and a burst of pod starts should not wake the loop.
 pub fn watch_new_links(announced: impl Fn(Link) + Send + 'static) -> io::Result<()> {
-    let socket = rtnetlink::socket()?;
-    // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = RTMGRP_LINK;
-    // SAFETY: binds the socket to a valid sockaddr_nl of the size given.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let socket = rtnetlink::subscribe(RTMGRP_LINK)?;
     std::thread::Builder::new().name("link-events".into()).spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {

@@ -8,7 +8,7 @@
 //! loop wakes for it). Not noticed: another program put into our filter
 //! (a replace is not a deletion).
 
-use std::{io, os::fd::AsRawFd as _};
+use std::io;
 
 use super::attach::{FILTER_HANDLE_RAW, FILTER_PRIORITY};
 use crate::rtnetlink;
@@ -53,22 +53,7 @@ pub fn hooks_removed(messages: &[u8]) -> Vec<u32> {
 /// Listens, on a thread of its own, for deletions of endpoint hooks in the
 /// caller's network namespace; `removed` gets each interface index.
 pub fn watch_hook_removals(removed: impl Fn(u32) + Send + 'static) -> io::Result<()> {
-    let socket = rtnetlink::socket()?;
-    // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = RTMGRP_TC;
-    // SAFETY: addr is a sockaddr_nl of the size given.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let socket = rtnetlink::subscribe(RTMGRP_TC)?;
     // Room for a burst (every re-attach is announced too). Best effort:
     // a smaller buffer only makes an overflow (all taken as gone) likelier.
     let _ = rtnetlink::set_receive_buffer(&socket, 1 << 20);
