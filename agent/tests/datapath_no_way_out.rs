@@ -285,3 +285,45 @@ fn a_service_flow_given_another_backend_is_judged_on_it() {
     assert_eq!(ask(&client, svc), None, "the client's egress does not allow sink");
     agent.stop();
 }
+
+/// A NodePort on the node's own address is a Service like its ClusterIP:
+/// a client allowed to reach the node's address is judged on the backend
+/// kube-proxy translates the NodePort to.
+#[test]
+fn a_node_port_is_judged_on_its_backend() {
+    let mut bed = Bed::new().expect("bed");
+    for pod in ["client", "web", "open", "sink"] {
+        bed.add_pod(pod).expect("pod");
+    }
+    bed.serve("web", 8080).expect("serve");
+    bed.serve("sink", 8080).expect("serve");
+    let node = IpAddr::from(bed.node_ipv4);
+    // The client may reach the node's NodePorts and web, not sink.
+    let egress = vec![
+        allow(portcullis_common::identity::HOST, Protocol::Tcp, 30080),
+        allow(portcullis_common::identity::HOST, Protocol::Tcp, 30081),
+        allow(WEB, Protocol::Tcp, 8080),
+    ];
+    let client = PodPolicy { egress: isolated(egress), ..open("client", CLIENT) };
+    let mut state =
+        bed_state::state(&bed, 1, vec![client, open("web", WEB), open("open", SINK + 1), open("sink", SINK)]);
+    for (node_port, backend) in [(30080, "web"), (30081, "sink")] {
+        let to = format!("{}:8080", bed.pod(backend).ipv4);
+        let port = node_port.to_string();
+        let rule = ["-t", "nat", "-A", "PREROUTING", "-d", &node.to_string(), "-p", "tcp", "--dport", &port];
+        let out =
+            bed.node.command("iptables").args(rule).args(["-j", "DNAT", "--to-destination", &to]).output();
+        assert!(out.expect("iptables").status.success());
+        state.services.push(ServiceFrontend { ip: node, protocol: Protocol::Tcp, port: node_port });
+    }
+    let (mut agent, _file, _pins) = agent(&bed, &state);
+    use Transport::Tcp;
+    assert_eq!(answer(&bed, "open", node, Tcp, 30081).as_deref(), Some("sink"), "an open pod");
+    assert_eq!(answer(&bed, "client", node, Tcp, 30080).as_deref(), Some("web"), "an allowed backend");
+    assert_eq!(
+        answer(&bed, "client", node, Tcp, 30081),
+        None,
+        "a forbidden backend behind the node's address"
+    );
+    agent.stop();
+}

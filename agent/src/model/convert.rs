@@ -380,12 +380,30 @@ pub fn service_from_api(svc: &core::Service) -> Result<Service, ModelError> {
             }
             Some(IntOrString::String(name)) => TargetPort::Named(name.clone()),
         };
-        ports.push(ServicePort { name: p.name.clone(), port, protocol, target });
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(&ctx, &format!("{field}.nodePort"), n)?),
+        };
+        ports.push(ServicePort { name: p.name.clone(), port, protocol, target, node_port });
     }
+    // Addresses kube-proxy also translates; one that does not parse is
+    // no address of this Service (the API server validates them).
+    let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+    let mut external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(lb.into_iter().flatten().filter_map(|i| i.ip.as_deref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    external_ips.sort();
+    external_ips.dedup();
     Ok(Service {
         namespace,
         name: svc.metadata.name.clone().unwrap_or_default(),
         cluster_ips,
+        external_ips,
         selector: spec.selector.clone().map(|s| s.into_iter().collect::<Labels>()),
         ports,
     })

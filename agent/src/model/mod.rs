@@ -236,6 +236,9 @@ pub struct Service {
     pub namespace: String,
     pub name: String,
     pub cluster_ips: Vec<IpAddr>,
+    /// Other addresses kube-proxy translates like the ClusterIPs:
+    /// `spec.externalIPs` and the load balancer's `status` ingress IPs.
+    pub external_ips: Vec<IpAddr>,
     pub selector: Option<Labels>,
     pub ports: Vec<ServicePort>,
 }
@@ -246,6 +249,8 @@ pub struct ServicePort {
     pub port: u16,
     pub protocol: Protocol,
     pub target: TargetPort,
+    /// The port on every node address (NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -281,20 +281,8 @@ impl StateBuilder {
         ipcache.sort();
         ipcache.dedup_by_key(|e| e.cidr);
         let identities = self.identities.clone();
-        let mut services: Vec<ServiceFrontend> = engine
-            .cluster()
-            .services
-            .values()
-            .flat_map(|svc| {
-                svc.cluster_ips.iter().flat_map(move |ip| {
-                    svc.ports.iter().map(move |p| ServiceFrontend {
-                        ip: *ip,
-                        protocol: p.protocol,
-                        port: p.port,
-                    })
-                })
-            })
-            .collect();
+        let mut services: Vec<ServiceFrontend> =
+            engine.cluster().services.values().flat_map(|svc| service_frontends(svc, node_ips)).collect();
         services.sort();
         services.dedup();
         (CompiledState { revision, identities, ipcache, endpoints, services }, errors)
@@ -326,6 +314,27 @@ impl StateBuilder {
     }
 }
 
+/// Every address and port kube-proxy translates for `svc` on this node:
+/// its ClusterIPs and external addresses on each port, and each node
+/// address on each NodePort. A packet to any of them is judged after DNAT.
+/// (A NodePort on another node's address is translated there, out of this
+/// node's sight: it is judged as egress to that node's address.)
+fn service_frontends<'a>(
+    svc: &'a crate::model::Service,
+    node_ips: &'a [IpAddr],
+) -> impl Iterator<Item = ServiceFrontend> + 'a {
+    let addresses = svc.cluster_ips.iter().chain(&svc.external_ips);
+    let on_ports = addresses.flat_map(move |ip| {
+        svc.ports.iter().map(move |p| ServiceFrontend { ip: *ip, protocol: p.protocol, port: p.port })
+    });
+    let on_node_ports = node_ips.iter().flat_map(move |ip| {
+        svc.ports
+            .iter()
+            .filter_map(move |p| Some(ServiceFrontend { ip: *ip, protocol: p.protocol, port: p.node_port? }))
+    });
+    on_ports.chain(on_node_ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +354,49 @@ mod tests {
             deleting: false,
             ports: vec![],
         }
+    }
+
+    /// A NodePort Service with an external address: its ClusterIP and
+    /// external address on each port, and each node address on each
+    /// NodePort, are frontends (all translated by kube-proxy here).
+    #[test]
+    fn every_address_kube_proxy_translates_is_a_frontend() {
+        use crate::model::{Protocol, Service, ServicePort, TargetPort};
+        let svc = Service {
+            namespace: "x".into(),
+            name: "web".into(),
+            cluster_ips: vec![IpAddr::from([10, 96, 0, 1])],
+            external_ips: vec![IpAddr::from([203, 0, 113, 9])],
+            selector: None,
+            ports: vec![
+                ServicePort {
+                    name: None,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target: TargetPort::Number(8080),
+                    node_port: Some(30080),
+                },
+                ServicePort {
+                    name: None,
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target: TargetPort::Number(53),
+                    node_port: None,
+                },
+            ],
+        };
+        let node = [IpAddr::from([192, 0, 2, 1])];
+        let mut got: Vec<(String, u16)> =
+            service_frontends(&svc, &node).map(|f| (f.ip.to_string(), f.port)).collect();
+        got.sort();
+        let want = [
+            ("10.96.0.1", 53),
+            ("10.96.0.1", 80),
+            ("192.0.2.1", 30080),
+            ("203.0.113.9", 53),
+            ("203.0.113.9", 80),
+        ];
+        assert_eq!(got, want.map(|(a, p)| (a.to_string(), p)));
     }
 
     fn key(name: &str) -> PodKey {
