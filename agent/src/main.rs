@@ -573,6 +573,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
     // Service verdicts after DNAT: on the node's devices (backends on other
     // nodes) and its root cgroup (backends on its own addresses). Without
     // the latter a Service to a node address would bypass egress policy.
+    // Fails closed as far as it can: the rest is enforced, but the node is
+    // not ready (a rolling update stops here) while the hook is missing.
     if let Err(e) = dp.attach_host(&host_cgroup) {
         tracing::error!(
             cgroup = %host_cgroup.display(),
@@ -580,6 +582,8 @@ async fn run(mut source: Source, config: DatapathConfig, options: RunOptions) ->
             "no Service verdicts for backends on this node's own addresses: a Service to a node address is not judged \
              (mount the host's cgroup2 root and pass --host-cgroup)"
         );
+        let why = format!("the host cgroup hook ({}: {e})", host_cgroup.display());
+        progress_tx.send_modify(|p| p.missing_hooks.push(why));
     }
     dp.follow_node_devices(&Default::default());
     let (links_tx, mut links_rx) = tokio::sync::mpsc::unbounded_channel::<portcullis_agent::node::Link>();

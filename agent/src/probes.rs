@@ -20,11 +20,19 @@ pub struct Progress {
     pub endpoints: usize,
     /// Pods whose endpoint could not be written (retried every second).
     pub failed: Vec<String>,
+    /// Node-wide hooks that are not in place (a verdict would be missed).
+    pub missing_hooks: Vec<String>,
 }
 
 impl Progress {
     pub fn starting(now: Instant) -> Self {
-        Progress { heartbeat: now, revision: None, endpoints: 0, failed: Vec::new() }
+        Progress {
+            heartbeat: now,
+            revision: None,
+            endpoints: 0,
+            failed: Vec::new(),
+            missing_hooks: Vec::new(),
+        }
     }
 
     /// Ok with a line to show, or Err with why not.
@@ -56,6 +64,12 @@ impl Progress {
                 shown.join(", ")
             ));
         }
+        if !self.missing_hooks.is_empty() {
+            return Err(format!(
+                "revision {revision} written, but not in place: {}",
+                self.missing_hooks.join("; ")
+            ));
+        }
         Ok(format!("enforcing revision {revision} on {} endpoint(s)\n", self.endpoints))
     }
 }
@@ -77,6 +91,9 @@ mod tests {
         let why = p.ready(t0).unwrap_err();
         assert!(why.contains("7 endpoint(s) failed: ns/pod-0, ns/pod-1"), "{why}");
         assert!(why.ends_with("… (see `agent status`)"), "{why}");
+        p.failed.clear();
+        p.missing_hooks = vec!["the host cgroup hook".into()];
+        assert!(p.ready(t0).unwrap_err().contains("not in place: the host cgroup hook"));
     }
 
     #[test]

@@ -993,8 +993,10 @@ fn egress_to_a_service_is_judged_after_dnat_on_the_backend() {
         }
         events();
 
-        // A mark without its pending record (evicted): fail closed.
-        let (v, _) = dp.test_run_marked(Hook::ToContainer, &dnat(43005, fe).bytes(), pending).expect("run");
+        // A mark without its pending record (evicted; and this CPU last
+        // marked another kind of packet): fail closed.
+        let udp = Frame { src_port: 43005, ..Frame::udp(me, fe, 8080) };
+        let (v, _) = dp.test_run_marked(Hook::ToContainer, &udp.bytes(), pending).expect("run");
         assert_eq!(v, TC_ACT_SHOT);
         assert_eq!(events()[0].reason, reason::NO_MAP_SPACE);
 
@@ -1380,11 +1382,13 @@ fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
         assert_eq!(dp.test_run_marked(Hook::ToNetdev, &after.bytes(), m).expect("run").0, TC_PASS);
 
         // Hairpin: the pod reaches its own Service and kube-proxy
-        // masquerades it (source: the node). Judged on the backend (itself),
-        // tracked under the pod's own address, and the reply passes.
+        // masquerades it (source: the node, a random port). Judged on the
+        // backend (itself), tracked under the pod's own tuple, and the reply
+        // passes.
         let svc = ip("10.96.0.10");
         let (_, m) = out(&Frame { src_port: 45000, ..Frame::tcp(me, svc, 80) });
-        let masqueraded = Frame { src_port: 45000, ..Frame::tcp(ip("10.0.0.254"), me, 8080) };
+        // (kube-proxy masquerades with --random-fully: another port.)
+        let masqueraded = Frame { src_port: 61111, ..Frame::tcp(ip("10.0.0.254"), me, 8080) };
         assert_eq!(
             dp.test_run_marked(Hook::ToContainer, &masqueraded.bytes(), m).expect("run"),
             (TC_PASS, 0)
@@ -1396,7 +1400,7 @@ fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
         // masquerade-all, a CNI's SNAT): the node's device still finds the
         // record under the client's own address, judges, and tracks it.
         let (_, m) = out(&Frame { src_port: 45100, ..Frame::tcp(me, svc, 80) });
-        let snat = Frame { src_port: 45100, ..Frame::tcp(ip("10.0.0.254"), fe, 8080) };
+        let snat = Frame { src_port: 62222, ..Frame::tcp(ip("10.0.0.254"), fe, 8080) };
         assert_eq!(dp.test_run_marked(Hook::ToNetdev, &snat.bytes(), m).expect("run"), (TC_PASS, 0));
         let reply = Frame { src_port: 80, tcp_flags: 0x12, ..Frame::tcp(svc, me, 45100) };
         assert_eq!(ingress(dp, reply), TC_PASS, "the reply of the masqueraded connection");
@@ -1406,6 +1410,31 @@ fn forged_exemptions_earn_nothing_and_service_corners_keep_working() {
             dp.test_run_marked(Hook::ToNetdev, &snat.bytes(), m).expect("run").0,
             TC_ACT_SHOT,
             "admin"
+        );
+
+        // An ICMP error about a Service flow, out of an isolated pod: not
+        // related (netfilter would carry it to the flow's backend unjudged).
+        let svc_flow = Frame { src_port: 80, ..Frame::tcp(svc, me, 45100) };
+        assert_eq!(out(&Frame::icmp_error(me, svc, &svc_flow)).0, TC_ACT_SHOT, "ICMP error to a Service");
+        // A flow opened from a Service address (its entry expired, or a
+        // forged source): the pod's packets on it are still judged after
+        // DNAT, on the backend.
+        let from_svc = Frame { src_port: 53, ..Frame::udp(dns, me, 53) };
+        assert_eq!(ingress(dp, from_svc), TC_PASS, "the pod's ingress admits UDP/53 from anyone");
+        let (v, m) = out(&Frame { src_port: 53, ..Frame::udp(me, dns, 53) });
+        assert_eq!((v, ours(m)), (TC_PASS, mark::SERVICE_PENDING | tag), "marked, not passed as tracked");
+        let to_admin = Frame { src_port: 53, ..Frame::udp(me, ip("10.0.0.3"), 5353) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &to_admin.bytes(), m).expect("run").0, TC_ACT_SHOT);
+        // A datagram netfilter fragments again after DNAT: its later
+        // fragments, marked like the first, follow the first's verdict.
+        let (_, m) = out(&Frame { src_port: 40054, ..Frame::udp(me, dns, 53) });
+        let first = Frame { more_fragments: true, ip_id: 78, src_port: 40054, ..Frame::udp(me, fe, 5353) };
+        assert_eq!(dp.test_run_marked(Hook::ToNetdev, &first.bytes(), m).expect("run").0, TC_PASS);
+        let later = Frame { frag_offset: 100, ip_id: 78, src_port: 40054, ..Frame::udp(me, fe, 5353) };
+        assert_eq!(
+            dp.test_run_marked(Hook::ToNetdev, &later.bytes(), m).expect("run").0,
+            TC_PASS,
+            "later fragment"
         );
 
         // A port reused after the connection closed: the new SYN is judged

@@ -17,7 +17,7 @@ pub mod map_names {
     pub const FRAGS: &str = "PC_FRAGS";
     pub const RULE_STATS: &str = "PC_RULE_STATS";
     pub const CONFIG: &str = "PC_CONFIG";
-    pub const SVC_CLIENTS: &str = "PC_SVC_CLIENTS";
+    pub const SVC_LAST: &str = "PC_SVC_LAST";
 }
 
 /// Names of the programs in the eBPF object.
@@ -55,9 +55,6 @@ pub mod map_sizes {
     pub const SERVICES: u32 = 65536;
     /// Connections to a Service whose egress verdict waits for DNAT.
     pub const SVC_PENDING: u32 = 65536;
-    /// Service clients' addresses, by endpoint id (ids stay below the
-    /// policy set ids).
-    pub const SVC_CLIENTS: u32 = 0x8000;
     /// Fragmented datagrams in flight (first fragment passed, later ones due).
     pub const FRAGS: u32 = 8192;
     /// Per-rule counter slots: one per (policy set, direction, rule) in use;
@@ -369,16 +366,6 @@ pub struct PendingKey {
     pub _pad: [u8; 2],
 }
 
-/// A Service client's own first addresses, by endpoint id (written by
-/// `from_container` as it marks): after SNAT (masquerade, hairpin) the
-/// packet's source is no longer the client's, but the mark still names it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ClientAddrs {
-    pub ipv4: [u8; 4],
-    pub ipv6: [u8; 16],
-}
-
 /// The Service address the client asked for, and the client's policy as it
 /// was when the packet left (the verdict uses that set and generation).
 #[repr(C)]
@@ -392,6 +379,17 @@ pub struct PendingValue {
     /// The client's `EndpointInfo::policy_id` (0: the client's endpoint id).
     pub policy_id: u16,
     pub _pad2: [u8; 2],
+}
+
+/// The Service packet a CPU marked last: its record. A packet goes from
+/// the client's veth through netfilter to the hook after DNAT in one pass
+/// on one CPU, so that hook finds its own record here whatever SNAT did
+/// to the source (kube-proxy masquerades with random ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingSlot {
+    pub key: PendingKey,
+    pub value: PendingValue,
 }
 
 /// A fragmented datagram: addresses, protocol and the IP identification.
@@ -485,7 +483,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::PendingKey {}
     unsafe impl aya::Pod for super::PendingValue {}
-    unsafe impl aya::Pod for super::ClientAddrs {}
+    unsafe impl aya::Pod for super::PendingSlot {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
@@ -505,7 +503,7 @@ const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PendingValue>() == 28);
-const _: () = assert!(core::mem::size_of::<ClientAddrs>() == 20);
+const _: () = assert!(core::mem::size_of::<PendingSlot>() == 52);
 const _: () = assert!(reason::COUNT as u32 <= COUNTER_REASONS);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 24);

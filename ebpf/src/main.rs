@@ -19,12 +19,12 @@ mod datapath {
         programs::{SkBuffContext, TcContext, sk_buff::SkBuff},
     };
     use portcullis_common::{
-        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, ClientAddrs, Counter,
-        CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+        AF_INET, AF_INET6, COUNTED_ENDPOINTS, COUNTER_REASONS, COUNTER_SLOTS, CidrKey, Counter, CtKey,
+        CtValue, DIR_EGRESS, DIR_INGRESS, EP_CHECK_SOURCE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
         EP_POLICY_OVERFLOW, EP_REPORT_ALLOWED, EndpointAddr, EndpointInfo, FlowEvent, FragKey, FragValue,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingValue, PolicyKey, PolicyValue, ServiceKey,
-        TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, config, ct_flags, ct_timeout, identity,
-        map_sizes, mark, reason,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IpKey, PendingKey, PendingSlot, PendingValue, PolicyKey, PolicyValue,
+        ServiceKey, TC_ACT_SHOT, TC_PASS, VERDICT_DROPPED, VERDICT_FORWARDED, config, ct_flags, ct_timeout,
+        identity, map_sizes, mark, reason,
     };
 
     use crate::packet::{Packet, Parsed, parse, parse_l3, quoted_key};
@@ -68,9 +68,9 @@ mod datapath {
     #[map]
     static PC_RULE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(map_sizes::RULE_STATS, 0);
 
-    /// Service clients' own addresses, by endpoint id (see `ClientAddrs`).
+    /// The Service packet this CPU marked last (see `PendingSlot`).
     #[map]
-    static PC_SVC_CLIENTS: Array<ClientAddrs> = Array::pinned(map_sizes::SVC_CLIENTS, 0);
+    static PC_SVC_LAST: PerCpuArray<PendingSlot> = PerCpuArray::pinned(1, 0);
 
     /// Node-wide settings the agent writes once (`config::*` slots).
     #[map]
@@ -114,34 +114,35 @@ mod datapath {
     #[inline(always)]
     fn netdev_verdict(skb: &SkBuff, l2: bool) -> i32 {
         let tag = node_tag();
-        let ours = skb_mark(skb) & mark::MAGIC_MASK;
-        if tag == 0 || (ours != mark::SERVICE_PENDING | tag && ours != mark::LINK_ONLY | tag) {
+        let link_only = tag != 0 && skb_mark(skb) & mark::MAGIC_MASK == mark::LINK_ONLY | tag;
+        if !link_only && !is_our_pending_mark(skb) {
             return TC_PASS;
         }
         let parsed = if l2 { parse(skb) } else { parse_l3(skb) };
-        match parsed {
-            Parsed::Ip(pkt) if ours == mark::LINK_ONLY | tag => {
-                let client = (skb_mark(skb) >> mark::ENDPOINT_SHIFT) as u16;
-                if !routed_after_exemption(skb, &pkt) {
-                    return TC_PASS;
-                }
-                count(client, DIR_EGRESS, reason::MALFORMED, skb.len());
-                emit(
-                    skb,
-                    client,
-                    0,
-                    DIR_EGRESS,
-                    identity::WORLD,
-                    VERDICT_DROPPED,
-                    reason::MALFORMED,
-                    0,
-                    Some(&pkt),
-                );
-                TC_ACT_SHOT
+        let Parsed::Ip(mut pkt) = parsed else {
+            return pending_unparsed(skb);
+        };
+        if link_only {
+            if !routed_after_exemption(skb, &pkt) {
+                return TC_PASS;
             }
-            Parsed::Ip(pkt) => pending_service_verdict(skb, &pkt),
-            _ => pending_unparsed(skb),
+            let client = (skb_mark(skb) >> mark::ENDPOINT_SHIFT) as u16;
+            count(client, DIR_EGRESS, reason::MALFORMED, skb.len());
+            emit(
+                skb,
+                client,
+                0,
+                DIR_EGRESS,
+                identity::WORLD,
+                VERDICT_DROPPED,
+                reason::MALFORMED,
+                0,
+                Some(&pkt),
+            );
+            return TC_ACT_SHOT;
         }
+        follow_first_fragment(&mut pkt);
+        pending_service_verdict(skb, &pkt)
     }
 
     /// Ingress of the node's root cgroup: a packet delivered to one of the
@@ -157,7 +158,10 @@ mod datapath {
             return ALLOW;
         }
         let verdict = match parse_l3(&ctx.skb) {
-            Parsed::Ip(pkt) => pending_service_verdict(&ctx.skb, &pkt),
+            Parsed::Ip(mut pkt) => {
+                follow_first_fragment(&mut pkt);
+                pending_service_verdict(&ctx.skb, &pkt)
+            }
             _ => pending_unparsed(&ctx.skb),
         };
         if verdict == TC_ACT_SHOT { DROP } else { ALLOW }
@@ -307,18 +311,7 @@ mod datapath {
         if is_multicast_listener_discovery(&pkt) {
             return TC_PASS;
         }
-        // A later fragment takes the ports of its datagram's first fragment
-        // (recorded when that passed), and so follows its verdict. Without a
-        // record only rules without ports can admit it.
-        if pkt.fragment && !pkt.has_l4 {
-            if let Some(first) = PC_FRAGS.get_ptr(&frag_key(&pkt)) {
-                // SAFETY: the map value outlives this program run.
-                let first = unsafe { *first };
-                pkt.src_port = first.src_port;
-                pkt.dst_port = first.dst_port;
-                pkt.has_l4 = true;
-            }
-        }
+        follow_first_fragment(&mut pkt);
         // A pod sends from its own addresses only: a forged source would be
         // judged (and tracked) as another pod's identity everywhere else.
         if direction == DIR_EGRESS && ep.flags & EP_CHECK_SOURCE != 0 && !source_is_own(ifindex, &ep, &pkt) {
@@ -346,7 +339,11 @@ mod datapath {
             && pkt.quoted_off != 0
             && quoted_key(ctx, &pkt, ep.endpoint_id, direction == DIR_INGRESS).is_some_and(|k| {
                 let to = if direction == DIR_INGRESS { &k.local_addr } else { &k.remote_addr };
-                pkt.dst == *to && ct_live(&k, now)
+                // Going out of an isolated pod, not about a Service flow:
+                // netfilter would take it as related to the flow's NAT
+                // and carry it to a backend nobody judged.
+                let service_ok = direction == DIR_INGRESS || !isolated;
+                pkt.dst == *to && ct_related(&k, now, service_ok)
             })
         {
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
@@ -359,7 +356,7 @@ mod datapath {
             // after DNAT against the backend it was judged on: netfilter may
             // give the tuple another one (its entry expired or was flushed).
             if direction == DIR_EGRESS && isolated && flags & ct_flags::SERVICE != 0 {
-                return to_service(ctx, &ep, ifindex, identity::WORLD, &pkt);
+                return to_service(ctx, &ep, ifindex, identity::WORLD, &pkt, false);
             }
             count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
             count_rule(slot, ctx.len());
@@ -379,7 +376,7 @@ mod datapath {
                 if !overflow && direction == DIR_EGRESS && pkt.has_l4 && is_service(&pkt) {
                     // Its later fragments follow it to the Service.
                     remember_first_fragment(&pkt);
-                    return to_service(ctx, &ep, ifindex, remote_identity, &pkt);
+                    return to_service(ctx, &ep, ifindex, remote_identity, &pkt, true);
                 }
                 let lookup = if overflow {
                     None
@@ -400,7 +397,11 @@ mod datapath {
         }
         // A later fragment without a record has no ports: nothing to track.
         if pkt.has_l4 {
-            ct_create(&key, &pkt, direction, PolicyValue { rule_cookie, stats_slot }, now, None);
+            // A flow opened from a Service address (a reply whose entry
+            // expired, a forged source) is a Service flow: the endpoint's
+            // packets on it are judged after DNAT like its own connections'.
+            let backend = (direction == DIR_INGRESS && is_service_source(&pkt)).then_some(([0; 16], 0));
+            ct_create(&key, &pkt, direction, PolicyValue { rule_cookie, stats_slot }, now, backend);
             remember_first_fragment(&pkt);
         }
         count(ep.endpoint_id, direction, reason::POLICY_ALLOWED, ctx.len());
@@ -419,6 +420,23 @@ mod datapath {
             );
         }
         TC_PASS
+    }
+
+    /// A later fragment takes the ports of its datagram's first fragment
+    /// (recorded when that passed), and so follows its verdict. Without a
+    /// record only rules without ports can admit it.
+    #[inline(always)]
+    fn follow_first_fragment(pkt: &mut Packet) {
+        if pkt.fragment
+            && !pkt.has_l4
+            && let Some(first) = PC_FRAGS.get_ptr(&frag_key(pkt))
+        {
+            // SAFETY: the map value outlives this program run.
+            let first = unsafe { *first };
+            pkt.src_port = first.src_port;
+            pkt.dst_port = first.dst_port;
+            pkt.has_l4 = true;
+        }
     }
 
     #[inline(always)]
@@ -447,16 +465,45 @@ mod datapath {
     /// Whether the packet goes to a mirrored Service frontend.
     #[inline(always)]
     fn is_service(pkt: &Packet) -> bool {
-        let service =
-            ServiceKey { family: pkt.family, protocol: pkt.protocol, port: pkt.dst_port, addr: pkt.dst };
+        is_frontend(pkt.family, pkt.protocol, &pkt.dst, pkt.dst_port)
+    }
+
+    /// Whether the packet comes from a mirrored Service frontend.
+    #[inline(always)]
+    fn is_service_source(pkt: &Packet) -> bool {
+        is_frontend(pkt.family, pkt.protocol, &pkt.src, pkt.src_port)
+    }
+
+    /// A frontend by its address, or, for the node's loopback and IPv6
+    /// link-local addresses (where kube-proxy serves NodePorts too), under
+    /// the unspecified address.
+    #[inline(always)]
+    fn is_frontend(family: u8, protocol: u8, addr: &[u8; 16], port: u16) -> bool {
+        let mut service = ServiceKey { family, protocol, port, addr: *addr };
+        if unsafe { PC_SERVICES.get(&service) }.is_some() {
+            return true;
+        }
+        let local_only =
+            if family == AF_INET { addr[0] == 127 } else { addr[0] == 0xfe && addr[1] & 0xc0 == 0x80 };
+        if !local_only {
+            return false;
+        }
+        service.addr = [0; 16];
         unsafe { PC_SERVICES.get(&service) }.is_some()
     }
 
     /// A packet to a Service goes on marked, its verdict due after DNAT; or
     /// is dropped when it cannot be marked (the verdict would fail closed).
     #[inline(always)]
-    fn to_service(ctx: &SkBuff, ep: &EndpointInfo, ifindex: u32, remote_identity: u32, pkt: &Packet) -> i32 {
-        if mark_service(ctx, ep, pkt) {
+    fn to_service(
+        ctx: &SkBuff,
+        ep: &EndpointInfo,
+        ifindex: u32,
+        remote_identity: u32,
+        pkt: &Packet,
+        new_flow: bool,
+    ) -> i32 {
+        if mark_service(ctx, ep, pkt, new_flow) {
             TC_PASS
         } else {
             drop(ctx, ep, ifindex, DIR_EGRESS, remote_identity, reason::NO_MAP_SPACE, Some(pkt))
@@ -468,7 +515,7 @@ mod datapath {
     /// False when this node has no mark tag yet (the verdict could not be
     /// given: the caller drops).
     #[inline(always)]
-    fn mark_service(skb: &SkBuff, ep: &EndpointInfo, pkt: &Packet) -> bool {
+    fn mark_service(skb: &SkBuff, ep: &EndpointInfo, pkt: &Packet, new_flow: bool) -> bool {
         let tag = node_tag();
         if tag == 0 {
             return false;
@@ -482,18 +529,17 @@ mod datapath {
             policy_id: ep.policy_id(),
             _pad2: [0; 2],
         };
-        // LRU: a full table evicts the oldest pending connection, whose
-        // verdict then fails closed.
-        let _ = PC_SVC_PENDING.insert(&pending_key(ep.endpoint_id, &pkt.src, pkt), &value, 0);
-        if let Some(own) = PC_SVC_CLIENTS.get_ptr_mut(u32::from(ep.endpoint_id)) {
-            // SAFETY: the map value outlives this program run; only this
-            // endpoint's packets write its slot, all with the same value.
-            unsafe {
-                if (*own).ipv4 != ep.ipv4 || (*own).ipv6 != ep.ipv6 {
-                    (*own).ipv4 = ep.ipv4;
-                    (*own).ipv6 = ep.ipv6;
-                }
-            }
+        let key = pending_key(ep.endpoint_id, &pkt.src, pkt);
+        if let Some(last) = PC_SVC_LAST.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; no other writer while we run.
+            unsafe { *last = PendingSlot { key, value } };
+        }
+        // A new connection's record also goes in the shared table, for
+        // the rare path that leaves this CPU before DNAT's hook (a datagram
+        // reassembled on another). LRU: a full table evicts the oldest,
+        // whose verdict then fails closed.
+        if new_flow {
+            let _ = PC_SVC_PENDING.insert(&key, &value, 0);
         }
         let m = skb_mark(skb) & !mark::MASK;
         skb.set_mark(m | mark::SERVICE_PENDING | tag | (u32::from(ep.endpoint_id) << mark::ENDPOINT_SHIFT));
@@ -525,35 +571,35 @@ mod datapath {
         skb.set_mark(m & !mark::MASK);
         let client = (m >> mark::ENDPOINT_SHIFT) as u16;
         let remote_identity = lookup_identity(pkt.family, &pkt.dst);
-        let mut key = pending_key(client, &pkt.src, pkt);
-        let mut found = PC_SVC_PENDING.get_ptr(&key);
-        if found.is_none()
-            && let Some(own) = PC_SVC_CLIENTS.get_ptr(u32::from(client))
-        {
-            // SAFETY: the map value outlives this program run.
-            unsafe {
-                if pkt.family == AF_INET {
-                    key.src_addr = [0; 16];
-                    key.src_addr[..4].copy_from_slice(&(*own).ipv4);
-                } else {
-                    key.src_addr = (*own).ipv6;
-                }
-            }
-            found = PC_SVC_PENDING.get_ptr(&key);
-        }
-        let Some(pending) = found else {
+        // This packet's own record: left by `from_container` on this CPU in
+        // this same pass (whatever SNAT did since), else in the shared table
+        // under the packet's source, copied into this CPU's slot. Read in
+        // place: copies on the stack push `to_container` past its limit.
+        let Some(slot) = PC_SVC_LAST.get_ptr_mut(0) else {
             return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
         };
-        // SAFETY: the map value outlives this program run.
-        let pending = unsafe { *pending };
-        if pending.flags & EP_POLICY_OVERFLOW != 0 {
+        // SAFETY: this CPU's slot; no other writer while we run.
+        let rec = unsafe { &mut *slot };
+        if !(rec.key.endpoint_id == client
+            && rec.key.family == pkt.family
+            && rec.key.protocol == pkt.protocol)
+        {
+            let key = pending_key(client, &pkt.src, pkt);
+            let Some(found) = PC_SVC_PENDING.get_ptr(&key) else {
+                return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
+            };
+            rec.key = key;
+            // SAFETY: the map value outlives this program run.
+            rec.value = unsafe { *found };
+        }
+        if rec.value.flags & EP_POLICY_OVERFLOW != 0 {
             return service_drop(skb, client, remote_identity, reason::NO_MAP_SPACE, pkt);
         }
         let ct = CtKey {
-            local_addr: key.src_addr,
-            remote_addr: pending.dst_addr,
-            local_port: key.src_port,
-            remote_port: pending.dst_port,
+            local_addr: rec.key.src_addr,
+            remote_addr: rec.value.dst_addr,
+            local_port: rec.key.src_port,
+            remote_port: rec.value.dst_port,
             endpoint_id: client,
             family: pkt.family,
             protocol: pkt.protocol,
@@ -566,27 +612,34 @@ mod datapath {
         if let Some(e) = PC_CT.get_ptr(&ct) {
             // SAFETY: the map value outlives this program run.
             let e = unsafe { &*e };
+            // (A new connection on a reused tuple is tracked afresh.)
+            let reopened = is_opening_syn(pkt) && e.flags & (ct_flags::CLOSING | ct_flags::SEEN_REPLY) != 0;
             if e.flags & ct_flags::SERVICE != 0
                 && e.expires_ns > now
                 && e.nat_port == pkt.dst_port
                 && e.nat_addr == pkt.dst
+                && !reopened
             {
+                remember_first_fragment(pkt);
                 count(client, DIR_EGRESS, reason::POLICY_ALLOWED, skb.len());
                 count_rule(e.stats_slot, skb.len());
                 return TC_PASS;
             }
         }
         // Records from before policy sets have no set: the client's own id.
-        let policy = if pending.policy_id != 0 { pending.policy_id } else { client };
+        let policy = if rec.value.policy_id != 0 { rec.value.policy_id } else { client };
         let Some(allowed) =
-            policy_lookup(policy, pending.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
+            policy_lookup(policy, rec.value.generation, DIR_EGRESS, remote_identity, &pkt.dst, pkt)
         else {
             return service_drop(skb, client, remote_identity, reason::POLICY_DENIED, pkt);
         };
         ct_create(&ct, pkt, DIR_EGRESS, allowed, now, Some((pkt.dst, pkt.dst_port)));
+        // Netfilter may fragment the datagram again after DNAT: its later
+        // fragments (marked like the first) find their ports here.
+        remember_first_fragment(pkt);
         count(client, DIR_EGRESS, reason::POLICY_ALLOWED, skb.len());
         count_rule(allowed.stats_slot, skb.len());
-        if pending.flags & EP_REPORT_ALLOWED != 0 {
+        if rec.value.flags & EP_REPORT_ALLOWED != 0 {
             emit(
                 skb,
                 client,
@@ -642,11 +695,14 @@ mod datapath {
         }
     }
 
-    /// Whether a live entry tracks the flow (without moving its state).
+    /// Whether a live entry tracks the flow (without moving its state);
+    /// a Service flow's only if `service_ok`.
     #[inline(always)]
-    fn ct_live(key: &CtKey, now: u64) -> bool {
+    fn ct_related(key: &CtKey, now: u64, service_ok: bool) -> bool {
         // SAFETY: the map value stays valid for this program run.
-        PC_CT.get_ptr(key).is_some_and(|e| unsafe { (*e).expires_ns } > now)
+        PC_CT.get_ptr(key).is_some_and(|e| unsafe {
+            (*e).expires_ns > now && (service_ok || (*e).flags & ct_flags::SERVICE == 0)
+        })
     }
 
     #[inline(always)]

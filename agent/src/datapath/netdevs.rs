@@ -27,21 +27,22 @@ use super::{
 use crate::{node::Link, rtnetlink};
 
 const ARPHRD_ETHER: u16 = 1;
-/// Link types whose packets start with the IP header: IPIP, IPv6-in-IPv6,
-/// SIT, GRE, IPv6 GRE, and none (WireGuard, tun).
-const ARPHRD_L3: [u16; 6] = [768, 769, 776, 778, 823, 65534];
+const ARPHRD_LOOPBACK: u16 = 772;
 /// `RTNLGRP_LINK` as a group bit (`RTMGRP_LINK`).
 const RTMGRP_LINK: u32 = 0x1;
 
-/// The program a node device gets, by its link type; `None` for devices
-/// no packet to a backend leaves through (loopback and the like).
+/// The program a node device gets, by its link type; `None` for loopback,
+/// which no packet to a backend leaves through. Ethernet devices (veths,
+/// bridges, VXLAN, the uplink) get `to_netdev`; every other type
+/// `to_netdev_l3`, right for those whose packets start with the IP header
+/// (WireGuard, tun, IPIP, SIT, GRE) and fail-closed for the rest (PPP,
+/// InfiniBand): a marked packet it cannot read is dropped, unmarked ones
+/// pass untouched.
 pub fn netdev_program(link: &Link) -> Option<&'static str> {
-    if link.link_type == ARPHRD_ETHER {
-        Some(program_names::TO_NETDEV)
-    } else if ARPHRD_L3.contains(&link.link_type) {
-        Some(program_names::TO_NETDEV_L3)
-    } else {
-        None
+    match link.link_type {
+        ARPHRD_ETHER => Some(program_names::TO_NETDEV),
+        ARPHRD_LOOPBACK => None,
+        _ => Some(program_names::TO_NETDEV_L3),
     }
 }
 
@@ -203,5 +204,7 @@ mod tests {
         assert_eq!(netdev_program(&link(768, Some("ipip"))), Some(program_names::TO_NETDEV_L3));
         // Loopback: nothing leaves the node through it.
         assert_eq!(netdev_program(&link(772, None)), None);
+        // PPP: judged where it can be, dropped where a marked packet cannot be read.
+        assert_eq!(netdev_program(&link(512, Some("ppp"))), Some(program_names::TO_NETDEV_L3));
     }
 }

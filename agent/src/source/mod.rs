@@ -316,7 +316,9 @@ impl StateBuilder {
 
 /// Every address and port kube-proxy translates for `svc` on this node:
 /// its ClusterIPs and external addresses on each port, and each node
-/// address on each NodePort. A packet to any of them is judged after DNAT.
+/// address on each NodePort; the unspecified addresses stand for the
+/// node's loopback and IPv6 link-local ones, where kube-proxy serves
+/// NodePorts too. A packet to any of them is judged after DNAT.
 /// (A NodePort on another node's address is translated there, out of this
 /// node's sight: it is judged as egress to that node's address.)
 fn service_frontends<'a>(
@@ -327,7 +329,9 @@ fn service_frontends<'a>(
     let on_ports = addresses.flat_map(move |ip| {
         svc.ports.iter().map(move |p| ServiceFrontend { ip: *ip, protocol: p.protocol, port: p.port })
     });
-    let on_node_ports = node_ips.iter().flat_map(move |ip| {
+    const ANY_LOCAL: [IpAddr; 2] =
+        [IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)];
+    let on_node_ports = node_ips.iter().chain(&ANY_LOCAL).flat_map(move |ip| {
         svc.ports
             .iter()
             .filter_map(move |p| Some(ServiceFrontend { ip: *ip, protocol: p.protocol, port: p.node_port? }))
@@ -390,11 +394,13 @@ mod tests {
             service_frontends(&svc, &node).map(|f| (f.ip.to_string(), f.port)).collect();
         got.sort();
         let want = [
+            ("0.0.0.0", 30080),
             ("10.96.0.1", 53),
             ("10.96.0.1", 80),
             ("192.0.2.1", 30080),
             ("203.0.113.9", 53),
             ("203.0.113.9", 80),
+            ("::", 30080),
         ];
         assert_eq!(got, want.map(|(a, p)| (a.to_string(), p)));
     }
