@@ -337,6 +337,14 @@ impl Snapshot {
                 } else if let Some(chain) = line.strip_prefix(':') {
                     // ":NAME POLICY [packets:bytes]": counters change by themselves.
                     let chain: Vec<_> = chain.split_whitespace().take(2).collect();
+                    // A table the kernel loads on first use (on a fresh
+                    // machine, when the cluster's first rule is written)
+                    // brings its built-in chains, empty and accepting:
+                    // nothing a host would notice, so not a change.
+                    const BUILT_IN: [&str; 5] = ["INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"];
+                    if chain.len() == 2 && BUILT_IN.contains(&chain[0]) && chain[1] == "ACCEPT" {
+                        continue;
+                    }
                     rules.insert(format!("{family} {table} chain {}", chain.join(" ")));
                 }
             }
