@@ -100,7 +100,12 @@ impl Datapath {
             for (link, result) in wanted.iter().zip(results) {
                 match result {
                     Ok(()) => {
-                        tracing::info!(interface = %link.name, program, "Service verdicts on a node device");
+                        // A pod's veth (not an endpoint yet, or never) is routine.
+                        if link.kind.as_deref() == Some("veth") {
+                            tracing::debug!(interface = %link.name, program, "Service verdicts on a node device");
+                        } else {
+                            tracing::info!(interface = %link.name, program, "Service verdicts on a node device");
+                        }
                         self.node_devices.insert(link.ifindex, link.name.clone());
                     }
                     Err(source) => failures
