@@ -135,11 +135,6 @@ impl Datapath {
         }
     }
 
-    /// The node devices carrying the Service hook: index and name.
-    pub fn node_devices(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.node_devices.iter().map(|(i, n)| (*i, n.as_str()))
-    }
-
     /// Forgets a node device whose hook someone removed (the next sync
     /// attaches it again); whether it was one.
     pub(super) fn node_device_hook_removed(&mut self, ifindex: u32) -> bool {
